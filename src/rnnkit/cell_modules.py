@@ -1,0 +1,210 @@
+"""``LSTMCell``, ``GRUCell`` and ``RNNCell``: one step, drop-ins for ``torch.nn``'s cells."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.nn import init
+from torch.nn.parameter import Parameter
+
+from rnnkit import functional as RF
+
+
+class RNNCellBase(nn.Module):
+    """Parameters, init and ``repr`` shared by the cells, as ``torch.nn.RNNCellBase``."""
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        bias: bool,
+        num_chunks: int,
+        device=None,
+        dtype=None,
+        *,
+        engine: str = "auto",
+    ) -> None:
+        factory_kwargs = {"device": device, "dtype": dtype}
+        super().__init__()
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.bias = bias
+        RF.check_engine_name(engine)
+        self.engine = engine
+        self.weight_ih = Parameter(
+            torch.empty((num_chunks * hidden_size, input_size), **factory_kwargs)
+        )
+        self.weight_hh = Parameter(
+            torch.empty((num_chunks * hidden_size, hidden_size), **factory_kwargs)
+        )
+        if bias:
+            self.bias_ih = Parameter(torch.empty(num_chunks * hidden_size, **factory_kwargs))
+            self.bias_hh = Parameter(torch.empty(num_chunks * hidden_size, **factory_kwargs))
+        else:
+            self.register_parameter("bias_ih", None)
+            self.register_parameter("bias_hh", None)
+        self.reset_parameters()
+
+    def extra_repr(self) -> str:
+        s = "{input_size}, {hidden_size}"
+        if "bias" in self.__dict__ and self.bias is not True:
+            s += ", bias={bias}"
+        if "nonlinearity" in self.__dict__ and self.nonlinearity != "tanh":
+            s += ", nonlinearity={nonlinearity}"
+        if self.engine != "auto":
+            s += ", engine={engine!r}"
+        return s.format(**self.__dict__)
+
+    def reset_parameters(self) -> None:
+        stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
+        for weight in self.parameters():
+            init.uniform_(weight, -stdv, stdv)
+
+    def _step(self, fn, input: Tensor, hx, name: str, n_states: int):
+        """torch.nn's unbatched handling and zero state around one functional step."""
+        if input.dim() not in (1, 2):
+            raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        if hx is not None and n_states == 1 and hx.dim() not in (1, 2):
+            raise ValueError(f"{name}: Expected hidden to be 1D or 2D, got {hx.dim()}D instead")
+        if hx is not None and n_states == 2:
+            for idx, value in enumerate(hx):
+                if value.dim() not in (1, 2):
+                    raise ValueError(
+                        f"{name}: Expected hx[{idx}] to be 1D or 2D, got {value.dim()}D instead"
+                    )
+        is_batched = input.dim() == 2
+        if not is_batched:
+            input = input.unsqueeze(0)
+        if hx is None:
+            zeros = torch.zeros(
+                input.size(0), self.hidden_size, dtype=input.dtype, device=input.device
+            )
+            hx = zeros if n_states == 1 else (zeros, zeros)
+        elif not is_batched:
+            hx = hx.unsqueeze(0) if n_states == 1 else tuple(h.unsqueeze(0) for h in hx)
+        if fn is None:
+            raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
+        out = fn(
+            input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
+            engine=self.engine,
+        )  # fmt: skip
+        if not is_batched:
+            out = out.squeeze(0) if n_states == 1 else tuple(h.squeeze(0) for h in out)
+        return out
+
+
+class RNNCell(RNNCellBase):
+    r"""An Elman RNN cell, a drop-in for :class:`torch.nn.RNNCell`.
+
+    .. math:: h' = \tanh(x W_{ih}^T + b_{ih} + h W_{hh}^T + b_{hh}) \quad (\text{or ReLU})
+
+    Args: as :class:`torch.nn.RNNCell`, plus keyword-only ``engine``.
+
+    Inputs: ``input`` ``[N, H_in]`` or ``[H_in]``; ``hx`` ``[N, H]`` or ``[H]`` (zeros if
+    omitted). Output: ``h'`` shaped as ``hx``.
+
+    Examples::
+
+        >>> cell = rnnkit.RNNCell(10, 20)
+        >>> cell(torch.randn(3, 10)).shape
+        torch.Size([3, 20])
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        bias: bool = True,
+        nonlinearity: str = "tanh",
+        device=None,
+        dtype=None,
+        *,
+        engine: str = "auto",
+    ) -> None:
+        super().__init__(
+            input_size, hidden_size, bias, num_chunks=1, device=device, dtype=dtype, engine=engine
+        )
+        self.nonlinearity = nonlinearity
+
+    def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
+        fn = {"tanh": RF.rnn_tanh_cell, "relu": RF.rnn_relu_cell}.get(self.nonlinearity)
+        return self._step(fn, input, hx, "RNNCell", 1)
+
+
+class LSTMCell(RNNCellBase):
+    r"""An LSTM cell, a drop-in for :class:`torch.nn.LSTMCell`.
+
+    .. math::
+        i, f, g, o = \sigma, \sigma, \tanh, \sigma\,(x W_{ih}^T + b_{ih} + h W_{hh}^T + b_{hh})
+        \qquad c' = f \odot c + i \odot g \qquad h' = o \odot \tanh(c')
+
+    Args: as :class:`torch.nn.LSTMCell`, plus keyword-only ``engine``.
+
+    Inputs: ``input`` ``[N, H_in]`` or ``[H_in]``; ``(h, c)`` each ``[N, H]`` or ``[H]``
+    (zeros if omitted). Output: ``(h', c')``.
+
+    Examples::
+
+        >>> cell = rnnkit.LSTMCell(10, 20)
+        >>> h, c = cell(torch.randn(3, 10))
+        >>> h.shape
+        torch.Size([3, 20])
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        engine: str = "auto",
+    ) -> None:
+        super().__init__(
+            input_size, hidden_size, bias, num_chunks=4, device=device, dtype=dtype, engine=engine
+        )
+
+    def forward(
+        self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        return self._step(RF.lstm_cell, input, hx, "LSTMCell", 2)
+
+
+class GRUCell(RNNCellBase):
+    r"""A GRU cell, a drop-in for :class:`torch.nn.GRUCell`.
+
+    .. math::
+        r = \sigma(x_r + h_r) \quad z = \sigma(x_z + h_z) \quad
+        n = \tanh(x_n + r \odot (h W_{hn}^T + b_{hn})) \quad h' = (1 - z) \odot n + z \odot h
+
+    Args: as :class:`torch.nn.GRUCell`, plus keyword-only ``engine``.
+
+    Inputs: ``input`` ``[N, H_in]`` or ``[H_in]``; ``hx`` ``[N, H]`` or ``[H]`` (zeros if
+    omitted). Output: ``h'``.
+
+    Examples::
+
+        >>> cell = rnnkit.GRUCell(10, 20)
+        >>> cell(torch.randn(20, 10)[0]).shape
+        torch.Size([20])
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        engine: str = "auto",
+    ) -> None:
+        super().__init__(
+            input_size, hidden_size, bias, num_chunks=3, device=device, dtype=dtype, engine=engine
+        )
+
+    def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
+        return self._step(RF.gru_cell, input, hx, "GRUCell", 1)

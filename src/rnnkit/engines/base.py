@@ -1,0 +1,67 @@
+"""The engine interface: what every engine receives, returns and declares it supports.
+
+An engine is a pair of functions (``run_rnn`` for stacked layers, ``run_cell`` for one step)
+plus two predicates that return ``None`` when the engine can run a call and otherwise a short
+reason, which ``engine=<name>`` raises and ``engine="auto"`` uses to move on to the next engine.
+Calls arrive validated (shapes, dtypes, devices) by ``rnnkit.functional``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from rnnkit.cells import CellParams, State
+
+# (output, h_n) for GRU/RNN, (output, h_n, c_n) for LSTM
+RNNResult = tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]
+
+
+@dataclass(frozen=True)
+class RNNCall:
+    """A whole multi-layer RNN call, in the terms of ``torch._VF.lstm`` and friends.
+
+    ``input`` is ``[L, N, H_in]`` (``[N, L, H_in]`` if ``batch_first``), or the packed data
+    ``[sum(batch_sizes), H_in]`` when ``batch_sizes`` (int64, CPU, non-increasing) is given.
+    ``hx`` is ``h_0`` ``[D*num_layers, N, H_out]``, or ``(h_0, c_0)`` for LSTM with ``c_0``
+    ``[D*num_layers, N, H]``. ``params`` holds one :class:`CellParams` per layer and
+    direction, layer-major. The output has the input's layout.
+    """
+
+    mode: str  # "LSTM", "GRU", "RNN_TANH", "RNN_RELU"
+    input: Tensor
+    batch_sizes: Tensor | None
+    hx: Tensor | tuple[Tensor, Tensor]
+    params: tuple[CellParams, ...]
+    num_layers: int
+    dropout: float
+    train: bool
+    bidirectional: bool
+    batch_first: bool
+
+    @property
+    def proj_size(self) -> int:
+        w_hr = self.params[0].w_hr
+        return 0 if w_hr is None else w_hr.size(0)
+
+
+@dataclass(frozen=True)
+class CellCall:
+    """One step of a cell: ``input`` ``[N, H_in]``, ``hx`` ``[N, H]`` or ``(h, c)``."""
+
+    mode: str
+    input: Tensor
+    hx: State
+    params: CellParams
+
+
+@dataclass(frozen=True)
+class Engine:
+    name: str
+    run_rnn: Callable[[RNNCall], RNNResult]
+    run_cell: Callable[[CellCall], State]
+    # None when the engine can run the call, else why not
+    rnn_unsupported: Callable[[RNNCall], str | None]
+    cell_unsupported: Callable[[CellCall], str | None]

@@ -1,0 +1,154 @@
+"""The reference engine: a time loop over the cells of ``rnnkit.cells`` on plain torch ops.
+
+Autograd does the backward. The driver repeats the structure of ATen's CPU implementation
+(``FullLayer``, ``FullBidirectionalLayer``, ``PackedLayer``, ``ReversedPackedLayer`` and
+``apply_layer_stack`` in ``aten/src/ATen/native/RNN.cpp``): the input projection of a whole
+layer is one GEMM, each step adds the recurrent GEMM, and the autograd graph is built in the
+same order, so forward values and every gradient equal torch's ATen path bit for bit. Every
+fast engine is tested against this one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from rnnkit.cells import STEPS, CellParams, State, Step
+from rnnkit.engines.base import CellCall, Engine, RNNCall, RNNResult
+
+def _as_output(state: State) -> Tensor:
+    return state[0] if isinstance(state, tuple) else state
+
+
+def _slice(state: State, start: int, end: int) -> State:
+    if isinstance(state, tuple):
+        return tuple(t.narrow(0, start, end - start) for t in state)  # type: ignore[return-value]
+    return state.narrow(0, start, end - start)
+
+
+def _concat(states: list[State]) -> State:
+    if isinstance(states[0], tuple):
+        return tuple(torch.cat(list(parts), 0) for parts in zip(*states))  # type: ignore[return-value]
+    return torch.cat(states, 0)  # type: ignore[arg-type]
+
+
+def _scan(step: Step, steps_x: list[Tensor], state: State, p: CellParams):
+    outputs = []
+    for gates_x in steps_x:
+        state = step(gates_x, state, p)
+        outputs.append(_as_output(state))
+    return outputs, state
+
+
+def _full_layer(step: Step, x: Tensor, state: State, p: CellParams):
+    """One direction over a padded sequence ``x`` ``[L, N, H_in]``."""
+    outputs, state = _scan(step, p.linear_ih(x).unbind(0), state, p)
+    return torch.stack(outputs, 0), state  # [L, N, H_out]
+
+
+def _full_bidirectional_layer(step: Step, x: Tensor, states, ps):
+    fw_out, fw_state = _full_layer(step, x, states[0], ps[0])
+    rev_steps = ps[1].linear_ih(x).unbind(0)[::-1]
+    rev_outputs, rev_state = _scan(step, list(rev_steps), states[1], ps[1])
+    rev_out = torch.stack(rev_outputs[::-1], 0)
+    return torch.cat([fw_out, rev_out], fw_out.dim() - 1), (fw_state, rev_state)
+
+
+def _packed_layer(step: Step, data: Tensor, batch_sizes: list[int], state: State, p: CellParams):
+    """One direction over packed ``data`` ``[sum(batch_sizes), H_in]``: the batch shrinks."""
+    x_w = p.linear_ih(data)
+    outputs, finished = [], []
+    offset, last = 0, batch_sizes[0]
+    for batch in batch_sizes:
+        gates_x = x_w.narrow(0, offset, batch)
+        offset += batch
+        if batch < last:
+            # Sequences that ended keep their final state; the rest go on.
+            finished.append(_slice(state, batch, last))
+            state = _slice(state, 0, batch)
+        last = batch
+        state = step(gates_x, state, p)
+        outputs.append(_as_output(state))
+    finished.append(state)
+    return torch.cat(outputs, 0), _concat(finished[::-1])
+
+
+def _reversed_packed_layer(
+    step: Step, data: Tensor, batch_sizes: list[int], state: State, p: CellParams
+):
+    """The reverse direction over packed data: the batch grows as time runs backwards."""
+    x_w = p.linear_ih(data)
+    outputs = []
+    offset, last = data.size(0), batch_sizes[-1]
+    initial = state
+    state = _slice(initial, 0, last)
+    for batch in reversed(batch_sizes):
+        if batch > last:
+            state = _concat([state, _slice(initial, last, batch)])
+        gates_x = x_w.narrow(0, offset - batch, batch)
+        offset -= batch
+        last = batch
+        state = step(gates_x, state, p)
+        outputs.append(_as_output(state))
+    return torch.cat(outputs[::-1], 0), state
+
+
+def _packed_bidirectional_layer(step: Step, data: Tensor, batch_sizes, states, ps):
+    fw_out, fw_state = _packed_layer(step, data, batch_sizes, states[0], ps[0])
+    rev_out, rev_state = _reversed_packed_layer(step, data, batch_sizes, states[1], ps[1])
+    return torch.cat([fw_out, rev_out], -1), (fw_state, rev_state)
+
+
+def run_rnn(call: RNNCall) -> RNNResult:
+    """Run a stacked, possibly bidirectional, possibly packed RNN; see :class:`RNNCall`."""
+    step, _ = STEPS[call.mode]
+    hx = call.hx
+    if call.mode == "LSTM":
+        states: list[State] = list(zip(hx[0].unbind(0), hx[1].unbind(0)))
+    else:
+        states = list(hx.unbind(0))
+    D = 2 if call.bidirectional else 1
+    packed = call.batch_sizes is not None
+    x = call.input
+    if packed:
+        batch_sizes = call.batch_sizes.tolist()
+    elif call.batch_first:
+        x = x.transpose(0, 1)
+
+    finals: list[State] = []
+    for layer in range(call.num_layers):
+        ps = call.params[layer * D : (layer + 1) * D]
+        layer_states = states[layer * D : (layer + 1) * D]
+        if packed and D == 2:
+            x, final = _packed_bidirectional_layer(step, x, batch_sizes, layer_states, ps)
+        elif packed:
+            x, final = _packed_layer(step, x, batch_sizes, layer_states[0], ps[0])
+        elif D == 2:
+            x, final = _full_bidirectional_layer(step, x, layer_states, ps)
+        else:
+            x, final = _full_layer(step, x, layer_states[0], ps[0])
+        finals.extend(final if D == 2 else [final])
+        if call.dropout != 0 and call.train and layer < call.num_layers - 1:
+            x = F.dropout(x, call.dropout, training=True)
+
+    if call.batch_first and not packed:
+        x = x.transpose(0, 1)
+    if call.mode == "LSTM":
+        return x, torch.stack([s[0] for s in finals], 0), torch.stack([s[1] for s in finals], 0)
+    return x, torch.stack(finals, 0)
+
+
+def run_cell(call: CellCall) -> State:
+    """One step of a cell module (``LSTMCell`` & co.) on ``[N, H_in]`` input."""
+    step, _ = STEPS[call.mode]
+    return step(call.params.linear_ih(call.input), call.hx, call.params)
+
+
+REFERENCE = Engine(
+    name="reference",
+    run_rnn=run_rnn,
+    run_cell=run_cell,
+    rnn_unsupported=lambda call: None,
+    cell_unsupported=lambda call: None,
+)

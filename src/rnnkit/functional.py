@@ -1,0 +1,401 @@
+"""Functional recurrent layers and the one dispatch table that picks their engine.
+
+``lstm``/``gru``/``rnn_tanh``/``rnn_relu`` take what ``torch._VF.lstm`` & co. take — the flat
+weight list in ``nn.LSTM._flat_weights`` order and time-major or ``batch_first`` input — plus
+``PackedSequence`` input and a default zero state. The cells take what ``torch.lstm_cell`` &
+co. take. Every function validates its input, builds an :class:`~rnnkit.engines.base.RNNCall`
+(or ``CellCall``) and hands it to the engine that :func:`select_engine` picks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence
+
+from rnnkit.cells import STEPS, CellParams, State
+from rnnkit.engines.base import CellCall, Engine, RNNCall, RNNResult
+
+__all__ = [
+    "ENGINES",
+    "available_engines",
+    "gru",
+    "gru_cell",
+    "lstm",
+    "lstm_cell",
+    "rnn_relu",
+    "rnn_relu_cell",
+    "rnn_tanh",
+    "rnn_tanh_cell",
+    "select_engine",
+]
+
+
+def _reference() -> Engine:
+    from rnnkit.engines.reference import REFERENCE
+
+    return REFERENCE
+
+
+# The dispatch table: engine name -> loader, in the order ``engine="auto"`` tries them. An
+# engine decides by its ``*_unsupported`` predicates which (device, dtype, options) it runs.
+ENGINES: dict[str, Callable[[], Engine]] = {
+    "reference": _reference,
+}
+
+
+def available_engines() -> list[str]:
+    """The names ``engine=`` accepts, besides ``"auto"``."""
+    return list(ENGINES)
+
+
+def check_engine_name(engine: str) -> None:
+    if not isinstance(engine, str) or (engine != "auto" and engine not in ENGINES):
+        choices = ", ".join(repr(e) for e in ["auto", *ENGINES])
+        raise ValueError(f"engine must be one of {choices}, got {engine!r}")
+
+
+def select_engine(engine: str, call: RNNCall | CellCall) -> Engine:
+    """The engine that runs ``call``: the named one, or for ``"auto"`` the first that can.
+
+    An explicitly named engine that cannot run the call raises; it never falls back.
+    """
+    check_engine_name(engine)
+    is_cell = isinstance(call, CellCall)
+    names = ENGINES if engine == "auto" else [engine]
+    reasons = []
+    for name in names:
+        candidate = ENGINES[name]()
+        unsupported = candidate.cell_unsupported if is_cell else candidate.rnn_unsupported
+        reason = unsupported(call)
+        if reason is None:
+            return candidate
+        reasons.append(f"{name}: {reason}")
+    raise RuntimeError(f"no rnnkit engine can run this call ({'; '.join(reasons)})")
+
+
+def _check_devices(input: Tensor, hiddens: Sequence[Tensor], weights: Sequence[Tensor]) -> None:
+    # torch's check_attributes, same messages
+    for name, tensors in (("hidden", hiddens), ("parameter", weights)):
+        for t in tensors:
+            if t.device != input.device:
+                raise RuntimeError(
+                    f"Input and {name} tensors are not at the same device, found input tensor "
+                    f"at {input.device} and {name} tensor at {t.device}"
+                )
+
+
+def _check_batch_sizes(data: Tensor, batch_sizes: Tensor) -> None:
+    if not isinstance(batch_sizes, Tensor):
+        raise TypeError(f"batch_sizes must be a Tensor, got {type(batch_sizes).__name__}")
+    if batch_sizes.dim() != 1 or batch_sizes.dtype != torch.int64 or batch_sizes.is_cuda:
+        raise ValueError(
+            "batch_sizes must be a 1-D int64 CPU tensor, got a "
+            f"{batch_sizes.dim()}-D {batch_sizes.dtype} tensor on {batch_sizes.device}"
+        )
+    if batch_sizes.numel() == 0:
+        raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+    sizes = batch_sizes.tolist()
+    if sizes[-1] <= 0 or any(a < b for a, b in zip(sizes, sizes[1:])):
+        raise ValueError(f"batch_sizes must be positive and non-increasing, got {sizes}")
+    if sum(sizes) != data.size(0):
+        raise ValueError(
+            f"batch_sizes sum to {sum(sizes)} but the packed data has {data.size(0)} rows"
+        )
+
+
+def _gather_params(
+    mode: str, weights: Sequence[Tensor], has_biases: bool, num_layers: int, D: int
+) -> tuple[tuple[CellParams, ...], bool]:
+    """Split the flat weight list into one CellParams per layer and direction."""
+    n = len(weights) // (num_layers * D) if num_layers * D else 0
+    has_proj = mode == "LSTM" and n == (5 if has_biases else 3)
+    expected = (4 if has_biases else 2) + (1 if has_proj else 0)
+    if n != expected or len(weights) != expected * num_layers * D:
+        raise RuntimeError(
+            f"got an incorrect number of RNN parameters: expected {expected} per layer and "
+            f"direction for {num_layers} layer(s) and {D} direction(s), got {len(weights)}"
+        )
+    params = []
+    for k in range(num_layers * D):
+        w = list(weights[k * n : (k + 1) * n])
+        w_hr = w.pop() if has_proj else None
+        b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
+        params.append(CellParams(w[0], w[1], b_ih, b_hh, w_hr))
+    return tuple(params), has_proj
+
+
+def _rnn(
+    mode: str,
+    input: Tensor | PackedSequence,
+    weights: Sequence[Tensor],
+    hx: Tensor | tuple[Tensor, Tensor] | None,
+    batch_sizes: Tensor | None,
+    has_biases: bool,
+    num_layers: int,
+    dropout: float,
+    train: bool,
+    bidirectional: bool,
+    batch_first: bool,
+    engine: str,
+):
+    check_engine_name(engine)
+    D = 2 if bidirectional else 1
+    params, has_proj = _gather_params(mode, weights, has_biases, num_layers, D)
+    packed = isinstance(input, PackedSequence)
+    sorted_indices = unsorted_indices = None
+    if packed:
+        data, batch_sizes, sorted_indices, unsorted_indices = input
+    else:
+        data = input
+    expected_dim = 2 if batch_sizes is not None else 3
+    if data.dim() != expected_dim:
+        raise RuntimeError(f"input must have {expected_dim} dimensions, got {data.dim()}")
+    H_in = params[0].w_ih.size(1)
+    if data.size(-1) != H_in:
+        raise RuntimeError(
+            f"input.size(-1) must be equal to input_size. Expected {H_in}, got {data.size(-1)}"
+        )
+    if batch_sizes is not None:
+        _check_batch_sizes(data, batch_sizes)
+        N = int(batch_sizes[0])
+    else:
+        if data.size(1 if batch_first else 0) == 0:
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+        N = data.size(0 if batch_first else 1)
+    H = params[0].w_hh.size(0) // STEPS[mode][1]
+    H_out = params[0].w_hh.size(1)
+    if not torch.is_autocast_enabled(data.device.type) and data.dtype != params[0].w_ih.dtype:
+        w_dtype = params[0].w_ih.dtype
+        raise ValueError(
+            f"RNN input dtype ({data.dtype}) does not match weight dtype ({w_dtype}). "
+            f"Convert input: input.to({w_dtype}), or convert model: model.to({data.dtype})"
+        )
+
+    if hx is None:
+        zeros = dict(dtype=data.dtype, device=data.device)
+        h0 = torch.zeros(num_layers * D, N, H_out, **zeros)
+        hx = (h0, torch.zeros(num_layers * D, N, H, **zeros)) if mode == "LSTM" else h0
+    elif sorted_indices is not None:
+        hx = _permute(hx, sorted_indices)
+    if mode == "LSTM" and (not isinstance(hx, (tuple, list)) or len(hx) != 2):
+        raise RuntimeError("lstm expects two hidden states")
+    states = list(hx) if mode == "LSTM" else [hx]
+    for i, (state, size) in enumerate(zip(states, (H_out, H))):
+        expected = (num_layers * D, N, size)
+        if not isinstance(state, Tensor) or tuple(state.shape) != expected:
+            got = list(state.shape) if isinstance(state, Tensor) else type(state).__name__
+            which = f"[{i}]" if mode == "LSTM" else ""
+            raise RuntimeError(f"Expected hidden{which} size {expected}, got {got}")
+    _check_devices(data, states, weights)
+
+    call = RNNCall(
+        mode=mode,
+        input=data,
+        batch_sizes=batch_sizes,
+        hx=tuple(states) if mode == "LSTM" else states[0],
+        params=params,
+        num_layers=num_layers,
+        dropout=float(dropout),
+        train=bool(train),
+        bidirectional=bool(bidirectional),
+        batch_first=bool(batch_first),
+    )
+    output, *hidden = select_engine(engine, call).run_rnn(call)
+    if packed:
+        output = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
+        if unsorted_indices is not None:
+            hidden = [h.index_select(1, unsorted_indices) for h in hidden]
+    return (output, *hidden)
+
+
+def _permute(hx, indices: Tensor):
+    if isinstance(hx, (tuple, list)):
+        return tuple(h.index_select(1, indices) for h in hx)
+    return hx.index_select(1, indices)
+
+
+_RNN_DOC = """
+    Args:
+        input: ``[L, N, H_in]`` (``[N, L, H_in]`` if ``batch_first``), packed data
+            ``[sum(batch_sizes), H_in]`` with ``batch_sizes``, or a ``PackedSequence``
+            (then the output is one too, and ``hx``/``h_n`` follow its original order).
+        weights: the flat weight list in ``nn.{cls}._flat_weights`` order.
+        hx: {hx}; zeros when ``None``.
+        batch_sizes: the ``batch_sizes`` of packed ``input`` data.
+        has_biases, num_layers, dropout, bidirectional, batch_first: as on ``nn.{cls}``.
+        train: apply inter-layer dropout.
+        engine: ``"auto"`` or an engine name from :func:`available_engines`.
+"""
+
+
+def lstm(
+    input: Tensor | PackedSequence,
+    weights: Sequence[Tensor],
+    hx: tuple[Tensor, Tensor] | None = None,
+    *,
+    batch_sizes: Tensor | None = None,
+    has_biases: bool = True,
+    num_layers: int = 1,
+    dropout: float = 0.0,
+    train: bool = False,
+    bidirectional: bool = False,
+    batch_first: bool = False,
+    engine: str = "auto",
+) -> tuple[Tensor | PackedSequence, Tensor, Tensor]:
+    """Multi-layer LSTM over a sequence; returns ``(output, h_n, c_n)`` as ``nn.LSTM``."""
+    return _rnn(
+        "LSTM", input, weights, hx, batch_sizes, has_biases, num_layers, dropout, train,
+        bidirectional, batch_first, engine,
+    )  # fmt: skip
+
+
+def _one_hidden(mode: str, cls: str):
+    def fn(
+        input: Tensor | PackedSequence,
+        weights: Sequence[Tensor],
+        hx: Tensor | None = None,
+        *,
+        batch_sizes: Tensor | None = None,
+        has_biases: bool = True,
+        num_layers: int = 1,
+        dropout: float = 0.0,
+        train: bool = False,
+        bidirectional: bool = False,
+        batch_first: bool = False,
+        engine: str = "auto",
+    ) -> tuple[Tensor | PackedSequence, Tensor]:
+        return _rnn(
+            mode, input, weights, hx, batch_sizes, has_biases, num_layers, dropout, train,
+            bidirectional, batch_first, engine,
+        )  # fmt: skip
+
+    fn.__name__ = fn.__qualname__ = mode.lower()
+    fn.__doc__ = f"Multi-layer {cls} ({mode}); returns ``(output, h_n)`` as ``nn.{cls}``.\n"
+    fn.__doc__ += _RNN_DOC.format(cls=cls, hx="``h_0`` ``[D*num_layers, N, H]``")
+    return fn
+
+
+lstm.__doc__ += _RNN_DOC.format(
+    cls="LSTM", hx="``(h_0, c_0)``: ``[D*num_layers, N, H_out]`` and ``[D*num_layers, N, H]``"
+)
+gru = _one_hidden("GRU", "GRU")
+rnn_tanh = _one_hidden("RNN_TANH", "RNN")
+rnn_relu = _one_hidden("RNN_RELU", "RNN")
+
+
+def _cell(
+    mode: str,
+    input: Tensor,
+    hx: State,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+    engine: str,
+) -> State:
+    # ATen's checks (lstm_cell, gru_cell, rnn_*_cell), in its order, with its messages
+    check_engine_name(engine)
+    G = STEPS[mode][1]
+    states = list(hx) if mode == "LSTM" else [hx]
+    if mode == "LSTM" and len(states) != 2:
+        raise RuntimeError("lstm_cell expects two hidden states")
+    H = w_hh.size(1)
+
+    def check_input() -> None:
+        if input.dim() != 2:
+            raise RuntimeError(f"input must be 2-D [N, H_in], got {input.dim()}-D")
+        if input.size(1) != w_ih.size(1):
+            raise RuntimeError(
+                f"input has inconsistent input_size: got {input.size(1)} expected {w_ih.size(1)}"
+            )
+
+    def check_weights() -> None:
+        for name, w in (("weight_ih", w_ih), ("weight_hh", w_hh)):
+            if w.size(0) != G * H:
+                raise RuntimeError(
+                    f"{name} first dim must be {G} * hidden_size = {G * H}, but got {w.size(0)}"
+                )
+
+    def check_hidden() -> None:
+        for label, h in enumerate(states):
+            if h.dim() != 2:
+                raise RuntimeError(f"hidden{label} must be 2-D [N, H], got {h.dim()}-D")
+            if input.size(0) != h.size(0):
+                raise RuntimeError(
+                    f"Input batch size {input.size(0)} doesn't match hidden{label} batch size "
+                    f"{h.size(0)}"
+                )
+            if h.size(1) != H:
+                raise RuntimeError(
+                    f"hidden{label} has inconsistent hidden_size: got {h.size(1)}, expected {H}"
+                )
+
+    order = {
+        "LSTM": (check_input, check_weights, check_hidden),
+        "GRU": (check_input, check_hidden, check_weights),
+    }.get(mode, (check_weights, check_input, check_hidden))
+    for check in order:
+        check()
+    _check_devices(input, states, [w for w in (w_ih, w_hh, b_ih, b_hh) if w is not None])
+    state = tuple(states) if mode == "LSTM" else hx
+    call = CellCall(mode, input, state, CellParams(w_ih, w_hh, b_ih, b_hh))
+    return select_engine(engine, call).run_cell(call)
+
+
+def lstm_cell(
+    input: Tensor,
+    hx: tuple[Tensor, Tensor],
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None = None,
+    b_hh: Tensor | None = None,
+    *,
+    engine: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """One LSTM step on ``[N, H_in]`` input and ``(h, c)`` ``[N, H]``; returns ``(h', c')``."""
+    return _cell("LSTM", input, hx, w_ih, w_hh, b_ih, b_hh, engine)
+
+
+def gru_cell(
+    input: Tensor,
+    hx: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None = None,
+    b_hh: Tensor | None = None,
+    *,
+    engine: str = "auto",
+) -> Tensor:
+    """One GRU step on ``[N, H_in]`` input and ``h`` ``[N, H]``; returns ``h'``."""
+    return _cell("GRU", input, hx, w_ih, w_hh, b_ih, b_hh, engine)
+
+
+def rnn_tanh_cell(
+    input: Tensor,
+    hx: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None = None,
+    b_hh: Tensor | None = None,
+    *,
+    engine: str = "auto",
+) -> Tensor:
+    """One Elman RNN step with tanh; returns ``h'``."""
+    return _cell("RNN_TANH", input, hx, w_ih, w_hh, b_ih, b_hh, engine)
+
+
+def rnn_relu_cell(
+    input: Tensor,
+    hx: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None = None,
+    b_hh: Tensor | None = None,
+    *,
+    engine: str = "auto",
+) -> Tensor:
+    """One Elman RNN step with ReLU; returns ``h'``."""
+    return _cell("RNN_RELU", input, hx, w_ih, w_hh, b_ih, b_hh, engine)

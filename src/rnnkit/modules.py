@@ -1,0 +1,353 @@
+"""``LSTM``, ``GRU`` and ``RNN``: drop-ins for ``torch.nn``'s, computed by ``rnnkit.functional``.
+
+Constructor, validation, parameter names and order, init, ``repr`` and the shape handling of
+``forward`` follow ``torch/nn/modules/rnn.py``; only the recurrence is ours.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+
+import torch
+from torch import Tensor, nn
+from torch.nn import init
+from torch.nn.parameter import Parameter
+from torch.nn.utils.rnn import PackedSequence
+
+from rnnkit import functional as RF
+
+_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+_NAMES = {"LSTM": "LSTM", "GRU": "GRU", "RNN_TANH": "RNN", "RNN_RELU": "RNN"}
+_FUNCTIONS = {"LSTM": RF.lstm, "GRU": RF.gru, "RNN_TANH": RF.rnn_tanh, "RNN_RELU": RF.rnn_relu}
+
+
+def _check_type(name: str, value, kind: type) -> None:
+    if not isinstance(value, kind):
+        raise TypeError(f"{name} should be of type {kind.__name__}, got: {type(value).__name__}")
+
+
+class RNNBase(nn.Module):
+    """Shared construction of :class:`LSTM`, :class:`GRU` and :class:`RNN`.
+
+    Takes ``torch.nn.RNNBase``'s arguments plus the keyword-only ``engine`` (``"auto"`` picks
+    the fastest engine that supports a call; ``"reference"`` is the plain-torch ground truth).
+    """
+
+    def __init__(
+        self,
+        mode: str,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        proj_size: int = 0,
+        device=None,
+        dtype=None,
+        *,
+        engine: str = "auto",
+    ) -> None:
+        factory_kwargs = {"device": device, "dtype": dtype}
+        super().__init__()
+        self.mode = mode
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.bias = bias
+        self.batch_first = batch_first
+        self.dropout = float(dropout)
+        self.bidirectional = bidirectional
+        self.proj_size = proj_size
+        RF.check_engine_name(engine)
+        self.engine = engine
+
+        if (
+            not isinstance(dropout, numbers.Number)
+            or isinstance(dropout, bool)
+            or not 0 <= dropout <= 1
+        ):
+            raise ValueError(
+                "dropout should be a number in range [0, 1] representing the probability of "
+                "an element being zeroed"
+            )
+        if dropout > 0 and num_layers == 1:
+            warnings.warn(
+                "dropout option adds dropout after all but last recurrent layer, so non-zero "
+                "dropout expects num_layers greater than 1, but got "
+                f"dropout={dropout} and num_layers={num_layers}",
+                stacklevel=2,
+            )
+        _check_type("bias", bias, bool)
+        _check_type("batch_first", batch_first, bool)
+        _check_type("input_size", input_size, int)
+        if input_size <= 0:
+            raise ValueError("input_size must be greater than zero")
+        _check_type("hidden_size", hidden_size, int)
+        if hidden_size <= 0:
+            raise ValueError("hidden_size must be greater than zero")
+        if num_layers <= 0:
+            raise ValueError("num_layers must be greater than zero")
+        if proj_size < 0:
+            raise ValueError(
+                "proj_size should be a positive integer or zero to disable projections"
+            )
+        if proj_size >= hidden_size:
+            raise ValueError("proj_size has to be smaller than hidden_size")
+        if mode not in _GATES:
+            raise ValueError("Unrecognized RNN mode: " + mode)
+
+        gate_size = _GATES[mode] * hidden_size
+        H_out = proj_size if proj_size > 0 else hidden_size
+        D = 2 if bidirectional else 1
+        self._flat_weights_names: list[str] = []
+        self._all_weights: list[list[str]] = []
+        for layer in range(num_layers):
+            for direction in range(D):
+                layer_input_size = input_size if layer == 0 else H_out * D
+                shapes = {
+                    "weight_ih": (gate_size, layer_input_size),
+                    "weight_hh": (gate_size, H_out),
+                }
+                if bias:
+                    shapes.update(bias_ih=(gate_size,), bias_hh=(gate_size,))
+                if proj_size > 0:
+                    shapes["weight_hr"] = (proj_size, hidden_size)
+                suffix = "_reverse" if direction == 1 else ""
+                names = []
+                for role, shape in shapes.items():
+                    name = f"{role}_l{layer}{suffix}"
+                    setattr(self, name, Parameter(torch.empty(shape, **factory_kwargs)))
+                    names.append(name)
+                self._flat_weights_names.extend(names)
+                self._all_weights.append(names)
+        self.reset_parameters()
+
+    @property
+    def _flat_weights(self) -> list[Tensor | None]:
+        # Read by name on every call, so functional_call, parametrizations and .to() are seen.
+        return [getattr(self, name, None) for name in self._flat_weights_names]
+
+    @property
+    def all_weights(self) -> list[list[Parameter]]:
+        return [[getattr(self, name) for name in names] for names in self._all_weights]
+
+    def flatten_parameters(self) -> None:
+        """A no-op kept for compatibility: rnnkit's engines need no flattened weight buffer."""
+
+    def reset_parameters(self) -> None:
+        stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
+        for weight in self.parameters():
+            init.uniform_(weight, -stdv, stdv)
+
+    def extra_repr(self) -> str:
+        s = "{input_size}, {hidden_size}"
+        if self.proj_size != 0:
+            s += ", proj_size={proj_size}"
+        if self.num_layers != 1:
+            s += ", num_layers={num_layers}"
+        if self.bias is not True:
+            s += ", bias={bias}"
+        if self.batch_first is not False:
+            s += ", batch_first={batch_first}"
+        if self.dropout != 0:
+            s += ", dropout={dropout}"
+        if self.bidirectional is not False:
+            s += ", bidirectional={bidirectional}"
+        if self.engine != "auto":
+            s += ", engine={engine!r}"
+        return s.format(**self.__dict__)
+
+    def _run(self, input, hx):
+        """Validate shapes as ``torch.nn`` does, then call the functional layer."""
+        name = _NAMES[self.mode]
+        is_lstm = self.mode == "LSTM"
+        is_batched = True
+        batch_dim = 0 if self.batch_first else 1
+        if not isinstance(input, PackedSequence):
+            if not isinstance(input, Tensor):
+                raise TypeError(
+                    f"{name}: input must be a Tensor or PackedSequence, got "
+                    f"{type(input).__name__}"
+                )
+            if input.dim() not in (2, 3):
+                tensor = " tensor" if self.mode.startswith("RNN") else ""
+                raise ValueError(
+                    f"{name}: Expected input to be 2D or 3D, got {input.dim()}D{tensor} instead"
+                )
+            is_batched = input.dim() == 3
+            if not is_batched:
+                input = input.unsqueeze(batch_dim)
+            if hx is not None:
+                hx = _check_hx_dims(hx, is_lstm, is_batched)
+        output, *hidden = _FUNCTIONS[self.mode](
+            input,
+            self._flat_weights,
+            hx,
+            has_biases=self.bias,
+            num_layers=self.num_layers,
+            dropout=self.dropout,
+            train=self.training,
+            bidirectional=self.bidirectional,
+            batch_first=self.batch_first,
+            engine=self.engine,
+        )
+        if not is_batched:
+            output = output.squeeze(batch_dim)
+            hidden = [h.squeeze(1) for h in hidden]
+        return output, tuple(hidden) if is_lstm else hidden[0]
+
+
+def _check_hx_dims(hx, is_lstm: bool, is_batched: bool):
+    """torch.nn's batched/unbatched checks on ``hx``; unbatched states get a batch dim."""
+    want = 3 if is_batched else 2
+    kind = "batched 3-D" if is_batched else "unbatched 2-D"
+    if is_lstm:
+        if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+            got = type(hx).__name__ if not isinstance(hx, (tuple, list)) else f"{len(hx)} items"
+            raise RuntimeError(f"LSTM expects hx to be a tuple (h_0, c_0), got {got}")
+        if hx[0].dim() != want or hx[1].dim() != want:
+            raise RuntimeError(
+                f"For {kind} input, hx and cx should also be {want}-D but got "
+                f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors"
+            )
+        return hx if is_batched else (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+    if hx.dim() != want:
+        raise RuntimeError(
+            f"For {kind} input, hx should also be {want}-D but got {hx.dim()}-D tensor"
+        )
+    return hx if is_batched else hx.unsqueeze(1)
+
+
+_SHAPES_DOC = r"""
+    Inputs: input, hx
+        * **input**: ``[L, H_in]`` unbatched, ``[L, N, H_in]`` (``[N, L, H_in]`` with
+          ``batch_first=True``), or a :class:`torch.nn.utils.rnn.PackedSequence`.
+        * **hx**: {hx}; zeros when not given. ``batch_first`` does not apply to it.
+
+    Outputs: output, {out}
+        * **output**: ``[L, N, D*H_out]`` (or a ``PackedSequence``), the last layer's h_t.
+        * {h_n}
+"""
+
+
+class LSTM(RNNBase):
+    r"""Multi-layer LSTM, a drop-in for :class:`torch.nn.LSTM`.
+
+    .. math::
+        \begin{array}{ll}
+        i_t = \sigma(W_{ii} x_t + b_{ii} + W_{hi} h_{t-1} + b_{hi}) \\
+        f_t = \sigma(W_{if} x_t + b_{if} + W_{hf} h_{t-1} + b_{hf}) \\
+        g_t = \tanh(W_{ig} x_t + b_{ig} + W_{hg} h_{t-1} + b_{hg}) \\
+        o_t = \sigma(W_{io} x_t + b_{io} + W_{ho} h_{t-1} + b_{ho}) \\
+        c_t = f_t \odot c_{t-1} + i_t \odot g_t \\
+        h_t = o_t \odot \tanh(c_t) \quad (\text{then } h_t W_{hr}^T \text{ if proj\_size} > 0)
+        \end{array}
+
+    Args:
+        input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+        proj_size, device, dtype: exactly as :class:`torch.nn.LSTM`.
+        engine: keyword-only; ``"auto"`` (default) or a name from
+            :func:`rnnkit.functional.available_engines`.
+
+    Examples::
+
+        >>> lstm = rnnkit.LSTM(10, 20, num_layers=2)
+        >>> output, (h_n, c_n) = lstm(torch.randn(5, 3, 10))
+        >>> output.shape, h_n.shape
+        (torch.Size([5, 3, 20]), torch.Size([2, 3, 20]))
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__("LSTM", *args, **kwargs)
+
+    def forward(self, input, hx=None):
+        return self._run(input, hx)
+
+
+LSTM.__doc__ += _SHAPES_DOC.format(
+    hx="``(h_0, c_0)``: ``[D*num_layers, N, H_out]`` and ``[D*num_layers, N, H]``",
+    out="(h_n, c_n)",
+    h_n="**h_n**, **c_n**: final states of every layer and direction, shaped as h_0, c_0.",
+)
+
+
+class GRU(RNNBase):
+    r"""Multi-layer GRU, a drop-in for :class:`torch.nn.GRU`.
+
+    .. math::
+        \begin{array}{ll}
+        r_t = \sigma(W_{ir} x_t + b_{ir} + W_{hr} h_{t-1} + b_{hr}) \\
+        z_t = \sigma(W_{iz} x_t + b_{iz} + W_{hz} h_{t-1} + b_{hz}) \\
+        n_t = \tanh(W_{in} x_t + b_{in} + r_t \odot (W_{hn} h_{t-1} + b_{hn})) \\
+        h_t = (1 - z_t) \odot n_t + z_t \odot h_{t-1}
+        \end{array}
+
+    Args: as :class:`torch.nn.GRU`, plus keyword-only ``engine`` (see :class:`LSTM`).
+
+    Examples::
+
+        >>> gru = rnnkit.GRU(10, 20, batch_first=True)
+        >>> output, h_n = gru(torch.randn(3, 5, 10))
+        >>> output.shape
+        torch.Size([3, 5, 20])
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        super().__init__("GRU", *args, **kwargs)
+
+    def forward(self, input, hx=None):
+        return self._run(input, hx)
+
+
+class RNN(RNNBase):
+    r"""Multi-layer Elman RNN, a drop-in for :class:`torch.nn.RNN`.
+
+    .. math::
+        h_t = \tanh(x_t W_{ih}^T + b_{ih} + h_{t-1} W_{hh}^T + b_{hh})
+        \quad (\text{or } \mathrm{ReLU})
+
+    Args: as :class:`torch.nn.RNN` (``nonlinearity`` is the fourth positional argument, after
+    ``num_layers``), plus keyword-only ``engine`` (see :class:`LSTM`).
+
+    Examples::
+
+        >>> rnn = rnnkit.RNN(10, 20, 2, "relu")
+        >>> output, h_n = rnn(torch.randn(5, 10))
+        >>> output.shape, h_n.shape
+        (torch.Size([5, 20]), torch.Size([2, 20]))
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        if len(args) > 3:
+            self.nonlinearity = args[3]
+            args = args[:3] + args[4:]
+        else:
+            self.nonlinearity = kwargs.pop("nonlinearity", "tanh")
+        if self.nonlinearity == "tanh":
+            mode = "RNN_TANH"
+        elif self.nonlinearity == "relu":
+            mode = "RNN_RELU"
+        else:
+            raise ValueError(
+                f"Unknown nonlinearity '{self.nonlinearity}'. Select from 'tanh' or 'relu'."
+            )
+        super().__init__(mode, *args, **kwargs)
+
+    def forward(self, input, hx=None):
+        return self._run(input, hx)
+
+
+for _cls in (GRU, RNN):
+    _cls.__doc__ += _SHAPES_DOC.format(
+        hx="``h_0`` ``[D*num_layers, N, H]``",
+        out="h_n",
+        h_n="**h_n**: final state of every layer and direction, shaped as h_0.",
+    )
