@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
 from rnnkit.cells import STEPS, CellParams, State
-from rnnkit.engines.base import CellCall, Engine, RNNCall, RNNResult
+from rnnkit.engines.base import CellCall, Engine, RNNCall
 
 __all__ = [
     "ENGINES",
@@ -98,7 +98,7 @@ def _check_batch_sizes(data: Tensor, batch_sizes: Tensor) -> None:
     if batch_sizes.numel() == 0:
         raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
     sizes = batch_sizes.tolist()
-    if sizes[-1] <= 0 or any(a < b for a, b in zip(sizes, sizes[1:])):
+    if sizes[-1] <= 0 or any(a < b for a, b in zip(sizes, sizes[1:], strict=False)):
         raise ValueError(f"batch_sizes must be positive and non-increasing, got {sizes}")
     if sum(sizes) != data.size(0):
         raise ValueError(
@@ -183,7 +183,7 @@ def _rnn(
     if mode == "LSTM" and (not isinstance(hx, (tuple, list)) or len(hx) != 2):
         raise RuntimeError("lstm expects two hidden states")
     states = list(hx) if mode == "LSTM" else [hx]
-    for i, (state, size) in enumerate(zip(states, (H_out, H))):
+    for i, (state, size) in enumerate(zip(states, (H_out, H), strict=False)):
         expected = (num_layers * D, N, size)
         if not isinstance(state, Tensor) or tuple(state.shape) != expected:
             got = list(state.shape) if isinstance(state, Tensor) else type(state).__name__

@@ -170,8 +170,7 @@ class RNNBase(nn.Module):
         if not isinstance(input, PackedSequence):
             if not isinstance(input, Tensor):
                 raise TypeError(
-                    f"{name}: input must be a Tensor or PackedSequence, got "
-                    f"{type(input).__name__}"
+                    f"{name}: input must be a Tensor or PackedSequence, got {type(input).__name__}"
                 )
             if input.dim() not in (2, 3):
                 tensor = " tensor" if self.mode.startswith("RNN") else ""

@@ -17,6 +17,7 @@ from torch import Tensor
 from rnnkit.cells import STEPS, CellParams, State, Step
 from rnnkit.engines.base import CellCall, Engine, RNNCall, RNNResult
 
+
 def _as_output(state: State) -> Tensor:
     return state[0] if isinstance(state, tuple) else state
 
@@ -29,7 +30,7 @@ def _slice(state: State, start: int, end: int) -> State:
 
 def _concat(states: list[State]) -> State:
     if isinstance(states[0], tuple):
-        return tuple(torch.cat(list(parts), 0) for parts in zip(*states))  # type: ignore[return-value]
+        return tuple(torch.cat(list(parts), 0) for parts in zip(*states, strict=False))  # type: ignore[return-value]
     return torch.cat(states, 0)  # type: ignore[arg-type]
 
 
@@ -105,7 +106,7 @@ def run_rnn(call: RNNCall) -> RNNResult:
     step, _ = STEPS[call.mode]
     hx = call.hx
     if call.mode == "LSTM":
-        states: list[State] = list(zip(hx[0].unbind(0), hx[1].unbind(0)))
+        states: list[State] = list(zip(hx[0].unbind(0), hx[1].unbind(0), strict=False))
     else:
         states = list(hx.unbind(0))
     D = 2 if call.bidirectional else 1
