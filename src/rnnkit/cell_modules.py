@@ -10,6 +10,9 @@ from torch.nn import init
 from torch.nn.parameter import Parameter
 
 from rnnkit import functional as RF
+from rnnkit.variants import make_variant
+
+_MODES = {1: "RNN_TANH", 3: "GRU", 4: "LSTM"}
 
 
 class RNNCellBase(nn.Module):
@@ -25,6 +28,8 @@ class RNNCellBase(nn.Module):
         dtype=None,
         *,
         engine: str = "auto",
+        _mode: str | None = None,
+        **variants,
     ) -> None:
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
@@ -45,6 +50,24 @@ class RNNCellBase(nn.Module):
         else:
             self.register_parameter("bias_ih", None)
             self.register_parameter("bias_hh", None)
+        mode = _mode or _MODES[num_chunks]
+        for name in ("recurrent_dropout", "weight_dropout"):
+            if variants.get(name):
+                raise ValueError(f"{name} masks a whole sequence; use the layer, not the cell")
+        self.variant = make_variant(mode, **variants)
+        if self.variant.forget_bias is not None and not bias:
+            raise ValueError("forget_bias needs bias=True")
+        # Variant parameters come after torch.nn's, which keep torch's init and RNG use.
+        shapes = {
+            "peephole": (3 * hidden_size,),
+            "layer_norm_ih": (num_chunks * hidden_size,),
+            "layer_norm_hh": (num_chunks * hidden_size,),
+            "layer_norm_c_weight": (hidden_size,),
+            "layer_norm_c_bias": (hidden_size,),
+        }
+        self._variant_names = self.variant.extra_param_roles(mode)
+        for name in self._variant_names:
+            setattr(self, name, Parameter(torch.empty(shapes[name], **factory_kwargs)))
         self.reset_parameters()
 
     def extra_repr(self) -> str:
@@ -55,12 +78,23 @@ class RNNCellBase(nn.Module):
             s += ", nonlinearity={nonlinearity}"
         if self.engine != "auto":
             s += ", engine={engine!r}"
-        return s.format(**self.__dict__)
+        s = s.format(**self.__dict__)
+        variant = self.variant.describe()
+        return f"{s}, {variant}" if variant else s
 
     def reset_parameters(self) -> None:
+        """torch's init for torch's parameters; then the variants' (no random numbers)."""
         stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
-        for weight in self.parameters():
-            init.uniform_(weight, -stdv, stdv)
+        for name, weight in self.named_parameters():
+            if name not in self._variant_names:
+                init.uniform_(weight, -stdv, stdv)
+        with torch.no_grad():
+            for name in self._variant_names:
+                weight = getattr(self, name)
+                weight.fill_(0.0 if name in ("peephole", "layer_norm_c_bias") else 1.0)
+            if self.variant.forget_bias is not None:
+                H = self.hidden_size
+                self.bias_ih[H : 2 * H] += self.variant.forget_bias
 
     def _step(self, fn, input: Tensor, hx, name: str, n_states: int):
         """torch.nn's unbatched handling and zero state around one functional step."""
@@ -88,7 +122,8 @@ class RNNCellBase(nn.Module):
             raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
         out = fn(
             input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
-            engine=self.engine,
+            engine=self.engine, variant=self.variant, train=self.training,
+            extra_weights=[getattr(self, name) for name in self._variant_names],
         )  # fmt: skip
         if not is_batched:
             out = out.squeeze(0) if n_states == 1 else tuple(h.squeeze(0) for h in out)
@@ -122,10 +157,12 @@ class RNNCell(RNNCellBase):
         dtype=None,
         *,
         engine: str = "auto",
+        **variants,
     ) -> None:
         super().__init__(
-            input_size, hidden_size, bias, num_chunks=1, device=device, dtype=dtype, engine=engine
-        )
+            input_size, hidden_size, bias, 1, device, dtype, engine=engine,
+            _mode="RNN_RELU" if nonlinearity == "relu" else "RNN_TANH", **variants,
+        )  # fmt: skip
         self.nonlinearity = nonlinearity
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
@@ -162,10 +199,9 @@ class LSTMCell(RNNCellBase):
         dtype=None,
         *,
         engine: str = "auto",
+        **variants,
     ) -> None:
-        super().__init__(
-            input_size, hidden_size, bias, num_chunks=4, device=device, dtype=dtype, engine=engine
-        )
+        super().__init__(input_size, hidden_size, bias, 4, device, dtype, engine=engine, **variants)
 
     def forward(
         self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None
@@ -201,10 +237,9 @@ class GRUCell(RNNCellBase):
         dtype=None,
         *,
         engine: str = "auto",
+        **variants,
     ) -> None:
-        super().__init__(
-            input_size, hidden_size, bias, num_chunks=3, device=device, dtype=dtype, engine=engine
-        )
+        super().__init__(input_size, hidden_size, bias, 3, device, dtype, engine=engine, **variants)
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
         return self._step(RF.gru_cell, input, hx, "GRUCell", 1)

@@ -28,6 +28,13 @@ class CellParams(NamedTuple):
     b_ih: Tensor | None  # [G*H]
     b_hh: Tensor | None  # [G*H]
     w_hr: Tensor | None = None  # [H_out, H], LSTM with proj_size only
+    # variants (rnnkit.variants): parameters, then masks drawn once per call
+    peephole: Tensor | None = None  # [3*H], i, f, o
+    ln_ih: Tensor | None = None  # [G*H]
+    ln_hh: Tensor | None = None  # [G*H]
+    ln_c_weight: Tensor | None = None  # [H]
+    ln_c_bias: Tensor | None = None  # [H]
+    rec_mask: Tensor | None = None  # [N, H_out], recurrent dropout, scaled
 
     def linear_ih(self, x: Tensor) -> Tensor:
         return F.linear(x, self.w_ih, self.b_ih)
@@ -95,3 +102,125 @@ STEPS: dict[str, tuple[Step, int]] = {
     "RNN_TANH": (rnn_tanh_step, 1),
     "RNN_RELU": (rnn_relu_step, 1),
 }
+
+
+# Variants. A variant step takes ``(gates_x, keep_h, keep_c)`` per step: the input projection
+# (layer-normed and biased already) and this step's zoneout keep-masks (``None`` outside
+# training, where zoneout uses its expectation). ``rnnkit.variants`` has the equations.
+
+LN_EPS = 1e-5
+
+
+def _recurrent(h: Tensor, p: CellParams) -> Tensor:
+    """``LN_hh(h_in W_hh^T) + b_hh`` with ``h_in`` under the recurrent dropout mask."""
+    if p.rec_mask is not None:
+        h = h * p.rec_mask[: h.size(0)]
+    r = torch.matmul(h, p.w_hh.t())
+    if p.ln_hh is not None:
+        r = F.layer_norm(r, (r.size(-1),), p.ln_hh, None, LN_EPS)
+    return r if p.b_hh is None else r + p.b_hh
+
+
+def _zoneout(new: Tensor, old: Tensor, keep: Tensor | None, p: float) -> Tensor:
+    # keep = 1 where the unit keeps its previous value; eval uses E[keep] = p
+    if keep is not None:
+        return torch.lerp(new, old, keep)
+    return torch.lerp(new, old, p) if p > 0 else new
+
+
+def _clip(x: Tensor, v: float | None) -> Tensor:
+    return x if v is None else torch.clamp(x, -v, v)
+
+
+def make_step(mode: str, variant) -> Step:
+    """The step function of ``mode`` under ``variant`` (the exact torch step when plain)."""
+    if variant.is_plain:
+        return STEPS[mode][0]
+    acts = variant.activation_fns(mode)
+    clip = variant.gate_clip
+    zh_p, zc_p = variant.zoneout
+
+    def lstm(inputs, state: LSTMState, p: CellParams) -> LSTMState:
+        gates_x, keep_h, keep_c = inputs
+        h, c = state
+        gates = gates_x + _recurrent(h, p)
+        gi, gf, gg, go = gates.chunk(4, 1)
+        if p.peephole is not None:
+            pi, pf, po = p.peephole.chunk(3)
+            gi = gi + pi * c
+            gf = gf + pf * c
+        i = acts[0](_clip(gi, clip))
+        f = 1 - i if variant.coupled_input_forget else acts[0](_clip(gf, clip))
+        g = acts[1](_clip(gg, clip))
+        c_new = _clip(f * c + i * g, variant.cell_clip)
+        if p.peephole is not None:
+            go = go + po * c_new
+        o = acts[0](_clip(go, clip))
+        c_out = c_new
+        if p.ln_c_weight is not None:
+            c_out = F.layer_norm(c_new, (c_new.size(-1),), p.ln_c_weight, p.ln_c_bias, LN_EPS)
+        h_new = o * acts[2](c_out)
+        if p.w_hr is not None:
+            h_new = _clip(torch.matmul(h_new, p.w_hr.t()), variant.proj_clip)
+        return _zoneout(h_new, h, keep_h, zh_p), _zoneout(c_new, c, keep_c, zc_p)
+
+    def gru(inputs, h: Tensor, p: CellParams) -> Tensor:
+        gates_x, keep_h, _ = inputs
+        x_r, x_z, x_n = gates_x.chunk(3, 1)
+        h_r, h_z, h_n = _recurrent(h, p).chunk(3, 1)
+        r = acts[0](_clip(x_r + h_r, clip))
+        z = acts[0](_clip(x_z + h_z, clip))
+        n = acts[1](_clip(x_n + r * h_n, clip))
+        return _zoneout((h - n) * z + n, h, keep_h, zh_p)
+
+    def rnn(inputs, h: Tensor, p: CellParams) -> Tensor:
+        gates_x, keep_h, _ = inputs
+        h_new = acts[0](_clip(gates_x + _recurrent(h, p), clip))
+        return _zoneout(h_new, h, keep_h, zh_p)
+
+    return {"LSTM": lstm, "GRU": gru}.get(mode, rnn)
+
+
+Prepare = Callable[[Tensor, CellParams, int], tuple[object, CellParams]]
+
+
+def _plain_prepare(x: Tensor, p: CellParams, N: int) -> tuple[Tensor, CellParams]:
+    return p.linear_ih(x), p
+
+
+def make_prepare(mode: str, variant, training: bool) -> Prepare:
+    """What a layer-direction computes before its time loop, for all steps at once.
+
+    ``prepare(x, p, N)`` takes the layer input ``x`` (``[L, N, H_in]``, packed rows
+    ``[R, H_in]`` or one step ``[N, H_in]``) and returns the per-step sequence the step function
+    consumes (same leading dims as ``x``) and the params of this call. The random masks are
+    drawn here, in a fixed order — weight dropout, recurrent dropout, zoneout h, zoneout c — so
+    that every engine that calls this function draws the same masks under the same seed.
+    """
+    if variant.is_plain:
+        return _plain_prepare
+    zh_p, zc_p = variant.zoneout
+
+    def prepare(x: Tensor, p: CellParams, N: int) -> tuple[object, CellParams]:
+        if p.ln_ih is not None:
+            gates_x = F.linear(x, p.w_ih)
+            gates_x = F.layer_norm(gates_x, (gates_x.size(-1),), p.ln_ih, None, LN_EPS)
+            if p.b_ih is not None:
+                gates_x = gates_x + p.b_ih
+        else:
+            gates_x = p.linear_ih(x)
+        keep_h = keep_c = None
+        if training:
+            H_out = p.w_hh.size(1)
+            if variant.weight_dropout > 0:
+                p = p._replace(w_hh=F.dropout(p.w_hh, variant.weight_dropout, training=True))
+            if variant.recurrent_dropout > 0:
+                ones = x.new_ones(N, H_out)
+                p = p._replace(rec_mask=F.dropout(ones, variant.recurrent_dropout, True))
+            if zh_p > 0:
+                keep_h = x.new_empty(*x.shape[:-1], H_out).bernoulli_(zh_p)
+            if zc_p > 0 and mode == "LSTM":
+                keep_c = x.new_empty(*x.shape[:-1], p.w_hh.size(0) // 4).bernoulli_(zc_p)
+        return (gates_x, keep_h, keep_c), p
+
+    return prepare

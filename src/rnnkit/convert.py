@@ -44,6 +44,9 @@ def _config(m: nn.Module) -> dict:
 
 
 def _swap(m: nn.Module, cls: type[nn.Module], extra: dict) -> nn.Module:
+    variant = getattr(m, "variant", None)
+    if variant is not None and not variant.is_plain:
+        raise ValueError(f"torch.nn has no layer for {type(m).__name__}({variant.describe()})")
     dtype = next(m.parameters()).dtype
     # Built on the meta device so that no memory is allocated and no random numbers are drawn.
     with warnings.catch_warnings():

@@ -17,6 +17,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from rnnkit.cells import STEPS, CellParams, State
 from rnnkit.engines.base import CellCall, Engine, RNNCall
+from rnnkit.variants import Variant, make_variant
 
 __all__ = [
     "ENGINES",
@@ -106,13 +107,32 @@ def _check_batch_sizes(data: Tensor, batch_sizes: Tensor) -> None:
         )
 
 
+_EXTRA_FIELDS = {
+    "peephole": "peephole",
+    "layer_norm_ih": "ln_ih",
+    "layer_norm_hh": "ln_hh",
+    "layer_norm_c_weight": "ln_c_weight",
+    "layer_norm_c_bias": "ln_c_bias",
+}
+
+
 def _gather_params(
-    mode: str, weights: Sequence[Tensor], has_biases: bool, num_layers: int, D: int
-) -> tuple[tuple[CellParams, ...], bool]:
-    """Split the flat weight list into one CellParams per layer and direction."""
-    n = len(weights) // (num_layers * D) if num_layers * D else 0
-    has_proj = mode == "LSTM" and n == (5 if has_biases else 3)
-    expected = (4 if has_biases else 2) + (1 if has_proj else 0)
+    mode: str,
+    weights: Sequence[Tensor],
+    has_biases: bool,
+    num_layers: int,
+    D: int,
+    variant: Variant,
+) -> tuple[CellParams, ...]:
+    """Split the flat weight list into one CellParams per layer and direction.
+
+    Per layer and direction the list holds ``w_ih, w_hh[, b_ih, b_hh][, w_hr]`` as in
+    ``torch.nn``, then the variant's parameters in ``Variant.extra_param_roles`` order.
+    """
+    extras = variant.extra_param_roles(mode)
+    n = len(weights) // (num_layers * D)
+    has_proj = mode == "LSTM" and n - len(extras) == (5 if has_biases else 3)
+    expected = (4 if has_biases else 2) + (1 if has_proj else 0) + len(extras)
     if n != expected or len(weights) != expected * num_layers * D:
         raise RuntimeError(
             f"got an incorrect number of RNN parameters: expected {expected} per layer and "
@@ -121,10 +141,27 @@ def _gather_params(
     params = []
     for k in range(num_layers * D):
         w = list(weights[k * n : (k + 1) * n])
+        named = {
+            _EXTRA_FIELDS[role]: t
+            for role, t in zip(extras, w[len(w) - len(extras) :], strict=True)
+        }
+        w = w[: len(w) - len(extras)]
         w_hr = w.pop() if has_proj else None
         b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
-        params.append(CellParams(w[0], w[1], b_ih, b_hh, w_hr))
-    return tuple(params), has_proj
+        params.append(CellParams(w[0], w[1], b_ih, b_hh, w_hr, **named))
+    return tuple(params)
+
+
+def _variant(mode: str, variants: dict) -> Variant:
+    """The call's Variant: a prebuilt one (``variant=``, as the modules pass) or keywords."""
+    if "variant" in variants:
+        variant = variants.pop("variant")
+        if variants or not isinstance(variant, Variant):
+            raise TypeError("pass either variant=Variant(...) or variant keywords, not both")
+        return variant
+    if "forget_bias" in variants:
+        raise TypeError("forget_bias is an initialization option of the modules, not of a call")
+    return make_variant(mode, **variants)
 
 
 def _rnn(
@@ -140,10 +177,12 @@ def _rnn(
     bidirectional: bool,
     batch_first: bool,
     engine: str,
+    variants: dict,
 ):
     check_engine_name(engine)
+    variant = _variant(mode, variants)
     D = 2 if bidirectional else 1
-    params, has_proj = _gather_params(mode, weights, has_biases, num_layers, D)
+    params = _gather_params(mode, weights, has_biases, num_layers, D, variant)
     packed = isinstance(input, PackedSequence)
     sorted_indices = unsorted_indices = None
     if packed:
@@ -202,6 +241,7 @@ def _rnn(
         train=bool(train),
         bidirectional=bool(bidirectional),
         batch_first=bool(batch_first),
+        variant=variant,
     )
     output, *hidden = select_engine(engine, call).run_rnn(call)
     if packed:
@@ -228,6 +268,8 @@ _RNN_DOC = """
         has_biases, num_layers, dropout, bidirectional, batch_first: as on ``nn.{cls}``.
         train: apply inter-layer dropout.
         engine: ``"auto"`` or an engine name from :func:`available_engines`.
+        **variants: the variant keywords of :mod:`rnnkit.variants` (``layer_norm``,
+            ``zoneout``, ...); their parameters follow each layer's in ``weights``.
 """
 
 
@@ -244,11 +286,12 @@ def lstm(
     bidirectional: bool = False,
     batch_first: bool = False,
     engine: str = "auto",
+    **variants,
 ) -> tuple[Tensor | PackedSequence, Tensor, Tensor]:
     """Multi-layer LSTM over a sequence; returns ``(output, h_n, c_n)`` as ``nn.LSTM``."""
     return _rnn(
         "LSTM", input, weights, hx, batch_sizes, has_biases, num_layers, dropout, train,
-        bidirectional, batch_first, engine,
+        bidirectional, batch_first, engine, variants,
     )  # fmt: skip
 
 
@@ -266,10 +309,11 @@ def _one_hidden(mode: str, cls: str):
         bidirectional: bool = False,
         batch_first: bool = False,
         engine: str = "auto",
+        **variants,
     ) -> tuple[Tensor | PackedSequence, Tensor]:
         return _rnn(
             mode, input, weights, hx, batch_sizes, has_biases, num_layers, dropout, train,
-            bidirectional, batch_first, engine,
+            bidirectional, batch_first, engine, variants,
         )  # fmt: skip
 
     fn.__name__ = fn.__qualname__ = mode.lower()
@@ -295,9 +339,22 @@ def _cell(
     b_ih: Tensor | None,
     b_hh: Tensor | None,
     engine: str,
+    extra_weights: Sequence[Tensor],
+    train: bool,
+    variants: dict,
 ) -> State:
     # ATen's checks (lstm_cell, gru_cell, rnn_*_cell), in its order, with its messages
     check_engine_name(engine)
+    for name in ("recurrent_dropout", "weight_dropout"):
+        if variants.get(name):
+            raise ValueError(f"{name} masks a whole sequence; use the layer, not the cell")
+    variant = _variant(mode, variants)
+    roles = variant.extra_param_roles(mode)
+    if len(extra_weights) != len(roles):
+        raise ValueError(
+            f"extra_weights must hold {len(roles)} tensor(s) for these variants "
+            f"({', '.join(roles) or 'none'}), got {len(extra_weights)}"
+        )
     G = STEPS[mode][1]
     states = list(hx) if mode == "LSTM" else [hx]
     if mode == "LSTM" and len(states) != 2:
@@ -341,7 +398,9 @@ def _cell(
         check()
     _check_devices(input, states, [w for w in (w_ih, w_hh, b_ih, b_hh) if w is not None])
     state = tuple(states) if mode == "LSTM" else hx
-    call = CellCall(mode, input, state, CellParams(w_ih, w_hh, b_ih, b_hh))
+    named = {_EXTRA_FIELDS[role]: t for role, t in zip(roles, extra_weights, strict=True)}
+    params = CellParams(w_ih, w_hh, b_ih, b_hh, **named)
+    call = CellCall(mode, input, state, params, variant=variant, train=bool(train))
     return select_engine(engine, call).run_cell(call)
 
 
@@ -354,9 +413,17 @@ def lstm_cell(
     b_hh: Tensor | None = None,
     *,
     engine: str = "auto",
+    extra_weights: Sequence[Tensor] = (),
+    train: bool = False,
+    **variants,
 ) -> tuple[Tensor, Tensor]:
-    """One LSTM step on ``[N, H_in]`` input and ``(h, c)`` ``[N, H]``; returns ``(h', c')``."""
-    return _cell("LSTM", input, hx, w_ih, w_hh, b_ih, b_hh, engine)
+    """One LSTM step on ``[N, H_in]`` input and ``(h, c)`` ``[N, H]``; returns ``(h', c')``.
+
+    ``**variants`` are the pointwise variants of :mod:`rnnkit.variants` (not the sequence-wide
+    ``recurrent_dropout``/``weight_dropout``); ``extra_weights`` holds their parameters in
+    ``Variant.extra_param_roles`` order; ``train`` draws zoneout masks.
+    """
+    return _cell("LSTM", input, hx, w_ih, w_hh, b_ih, b_hh, engine, extra_weights, train, variants)
 
 
 def gru_cell(
@@ -368,9 +435,12 @@ def gru_cell(
     b_hh: Tensor | None = None,
     *,
     engine: str = "auto",
+    extra_weights: Sequence[Tensor] = (),
+    train: bool = False,
+    **variants,
 ) -> Tensor:
     """One GRU step on ``[N, H_in]`` input and ``h`` ``[N, H]``; returns ``h'``."""
-    return _cell("GRU", input, hx, w_ih, w_hh, b_ih, b_hh, engine)
+    return _cell("GRU", input, hx, w_ih, w_hh, b_ih, b_hh, engine, extra_weights, train, variants)
 
 
 def rnn_tanh_cell(
@@ -382,9 +452,14 @@ def rnn_tanh_cell(
     b_hh: Tensor | None = None,
     *,
     engine: str = "auto",
+    extra_weights: Sequence[Tensor] = (),
+    train: bool = False,
+    **variants,
 ) -> Tensor:
     """One Elman RNN step with tanh; returns ``h'``."""
-    return _cell("RNN_TANH", input, hx, w_ih, w_hh, b_ih, b_hh, engine)
+    return _cell(
+        "RNN_TANH", input, hx, w_ih, w_hh, b_ih, b_hh, engine, extra_weights, train, variants
+    )
 
 
 def rnn_relu_cell(
@@ -396,6 +471,11 @@ def rnn_relu_cell(
     b_hh: Tensor | None = None,
     *,
     engine: str = "auto",
+    extra_weights: Sequence[Tensor] = (),
+    train: bool = False,
+    **variants,
 ) -> Tensor:
     """One Elman RNN step with ReLU; returns ``h'``."""
-    return _cell("RNN_RELU", input, hx, w_ih, w_hh, b_ih, b_hh, engine)
+    return _cell(
+        "RNN_RELU", input, hx, w_ih, w_hh, b_ih, b_hh, engine, extra_weights, train, variants
+    )

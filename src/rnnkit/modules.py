@@ -17,6 +17,7 @@ from torch.nn.parameter import Parameter
 from torch.nn.utils.rnn import PackedSequence
 
 from rnnkit import functional as RF
+from rnnkit.variants import make_variant
 
 _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 _NAMES = {"LSTM": "LSTM", "GRU": "GRU", "RNN_TANH": "RNN", "RNN_RELU": "RNN"}
@@ -50,6 +51,7 @@ class RNNBase(nn.Module):
         dtype=None,
         *,
         engine: str = "auto",
+        **variants,
     ) -> None:
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
@@ -99,6 +101,9 @@ class RNNBase(nn.Module):
             raise ValueError("proj_size has to be smaller than hidden_size")
         if mode not in _GATES:
             raise ValueError("Unrecognized RNN mode: " + mode)
+        self.variant = make_variant(mode, **variants)
+        if self.variant.forget_bias is not None and not bias:
+            raise ValueError("forget_bias needs bias=True")
 
         gate_size = _GATES[mode] * hidden_size
         H_out = proj_size if proj_size > 0 else hidden_size
@@ -124,6 +129,24 @@ class RNNBase(nn.Module):
                     names.append(name)
                 self._flat_weights_names.extend(names)
                 self._all_weights.append(names)
+        # Variant parameters come after all of torch.nn's, which keep torch's init and RNG use.
+        variant_shapes = {
+            "peephole": (3 * hidden_size,),
+            "layer_norm_ih": (gate_size,),
+            "layer_norm_hh": (gate_size,),
+            "layer_norm_c_weight": (hidden_size,),
+            "layer_norm_c_bias": (hidden_size,),
+        }
+        self._variant_names: list[str] = []
+        for k, names in enumerate(self._all_weights):
+            layer, suffix = divmod(k, D)
+            for role in self.variant.extra_param_roles(mode):
+                name = f"{role}_l{layer}{'_reverse' if suffix else ''}"
+                shape = variant_shapes[role]
+                setattr(self, name, Parameter(torch.empty(shape, **factory_kwargs)))
+                names.append(name)
+                self._variant_names.append(name)
+        self._flat_weights_names = [name for names in self._all_weights for name in names]
         self.reset_parameters()
 
     @property
@@ -139,9 +162,19 @@ class RNNBase(nn.Module):
         """A no-op kept for compatibility: rnnkit's engines need no flattened weight buffer."""
 
     def reset_parameters(self) -> None:
+        """torch's init for torch's parameters; then the variants' (no random numbers)."""
         stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
-        for weight in self.parameters():
-            init.uniform_(weight, -stdv, stdv)
+        for name, weight in self.named_parameters():
+            if name not in self._variant_names:
+                init.uniform_(weight, -stdv, stdv)
+        with torch.no_grad():
+            for name in self._variant_names:
+                weight = getattr(self, name)
+                weight.fill_(0.0 if name.startswith(("peephole", "layer_norm_c_bias")) else 1.0)
+            if self.variant.forget_bias is not None:
+                H = self.hidden_size
+                for names in self._all_weights:
+                    getattr(self, names[2])[H : 2 * H] += self.variant.forget_bias
 
     def extra_repr(self) -> str:
         s = "{input_size}, {hidden_size}"
@@ -159,7 +192,9 @@ class RNNBase(nn.Module):
             s += ", bidirectional={bidirectional}"
         if self.engine != "auto":
             s += ", engine={engine!r}"
-        return s.format(**self.__dict__)
+        s = s.format(**self.__dict__)
+        variant = self.variant.describe()
+        return f"{s}, {variant}" if variant else s
 
     def _run(self, input, hx):
         """Validate shapes as ``torch.nn`` does, then call the functional layer."""
@@ -193,6 +228,7 @@ class RNNBase(nn.Module):
             bidirectional=self.bidirectional,
             batch_first=self.batch_first,
             engine=self.engine,
+            variant=self.variant,
         )
         if not is_batched:
             output = output.squeeze(batch_dim)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from rnnkit.cells import CellParams, State
+from rnnkit.variants import PLAIN, Variant
 
 # (output, h_n) for GRU/RNN, (output, h_n, c_n) for LSTM
 RNNResult = tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]
@@ -40,6 +41,7 @@ class RNNCall:
     train: bool
     bidirectional: bool
     batch_first: bool
+    variant: Variant = PLAIN
 
     @property
     def proj_size(self) -> int:
@@ -55,6 +57,8 @@ class CellCall:
     input: Tensor
     hx: State
     params: CellParams
+    variant: Variant = PLAIN
+    train: bool = False
 
 
 @dataclass(frozen=True)

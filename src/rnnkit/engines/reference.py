@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rnnkit.cells import STEPS, CellParams, State, Step
+from rnnkit.cells import CellParams, Prepare, State, Step, make_prepare, make_step
 from rnnkit.engines.base import CellCall, Engine, RNNCall, RNNResult
 
 
@@ -34,7 +34,26 @@ def _concat(states: list[State]) -> State:
     return torch.cat(states, 0)  # type: ignore[arg-type]
 
 
-def _scan(step: Step, steps_x: list[Tensor], state: State, p: CellParams):
+# A layer's per-step sequence is a tensor (the input projection) or, for variants, a tuple of
+# tensors and Nones with the same leading dims; these helpers slice both alike.
+def _unbind(seq) -> list:
+    if isinstance(seq, tuple):
+        parts = [[None] * _length(seq) if t is None else t.unbind(0) for t in seq]
+        return list(zip(*parts, strict=True))
+    return list(seq.unbind(0))
+
+
+def _length(seq: tuple) -> int:
+    return next(t.size(0) for t in seq if t is not None)
+
+
+def _narrow(seq, start: int, length: int):
+    if isinstance(seq, tuple):
+        return tuple(None if t is None else t.narrow(0, start, length) for t in seq)
+    return seq.narrow(0, start, length)
+
+
+def _scan(step: Step, steps_x: list, state: State, p: CellParams):
     outputs = []
     for gates_x in steps_x:
         state = step(gates_x, state, p)
@@ -42,27 +61,30 @@ def _scan(step: Step, steps_x: list[Tensor], state: State, p: CellParams):
     return outputs, state
 
 
-def _full_layer(step: Step, x: Tensor, state: State, p: CellParams):
+def _full_layer(step: Step, prepare: Prepare, x: Tensor, state: State, p: CellParams):
     """One direction over a padded sequence ``x`` ``[L, N, H_in]``."""
-    outputs, state = _scan(step, p.linear_ih(x).unbind(0), state, p)
+    seq, p = prepare(x, p, x.size(1))
+    outputs, state = _scan(step, _unbind(seq), state, p)
     return torch.stack(outputs, 0), state  # [L, N, H_out]
 
 
-def _full_bidirectional_layer(step: Step, x: Tensor, states, ps):
-    fw_out, fw_state = _full_layer(step, x, states[0], ps[0])
-    rev_steps = ps[1].linear_ih(x).unbind(0)[::-1]
-    rev_outputs, rev_state = _scan(step, list(rev_steps), states[1], ps[1])
+def _full_bidirectional_layer(step: Step, prepare: Prepare, x: Tensor, states, ps):
+    fw_out, fw_state = _full_layer(step, prepare, x, states[0], ps[0])
+    seq, p = prepare(x, ps[1], x.size(1))
+    rev_outputs, rev_state = _scan(step, _unbind(seq)[::-1], states[1], p)
     rev_out = torch.stack(rev_outputs[::-1], 0)
     return torch.cat([fw_out, rev_out], fw_out.dim() - 1), (fw_state, rev_state)
 
 
-def _packed_layer(step: Step, data: Tensor, batch_sizes: list[int], state: State, p: CellParams):
+def _packed_layer(
+    step: Step, prepare: Prepare, data: Tensor, batch_sizes: list[int], state: State, p
+):
     """One direction over packed ``data`` ``[sum(batch_sizes), H_in]``: the batch shrinks."""
-    x_w = p.linear_ih(data)
+    seq, p = prepare(data, p, batch_sizes[0])
     outputs, finished = [], []
     offset, last = 0, batch_sizes[0]
     for batch in batch_sizes:
-        gates_x = x_w.narrow(0, offset, batch)
+        gates_x = _narrow(seq, offset, batch)
         offset += batch
         if batch < last:
             # Sequences that ended keep their final state; the rest go on.
@@ -76,10 +98,10 @@ def _packed_layer(step: Step, data: Tensor, batch_sizes: list[int], state: State
 
 
 def _reversed_packed_layer(
-    step: Step, data: Tensor, batch_sizes: list[int], state: State, p: CellParams
+    step: Step, prepare: Prepare, data: Tensor, batch_sizes: list[int], state: State, p
 ):
     """The reverse direction over packed data: the batch grows as time runs backwards."""
-    x_w = p.linear_ih(data)
+    seq, p = prepare(data, p, batch_sizes[0])
     outputs = []
     offset, last = data.size(0), batch_sizes[-1]
     initial = state
@@ -87,7 +109,7 @@ def _reversed_packed_layer(
     for batch in reversed(batch_sizes):
         if batch > last:
             state = _concat([state, _slice(initial, last, batch)])
-        gates_x = x_w.narrow(0, offset - batch, batch)
+        gates_x = _narrow(seq, offset - batch, batch)
         offset -= batch
         last = batch
         state = step(gates_x, state, p)
@@ -95,15 +117,16 @@ def _reversed_packed_layer(
     return torch.cat(outputs[::-1], 0), state
 
 
-def _packed_bidirectional_layer(step: Step, data: Tensor, batch_sizes, states, ps):
-    fw_out, fw_state = _packed_layer(step, data, batch_sizes, states[0], ps[0])
-    rev_out, rev_state = _reversed_packed_layer(step, data, batch_sizes, states[1], ps[1])
+def _packed_bidirectional_layer(step: Step, prepare: Prepare, data, batch_sizes, states, ps):
+    fw_out, fw_state = _packed_layer(step, prepare, data, batch_sizes, states[0], ps[0])
+    rev_out, rev_state = _reversed_packed_layer(step, prepare, data, batch_sizes, states[1], ps[1])
     return torch.cat([fw_out, rev_out], -1), (fw_state, rev_state)
 
 
 def run_rnn(call: RNNCall) -> RNNResult:
     """Run a stacked, possibly bidirectional, possibly packed RNN; see :class:`RNNCall`."""
-    step, _ = STEPS[call.mode]
+    step = make_step(call.mode, call.variant)
+    prepare = make_prepare(call.mode, call.variant, call.train)
     hx = call.hx
     if call.mode == "LSTM":
         states: list[State] = list(zip(hx[0].unbind(0), hx[1].unbind(0), strict=False))
@@ -122,13 +145,13 @@ def run_rnn(call: RNNCall) -> RNNResult:
         ps = call.params[layer * D : (layer + 1) * D]
         layer_states = states[layer * D : (layer + 1) * D]
         if packed and D == 2:
-            x, final = _packed_bidirectional_layer(step, x, batch_sizes, layer_states, ps)
+            x, final = _packed_bidirectional_layer(step, prepare, x, batch_sizes, layer_states, ps)
         elif packed:
-            x, final = _packed_layer(step, x, batch_sizes, layer_states[0], ps[0])
+            x, final = _packed_layer(step, prepare, x, batch_sizes, layer_states[0], ps[0])
         elif D == 2:
-            x, final = _full_bidirectional_layer(step, x, layer_states, ps)
+            x, final = _full_bidirectional_layer(step, prepare, x, layer_states, ps)
         else:
-            x, final = _full_layer(step, x, layer_states[0], ps[0])
+            x, final = _full_layer(step, prepare, x, layer_states[0], ps[0])
         finals.extend(final if D == 2 else [final])
         if call.dropout != 0 and call.train and layer < call.num_layers - 1:
             x = F.dropout(x, call.dropout, training=True)
@@ -142,8 +165,10 @@ def run_rnn(call: RNNCall) -> RNNResult:
 
 def run_cell(call: CellCall) -> State:
     """One step of a cell module (``LSTMCell`` & co.) on ``[N, H_in]`` input."""
-    step, _ = STEPS[call.mode]
-    return step(call.params.linear_ih(call.input), call.hx, call.params)
+    step = make_step(call.mode, call.variant)
+    prepare = make_prepare(call.mode, call.variant, call.train)
+    gates_x, p = prepare(call.input, call.params, call.input.size(0))
+    return step(gates_x, call.hx, p)
 
 
 REFERENCE = Engine(
