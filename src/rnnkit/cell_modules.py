@@ -10,7 +10,7 @@ from torch.nn import init
 from torch.nn.parameter import Parameter
 
 from rnnkit import functional as RF
-from rnnkit.variants import make_variant
+from rnnkit.variants import check_keywords, make_variant
 
 _MODES = {1: "RNN_TANH", 3: "GRU", 4: "LSTM"}
 
@@ -50,6 +50,7 @@ class RNNCellBase(nn.Module):
         else:
             self.register_parameter("bias_ih", None)
             self.register_parameter("bias_hh", None)
+        check_keywords(type(self).__name__, variants)
         mode = _mode or _MODES[num_chunks]
         for name in ("recurrent_dropout", "weight_dropout"):
             if variants.get(name):

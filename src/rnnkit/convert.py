@@ -70,7 +70,10 @@ def _replace(model: nn.Module, mapping: dict, extra: dict, memo: dict) -> nn.Mod
         memo[id(model)] = _swap(model, cls, extra)
         return memo[id(model)]
     memo[id(model)] = model
-    for name, child in list(model.named_children()):
+    # _modules, not named_children(): that skips a layer registered under a second name
+    for name, child in list(model._modules.items()):
+        if child is None:
+            continue
         replaced = _replace(child, mapping, extra, memo)
         if replaced is not child:
             setattr(model, name, replaced)

@@ -17,7 +17,7 @@ from torch.nn.parameter import Parameter
 from torch.nn.utils.rnn import PackedSequence
 
 from rnnkit import functional as RF
-from rnnkit.variants import make_variant
+from rnnkit.variants import check_keywords, make_variant
 
 _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 _NAMES = {"LSTM": "LSTM", "GRU": "GRU", "RNN_TANH": "RNN", "RNN_RELU": "RNN"}
@@ -101,6 +101,7 @@ class RNNBase(nn.Module):
             raise ValueError("proj_size has to be smaller than hidden_size")
         if mode not in _GATES:
             raise ValueError("Unrecognized RNN mode: " + mode)
+        check_keywords("RNNBase", variants)
         self.variant = make_variant(mode, **variants)
         if self.variant.forget_bias is not None and not bias:
             raise ValueError("forget_bias needs bias=True")

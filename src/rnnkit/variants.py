@@ -135,6 +135,22 @@ def _check_clip(name: str, v) -> float | None:
     return float(v)
 
 
+VARIANT_KEYWORDS = frozenset(
+    {
+        "layer_norm", "peephole", "zoneout", "recurrent_dropout", "weight_dropout",
+        "forget_bias", "gate_clip", "cell_clip", "proj_clip", "coupled_input_forget",
+        "activations",
+    }
+)  # fmt: skip
+
+
+def check_keywords(owner: str, keywords: dict) -> None:
+    """Python's own message for a keyword that is not a variant (``owner`` as torch names it)."""
+    for name in keywords:
+        if name not in VARIANT_KEYWORDS:
+            raise TypeError(f"{owner}.__init__() got an unexpected keyword argument '{name}'")
+
+
 def make_variant(
     mode: str,
     *,
