@@ -1,0 +1,1 @@
+"""The ``rnnkit`` command line: ``demo``, ``check``; one module per subcommand."""
