@@ -28,6 +28,20 @@ GOAL_MSE = TRIVIAL_MSE / 10
 
 _VALIDATION_SEED = 1997
 
+# --variant NAME -> the rnnkit.LSTM keywords it trains with (rnnkit.variants documents each)
+VARIANTS: dict[str, dict] = {
+    "none": {},
+    "layer_norm": dict(layer_norm=True),
+    "peephole": dict(peephole=True),
+    "zoneout": dict(zoneout=(0.1, 0.05)),
+    "recurrent_dropout": dict(recurrent_dropout=0.1),
+    "weight_dropout": dict(weight_dropout=0.1),
+    "forget_bias": dict(forget_bias=1.0),
+    "clip": dict(gate_clip=20.0, cell_clip=10.0),
+    "coupled_input_forget": dict(coupled_input_forget=True),
+    "activations": dict(activations=("hard_sigmoid", "tanh", "softsign")),
+}
+
 # (input_size, hidden_size) -> an LSTM with torch.nn.LSTM's interface
 LSTMFactory = Callable[[int, int], nn.Module]
 
@@ -37,6 +51,7 @@ class DemoConfig:
     seq_len: int = 50
     hidden_size: int = 64
     engine: str = "auto"
+    variant: str = "none"
     seed: int = 0
     max_steps: int = 3000
     batch_size: int = 64
@@ -90,7 +105,9 @@ def train(config: DemoConfig, make_lstm: LSTMFactory | None = None) -> DemoResul
     if make_lstm is None:
 
         def make_lstm(input_size: int, hidden_size: int) -> nn.Module:
-            return rnnkit.LSTM(input_size, hidden_size, engine=config.engine)
+            return rnnkit.LSTM(
+                input_size, hidden_size, engine=config.engine, **VARIANTS[config.variant]
+            )
 
     torch.manual_seed(config.seed)
     model = AddingModel(make_lstm(2, config.hidden_size), config.hidden_size)
@@ -167,6 +184,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "(default: %(default)s)",
     )
     add(
+        "--variant",
+        choices=list(VARIANTS),
+        default=defaults.variant,
+        help="train an LSTM variant of rnnkit.variants (default: %(default)s)",
+    )
+    add(
         "--seed",
         type=int,
         default=defaults.seed,
@@ -204,15 +227,17 @@ def run(args: argparse.Namespace) -> int:
         seq_len=args.seq_len,
         hidden_size=args.hidden_size,
         engine=args.engine,
+        variant=args.variant,
         seed=args.seed,
         max_steps=args.max_steps,
         batch_size=args.batch_size,
         lr=args.lr,
         progress=args.progress,
     )
+    keywords = "".join(f", {k}={v!r}" for k, v in VARIANTS[config.variant].items())
     print(
-        f"rnnkit demo: rnnkit.LSTM(2, {config.hidden_size}, engine={config.engine!r}) on the "
-        f"adding problem, T={config.seq_len}, {torch.get_num_threads()} thread(s)"
+        f"rnnkit demo: rnnkit.LSTM(2, {config.hidden_size}, engine={config.engine!r}{keywords}) "
+        f"on the adding problem, T={config.seq_len}, {torch.get_num_threads()} thread(s)"
     )
     result = train(config)
     print(report(result))
