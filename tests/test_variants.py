@@ -275,7 +275,7 @@ def test_weight_dropout_is_one_mask_per_call_and_off_in_eval():
     torch.manual_seed(4)
     assert not torch.equal(a, m(x)[0])
     m.eval()
-    plain = rnnkit.GRU(5, 7, dtype=torch.float64)
+    plain = rnnkit.GRU(5, 7, dtype=torch.float64, engine="reference")
     plain.load_state_dict(m.state_dict())
     assert torch.equal(m(x)[0], plain(x)[0])
 
@@ -305,7 +305,10 @@ def test_defaults_are_torch_bit_for_bit():
     torch.manual_seed(0)
     ref = torch.nn.LSTM(5, 7, 2)
     torch.manual_seed(0)
-    m = rnnkit.LSTM(5, 7, 2, layer_norm=False, zoneout=0.0, activations=("sigmoid", "tanh", "tanh"))
+    m = rnnkit.LSTM(
+        5, 7, 2, layer_norm=False, zoneout=0.0, activations=("sigmoid", "tanh", "tanh"),
+        engine="reference",
+    )  # fmt: skip
     x = torch.randn(4, 3, 5)
     with torch.backends.mkldnn.flags(enabled=False):
         expected = ref(x)[0]
