@@ -1,0 +1,159 @@
+"""Shared checks of the suite, on top of ``rnnkit.testing``'s tolerance table and comparison.
+
+``torch.nn``'s recurrent layers on CPU take one of two paths: ATen's native loops
+(``aten/src/ATen/native/RNN.cpp``) or, for LSTM in float32, oneDNN's fused kernel. rnnkit's
+reference engine promises bit-identical results to the ATen path, so the suite compares it
+against torch run under ``rnnkit.testing.aten_path``, and within tolerance against torch's
+default path. Every other engine, and ``engine="auto"`` which picks the fastest that can run a
+call, promises the tolerance table against both paths: :func:`assert_parity` picks the check
+that an engine promises, and the tests that hold for every engine run on :data:`ENGINES`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+
+import torch
+from torch import Tensor
+
+from rnnkit.testing import Tolerance, compare, compare_all, kind_of, tolerance
+
+# The engines that the module-level tests run on: the reference, bit for bit against torch's
+# ATen path, and the default, within tolerance (tests/engines/ name the others).
+ENGINES = ("reference", "auto")
+
+
+@contextlib.contextmanager
+def default_path() -> Iterator[None]:
+    """torch's default dispatch, quiet about the LSTM cases it leaves to ATen anyway."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="LSTM with projections is not supported")
+        yield
+
+
+def _check(expected, actual, dtype, exact: bool, title: str) -> None:
+    dtype = dtype or next(t.dtype for t in expected.values() if t is not None)
+    results = compare_all(actual, expected, dtype, exact=exact)
+    failures = [str(r) for r in results if not r.ok]
+    assert not failures, title + "\n  " + "\n  ".join(failures)
+
+
+def assert_bitwise(
+    expected: Mapping[str, Tensor | None],
+    actual: Mapping[str, Tensor | None],
+    dtype: torch.dtype | None = None,
+) -> None:
+    """Every named tensor of ``actual`` equals ``expected``'s bit for bit (NaN where NaN)."""
+    _check(expected, actual, dtype, True, "not bit-identical to torch:")
+
+
+def assert_close(
+    expected: Mapping[str, Tensor | None],
+    actual: Mapping[str, Tensor | None],
+    dtype: torch.dtype | None = None,
+) -> None:
+    """Every named tensor within ``rnnkit.testing``'s tolerance for ``dtype`` of ``expected``.
+
+    Forward values and gradients (``grad_*``) have their own rows; ``dtype`` defaults to the
+    tensors'.
+    """
+    _check(expected, actual, dtype, False, "not within tolerance of torch:")
+
+
+def assert_parity(
+    expected: Mapping[str, Tensor | None],
+    actual: Mapping[str, Tensor | None],
+    engine: str,
+    dtype: torch.dtype | None = None,
+) -> None:
+    """What ``engine`` promises against torch's ATen path (``expected``).
+
+    Bit for bit on the reference engine; within tolerance on any other (``"auto"`` included,
+    since it may pick a faster engine that agrees with the reference only to rounding).
+    """
+    if engine == "reference":
+        assert_bitwise(expected, actual, dtype)
+    else:
+        assert_close(expected, actual, dtype)
+
+
+def assert_close_to_scale(
+    expected: Mapping[str, Tensor | None],
+    actual: Mapping[str, Tensor | None],
+    dtype: torch.dtype | None = None,
+) -> None:
+    """Within the tolerance table's rows, ``rtol`` taken of each tensor's largest ``|entry|``.
+
+    For inputs far from unit scale, where rounding follows the magnitudes that a tensor is
+    computed from rather than each entry (a ReLU layer at input scale 1e4 cancels terms of
+    1e4 into entries near zero): the error relative to the tensor's scale (``Result.max_rel``)
+    is what two summation orders agree on.
+    """
+    assert list(actual) == list(expected), f"names differ: {list(actual)} != {list(expected)}"
+    dtype = dtype or next(t.dtype for t in expected.values() if t is not None)
+    failures = []
+    for name, e in expected.items():
+        tol = tolerance(dtype, kind_of(name))
+        scale = e.detach().abs().max().item() if e is not None and e.numel() else 0.0
+        result = compare(
+            actual[name], e, dtype, name, tol=Tolerance(tol.atol + tol.rtol * scale, 0.0)
+        )
+        if not result.ok:
+            failures.append(str(result))
+    assert not failures, "not within tolerance of torch's scale:\n  " + "\n  ".join(failures)
+
+
+def grads(outputs: Mapping[str, Tensor], inputs: Mapping[str, Tensor], seed: int = 1):
+    """Gradients of ``sum(out * g)`` with a fixed random ``g`` per output, keyed ``grad_*``.
+
+    ``g`` depends only on the seed and the output shapes (it is drawn in float32 whatever the
+    dtype), so torch's run and rnnkit's get the same upstream gradients.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    outs = [o for o in outputs.values() if o.requires_grad]
+    grad_outputs = [torch.randn(o.shape, generator=gen).to(o.dtype) for o in outs]
+    leaves = list(inputs.values())
+    got = torch.autograd.grad(outs, leaves, grad_outputs, allow_unused=True)
+    return {f"grad_{name}": g for name, g in zip(inputs, got, strict=True)}
+
+
+def same_outcome(torch_fn: Callable[[], object], rnnkit_fn: Callable[[], object], *, message=True):
+    """Both calls succeed, or both raise the same exception type (and message, if asked).
+
+    Returns torch's exception, or None when both succeeded.
+    """
+    expected = _raised(torch_fn)
+    actual = _raised(rnnkit_fn)
+    if expected is None:
+        assert actual is None, f"torch succeeds but rnnkit raises {actual!r}"
+        return None
+    assert actual is not None, f"torch raises {expected!r} but rnnkit does not raise"
+    assert type(actual) is type(expected), f"torch raises {expected!r}, rnnkit {actual!r}"
+    if message:
+        assert str(actual) == str(expected), f"torch raises {expected!r}, rnnkit {actual!r}"
+    return expected
+
+
+def _raised(fn: Callable[[], object]) -> Exception | None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            fn()
+        except Exception as e:  # the exception is the result under test
+            return e
+    return None
+
+
+def assert_same_structure(expected: Mapping[str, object], actual: Mapping[str, object]):
+    """Types, lengths and index tensors (of a PackedSequence) exactly as torch's."""
+    assert list(actual) == list(expected), f"names differ: {list(actual)} != {list(expected)}"
+    for name, e in expected.items():
+        a = actual[name]
+        if isinstance(e, Tensor) or isinstance(a, Tensor):
+            same = isinstance(e, Tensor) and isinstance(a, Tensor) and torch.equal(e, a)
+            same = same or (e is None and a is None)
+        else:
+            same = e == a
+        assert same, f"{name}: torch gives {e!r}, rnnkit {a!r}"
