@@ -34,6 +34,12 @@ __all__ = [
 ]
 
 
+def _fused() -> Engine:
+    from rnnkit.engines.cpu import FUSED
+
+    return FUSED
+
+
 def _reference() -> Engine:
     from rnnkit.engines.reference import REFERENCE
 
@@ -43,6 +49,7 @@ def _reference() -> Engine:
 # The dispatch table: engine name -> loader, in the order ``engine="auto"`` tries them. An
 # engine decides by its ``*_unsupported`` predicates which (device, dtype, options) it runs.
 ENGINES: dict[str, Callable[[], Engine]] = {
+    "fused": _fused,
     "reference": _reference,
 }
 

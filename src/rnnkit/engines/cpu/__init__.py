@@ -1,0 +1,74 @@
+"""The fused CPU engine: compiled time loops with a hand-written backward through time.
+
+Runs every mode and option of :class:`~rnnkit.engines.base.RNNCall` (``proj_size``,
+bidirectional, stacked layers, packed input, inter-layer dropout) on CPU tensors of float32 or
+float64. The C++ kernels (``csrc/``) are compiled on first use, not at import; if that fails,
+``engine="auto"`` moves on to the reference engine after one warning, and ``engine="fused"``
+raises with the compiler's reason. Cells are a single step, where a fused loop gains nothing:
+``engine="auto"`` gives them to the reference engine.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from rnnkit.engines.base import CellCall, Engine, RNNCall
+from rnnkit.engines.cpu import build
+from rnnkit.engines.cpu.function import run_rnn, torch_weights
+
+__all__ = ["FUSED"]
+
+_DTYPES = (torch.float32, torch.float64)
+_warned = False
+
+
+def _tensors(call: RNNCall) -> list[torch.Tensor]:
+    hx = list(call.hx) if isinstance(call.hx, tuple) else [call.hx]
+    return [call.input, *hx, *(t for p in call.params for t in torch_weights(p))]
+
+
+def rnn_unsupported(call: RNNCall) -> str | None:
+    """None when the fused engine can run ``call``, else a short reason."""
+    global _warned
+    if not call.variant.is_plain:
+        return "variants (layer_norm, zoneout, ...) run on the reference engine"
+    tensors = _tensors(call)
+    if any(t.device.type != "cpu" for t in tensors):
+        return "needs CPU tensors"
+    dtype = call.input.dtype
+    if dtype not in _DTYPES:
+        return f"{dtype} not supported (float32 and float64 only)"
+    if any(t.dtype != dtype for t in tensors):
+        return "needs input, states and weights of one dtype"
+    if torch.is_autocast_enabled("cpu"):
+        return "CPU autocast not supported"
+    reason = build.build_error()
+    if reason is not None:
+        if not _warned:
+            _warned = True
+            warnings.warn(
+                f"rnnkit: {reason}; engine='auto' falls back to the slower reference engine",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return reason
+    return None
+
+
+def cell_unsupported(call: CellCall) -> str | None:
+    return "cells are one step; the reference engine runs them"
+
+
+def _run_cell(call: CellCall):
+    raise RuntimeError("the 'fused' engine does not run cells; use engine='reference'")
+
+
+FUSED = Engine(
+    name="fused",
+    run_rnn=run_rnn,
+    run_cell=_run_cell,
+    rnn_unsupported=rnn_unsupported,
+    cell_unsupported=cell_unsupported,
+)

@@ -1,0 +1,113 @@
+"""Just-in-time build of the fused CPU engine's C++ kernels, once per machine and torch version.
+
+:func:`kernels` compiles ``csrc/*.cpp`` with ``torch.utils.cpp_extension.load`` on first use
+(seconds; later processes reuse the cached library) and returns the ``torch.ops.rnnkit_cpu``
+namespace. The build lands in torch's extension cache, or under ``RNNKIT_BUILD_DIR`` when that
+is set. A failure is remembered for the process and raised again, with the compiler's reason,
+by every later call: it is never retried mid-run.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+__all__ = ["BuildError", "build_error", "kernels"]
+
+_CSRC = Path(__file__).parent / "csrc"
+_SOURCES = ["layer.cpp", "lstm.cpp", "gru.cpp", "rnn.cpp"]
+
+# Vector width of the activations: what torch itself dispatches to on this CPU, so the build
+# never uses instructions the machine lacks (``ATEN_CPU_CAPABILITY`` lowers it for both).
+_CAPABILITY_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma"],
+    "AVX2": ["-mavx2", "-mfma"],
+}
+
+
+class BuildError(RuntimeError):
+    """The fused CPU kernels could not be compiled or loaded; the message says why."""
+
+
+_ops = None
+_error: str | None = None
+
+
+def _flags() -> tuple[str, list[str]]:
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in _CAPABILITY_FLAGS:
+        return "default", []
+    flags = [*_CAPABILITY_FLAGS[capability], f"-DCPU_CAPABILITY={capability}"]
+    return capability.lower(), [*flags, f"-DCPU_CAPABILITY_{capability}"]
+
+
+def _ninja_on_path() -> None:
+    # cpp_extension runs `ninja` from PATH; the ninja wheel puts it beside this interpreter,
+    # which is not on PATH when the virtual environment was not activated.
+    from torch.utils.cpp_extension import is_ninja_available
+
+    if is_ninja_available():
+        return
+    candidates = [Path(sys.executable).parent]
+    try:
+        import ninja
+
+        candidates.insert(0, Path(ninja.BIN_DIR))
+    except (ImportError, AttributeError):
+        pass
+    for directory in candidates:
+        if (directory / "ninja").exists():
+            os.environ["PATH"] = f"{directory}{os.pathsep}{os.environ.get('PATH', '')}"
+            return
+
+
+def _build():
+    from torch.utils.cpp_extension import load
+
+    suffix, flags = _flags()
+    build_dir = os.environ.get("RNNKIT_BUILD_DIR")
+    if build_dir:
+        build_dir = os.path.join(build_dir, f"rnnkit_cpu_{suffix}")
+        os.makedirs(build_dir, exist_ok=True)
+    _ninja_on_path()
+    load(
+        name=f"rnnkit_cpu_{suffix}",
+        sources=[str(_CSRC / s) for s in _SOURCES],
+        extra_cflags=["-O3", "-Wno-unused-function", *flags],
+        build_directory=build_dir,
+        is_python_module=False,
+        verbose=False,
+    )
+    ops = torch.ops.rnnkit_cpu
+    if not ops.blas_available():
+        raise BuildError("this torch build exports no BLAS sgemm_/dgemm_ to call")
+    return ops
+
+
+def kernels():
+    """The compiled ops (``torch.ops.rnnkit_cpu``), built on first use.
+
+    Raises :class:`BuildError` with the compiler's or loader's reason when they cannot be had.
+    """
+    global _ops, _error
+    if _ops is not None:
+        return _ops
+    if _error is None:
+        try:
+            _ops = _build()
+            return _ops
+        except Exception as e:  # the compiler's or loader's reason, kept for every caller
+            _error = f"{type(e).__name__}: {e}".strip()
+    raise BuildError(f"the fused CPU engine's kernels are unavailable ({_error})")
+
+
+def build_error() -> str | None:
+    """None when the kernels load (building them if needed), else why they cannot."""
+    try:
+        kernels()
+    except BuildError as e:
+        return str(e)
+    return None

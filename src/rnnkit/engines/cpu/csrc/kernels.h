@@ -1,0 +1,166 @@
+// The step plan of one direction and the per-cell time loops (lstm.cpp, gru.cpp, rnn.cpp)
+// that layer.cpp launches. A time loop runs on the calling thread: BLAS threads each step's
+// GEMM, and the pointwise pass stays whole, since a fork and join per step costs more than
+// it saves at recurrent sizes (and stalls whenever a core is busy elsewhere).
+//
+// Layout: every matrix is row-major, one row per (time step, batch element), in the order of
+// the padded (time-major) or packed input: the rows of time step t are o_t .. o_t + b_t - 1.
+// Gate blocks sit side by side in a row as in torch's weights: LSTM i|f|g|o, GRU r|z|n.
+#pragma once
+
+#include "activations.h"
+#include "blas.h"
+
+#include <c10/util/ArrayRef.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace rnnkit {
+
+// The steps of one direction in processing order. Padded input is packed input whose batch
+// never changes. Forward: time runs up and the batch shrinks (sequences end); reverse: time
+// runs down and the batch grows (sequences start from their h0 rows). Either way the state of
+// row j lives in row j of one [N, H] buffer, so rows past the active batch keep their value.
+struct Plan {
+  std::vector<int64_t> off;  // first row of step s
+  std::vector<int64_t> bs;   // batch of step s
+  int64_t N = 0;             // bs of the widest step
+  int64_t rows = 0;          // sum of bs
+  bool uniform = true;       // padded: every step has N rows
+
+  int64_t steps() const { return static_cast<int64_t>(bs.size()); }
+  // Rows of step s whose previous state is the output of step s - 1; the rest read h0.
+  int64_t prev_batch(int64_t s) const { return s == 0 ? 0 : bs[s - 1]; }
+};
+
+inline Plan make_plan(c10::ArrayRef<int64_t> batch_sizes, bool reverse) {
+  const int64_t T = static_cast<int64_t>(batch_sizes.size());
+  std::vector<int64_t> time_off(T);
+  Plan p;
+  for (int64_t t = 0; t < T; ++t) {
+    time_off[t] = p.rows;
+    p.rows += batch_sizes[t];
+    p.N = std::max(p.N, batch_sizes[t]);
+  }
+  p.off.resize(T);
+  p.bs.resize(T);
+  for (int64_t s = 0; s < T; ++s) {
+    const int64_t t = reverse ? T - 1 - s : s;
+    p.off[s] = time_off[t];
+    p.bs[s] = batch_sizes[t];
+    p.uniform = p.uniform && batch_sizes[t] == p.N;
+  }
+  return p;
+}
+
+// Row j of the state before step s: output row of step s - 1, or row j of h0.
+template <typename T>
+inline const T* prev_row(const Plan& p, int64_t s, int64_t j, const T* hist, int64_t ld_hist,
+                         const T* init, int64_t ld_init) {
+  return j < p.prev_batch(s) ? hist + (p.off[s - 1] + j) * ld_hist : init + j * ld_init;
+}
+
+// One direction each. Forward: `gates` [R, G*H] holds x W_ih^T on entry; states h [N, H_out]
+// (and c [N, H]) hold h0 (c0) on entry and the final state on exit. Backward: dh, dc hold the
+// gradient of the final state on entry and that of h0, c0 on exit; dG [R, ...] receives the
+// gate gradients that layer.cpp turns into weight and input gradients with one GEMM each.
+
+template <typename T>
+struct LSTMForward {
+  T* gates;          // [R, 4H] x W_ih^T -> saved activations i|f|g|o when train
+  const T* bias;     // [4H] b_ih + b_hh, or null
+  const T* w_hh;     // [4H, H_out]
+  const T* w_hr;     // [H_out, H] or null
+  T* h;              // [N, H_out]
+  T* c;              // [N, H]
+  T* out;            // [R, ld_out]
+  int64_t ld_out;
+  T* cs;             // [R, H] saved cell states, or null (inference)
+  T* rs;             // [R, H] saved o * tanh(c) with proj when train, else [N, H] scratch
+  bool train;
+};
+
+template <typename T>
+struct LSTMBackward {
+  const T* gates;    // [R, 4H] saved activations
+  const T* cs;       // [R, H]
+  const T* c0;       // [N, H]
+  const T* w_hh;     // [4H, H_out]
+  const T* w_hr;     // [H_out, H] or null
+  const T* gout;     // [R, ld_gout] gradient of the output
+  int64_t ld_gout;
+  T* dh;             // [N, H_out]
+  T* dc;             // [N, H]
+  T* dG;             // [R, 4H]
+  T* dhs;            // [R, H_out] gradient of each projected h (proj only)
+  T* dr;             // [N, H] scratch (proj only)
+};
+
+template <typename T>
+void lstm_forward(const Plan& p, int64_t H, int64_t H_out, const LSTMForward<T>& a);
+template <typename T>
+void lstm_backward(const Plan& p, int64_t H, int64_t H_out, const LSTMBackward<T>& a);
+
+template <typename T>
+struct GRUForward {
+  const T* xw;       // [R, ld_xw] x W_ih^T in columns 0..3H
+  int64_t ld_xw;
+  const T* b_ih;     // [3H] or null
+  const T* b_hh;     // [3H] or null
+  const T* w_hh;     // [3H, H]
+  T* h;              // [N, H]
+  T* out;            // [R, ld_out]
+  int64_t ld_out;
+  T* hw;             // [N, 3H] scratch for h W_hh^T
+  T* ws;             // [R, 4H] saved r|z|n|W_hn h + b_hn (may be xw itself), or null
+};
+
+template <typename T>
+struct GRUBackward {
+  const T* ws;       // [R, 4H]
+  const T* out;      // [R, ld_out] forward output: the previous states
+  int64_t ld_out;
+  const T* h0;       // [N, H]
+  const T* w_hh;     // [3H, H]
+  const T* gout;     // [R, ld_gout]
+  int64_t ld_gout;
+  T* dh;             // [N, H]
+  T* dG;             // [R, 4H] r|z|n (hidden side, r * da_n)|n (input side, da_n)
+};
+
+template <typename T>
+void gru_forward(const Plan& p, int64_t H, const GRUForward<T>& a);
+template <typename T>
+void gru_backward(const Plan& p, int64_t H, const GRUBackward<T>& a);
+
+template <typename T>
+struct RNNForward {
+  T* gates;          // [R, H] x W_ih^T, overwritten by pre-activations
+  const T* bias;     // [H] b_ih + b_hh, or null
+  const T* w_hh;     // [H, H]
+  T* h;              // [N, H]
+  T* out;            // [R, ld_out]
+  int64_t ld_out;
+  bool relu;
+};
+
+template <typename T>
+struct RNNBackward {
+  const T* out;      // [R, ld_out] the activations
+  int64_t ld_out;
+  const T* w_hh;     // [H, H]
+  const T* gout;     // [R, ld_gout]
+  int64_t ld_gout;
+  T* dh;             // [N, H]
+  T* dG;             // [R, H]
+  bool relu;
+};
+
+template <typename T>
+void rnn_forward(const Plan& p, int64_t H, const RNNForward<T>& a);
+template <typename T>
+void rnn_backward(const Plan& p, int64_t H, const RNNBackward<T>& a);
+
+}  // namespace rnnkit
