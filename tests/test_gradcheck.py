@@ -92,19 +92,8 @@ def test_gradcheck(name, kwargs, shape, state_shapes, lengths, engine):
     assert gradcheck(f, args)
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("name,kwargs,shape,state_shapes,lengths", PARAMS)
-def test_gradgradcheck(name, kwargs, shape, state_shapes, lengths):
-    f, args = _args(name, kwargs, shape, state_shapes, lengths, "reference")
+def test_gradgradcheck(name, kwargs, shape, state_shapes, lengths, engine):
+    f, args = _args(name, kwargs, shape, state_shapes, lengths, engine)
     assert gradgradcheck(f, args, fast_mode=True)
-
-
-def test_double_backward_on_the_default_engine_works_or_names_the_reference():
-    """A default float64 LSTM: second derivatives are right, or refused with the way out."""
-    _, name, kwargs, shape, state_shapes, lengths = CASES[0]
-    f, args = _args(name, kwargs, shape, state_shapes, lengths, "auto")
-    try:
-        ok = gradgradcheck(f, args, fast_mode=True)
-    except RuntimeError as error:
-        assert "engine='reference'" in str(error), f"no way out named in: {error}"
-    else:
-        assert ok

@@ -188,12 +188,28 @@ def test_gradcheck(mode, kw, packed):
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, nondet_tol=0.0)
 
 
-def test_double_backward_raises_clearly():
-    module = _layer("LSTM", input_size=3, hidden_size=4)
-    x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
-    out, _ = module(x)
-    with pytest.raises(RuntimeError, match="'fused' engine has no double backward.*'reference'"):
-        torch.autograd.grad(out.sum(), x, create_graph=True)
+@pytest.mark.parametrize(
+    "mode, kw, packed",
+    [
+        pytest.param("LSTM", dict(proj_size=2, bidirectional=True), False, id="LSTM-proj-bidir"),
+        pytest.param("GRU", dict(num_layers=2), True, id="GRU-l2-packed"),
+        pytest.param("RNN_TANH", dict(bias=False, bidirectional=True), True, id="RNN-packed"),
+    ],
+)
+def test_double_backward(mode, kw, packed):
+    """create_graph=True recomputes through torch ops: gradgradcheck holds on this engine."""
+    module = _layer(mode, input_size=3, hidden_size=4, **kw)
+    names = [name for name, _ in module.named_parameters()]
+    x = torch.randn(4, 3, 3, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([4, 2, 3])
+
+    def fn(x, *weights):
+        inp = pack_padded_sequence(x, lengths, enforce_sorted=False) if packed else x
+        out, _ = torch.func.functional_call(module, dict(zip(names, weights, strict=True)), (inp,))
+        return out.data if packed else out
+
+    params = [p.detach().clone().requires_grad_() for p in module.parameters()]
+    assert torch.autograd.gradgradcheck(fn, (x, *params), fast_mode=True)
 
 
 def test_backward_twice_with_retain_graph():

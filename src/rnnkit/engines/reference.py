@@ -16,6 +16,7 @@ from torch import Tensor
 
 from rnnkit.cells import CellParams, Prepare, State, Step, make_prepare, make_step
 from rnnkit.engines.base import CellCall, Engine, RNNCall, RNNResult
+from rnnkit.variants import PLAIN
 
 
 def _as_output(state: State) -> Tensor:
@@ -161,6 +162,19 @@ def run_rnn(call: RNNCall) -> RNNResult:
     if call.mode == "LSTM":
         return x, torch.stack([s[0] for s in finals], 0), torch.stack([s[1] for s in finals], 0)
     return x, torch.stack(finals, 0)
+
+
+def run_packed_layer(mode: str, data: Tensor, batch_sizes: list[int], states, params):
+    """One plain layer (one or two directions) over packed rows; padded input is the packing
+    with equal batch sizes. Returns the output rows and the final state of each direction.
+    Other engines use it to build an autograd graph of a layer, e.g. for double backward."""
+    step = make_step(mode, PLAIN)
+    prepare = make_prepare(mode, PLAIN, False)
+    if len(params) == 2:
+        out, finals = _packed_bidirectional_layer(step, prepare, data, batch_sizes, states, params)
+        return out, list(finals)
+    out, final = _packed_layer(step, prepare, data, batch_sizes, states[0], params[0])
+    return out, [final]
 
 
 def run_cell(call: CellCall) -> State:

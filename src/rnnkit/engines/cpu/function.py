@@ -3,7 +3,9 @@
 :class:`FusedLayer` runs one layer (one or both directions) through the compiled time loops
 and gives autograd a hand-written backward (``csrc/lstm.cpp`` & co. derive it): the forward
 keeps the gate activations and the few states that backward needs, and no autograd graph.
-:func:`run_rnn` stacks the layers with torch's inter-layer dropout between them.
+:func:`run_rnn` stacks the layers with torch's inter-layer dropout between them. A double
+backward (``create_graph=True``) recomputes the layer with the reference engine's torch ops
+and differentiates that graph, so gradients of gradients work on this engine too.
 """
 
 from __future__ import annotations
@@ -15,20 +17,36 @@ from torch import Tensor
 from rnnkit.cells import CellParams
 from rnnkit.engines.base import RNNCall, RNNResult
 from rnnkit.engines.cpu.build import kernels
+from rnnkit.engines.reference import run_packed_layer
 
 # mode -> the integer the kernels take
 MODES = {"LSTM": 0, "GRU": 1, "RNN_TANH": 2, "RNN_RELU": 3}
 _LSTM = MODES["LSTM"]
 
-DOUBLE_BACKWARD_ERROR = (
-    "the 'fused' engine has no double backward (its backward is not differentiable); "
-    "use engine='reference' for gradients of gradients"
-)
+_NAMES = {v: k for k, v in MODES.items()}
 
 
 def torch_weights(p: CellParams) -> list[Tensor]:
     """The weights of one layer and direction in ``_flat_weights`` order, absent ones left out."""
     return [t for t in (p.w_ih, p.w_hh, p.b_ih, p.b_hh, p.w_hr) if t is not None]
+
+
+def _reference_graph(mode, batch_sizes, has_bias, x, h0, c0, weights):
+    """The layer again on the reference engine's ops, as an autograd graph: what a double
+    backward differentiates, since the compiled backward has no graph of its own."""
+    D = h0.size(0)
+    n = len(weights) // D
+    params = []
+    for d in range(D):
+        w = list(weights[d * n : (d + 1) * n])
+        w_hr = w.pop() if len(w) in (3, 5) else None
+        b_ih, b_hh = (w[2], w[3]) if has_bias else (None, None)
+        params.append(CellParams(w[0], w[1], b_ih, b_hh, w_hr))
+    states = [(h0[d], c0[d]) if mode == _LSTM else h0[d] for d in range(D)]
+    out, finals = run_packed_layer(_NAMES[mode], x, batch_sizes, states, params)
+    if mode == _LSTM:
+        return out, torch.stack([f[0] for f in finals]), torch.stack([f[1] for f in finals])
+    return out, torch.stack(finals)
 
 
 class FusedLayer(torch.autograd.Function):
@@ -50,14 +68,15 @@ class FusedLayer(torch.autograd.Function):
         return (out, h_n, c_n) if mode == _LSTM else (out, h_n)
 
     @staticmethod
-    def backward(ctx, grad_out, grad_hn, *grad_cn):
-        # Under create_graph=True autograd runs this with grad mode on, asking for a graph of
-        # the backward itself, which the compiled loops cannot give.
-        if torch.is_grad_enabled():
-            raise RuntimeError(DOUBLE_BACKWARD_ERROR)
+    def backward(ctx, *grads):
+        grad_out, grad_hn, *grad_cn = grads
         x, h0, c0, out, *rest = ctx.saved_tensors
         weights, saved = rest[: ctx.n_weights], rest[ctx.n_weights :]
         need = ctx.needs_input_grad
+        if torch.is_grad_enabled():
+            # create_graph=True: the gradient must itself be differentiable, which the compiled
+            # loops are not; recompute the layer as a graph of torch ops and differentiate that.
+            return (None, None, None, *_double_backward(ctx, x, h0, c0, weights, grads))
         dx, dh0, dc0, *dweights = kernels().layer_backward(
             ctx.mode, grad_out, grad_hn, grad_cn[0] if grad_cn else None, x, h0, c0,
             list(weights), out, list(saved), ctx.batch_sizes, ctx.has_bias, need[3],
@@ -70,6 +89,24 @@ class FusedLayer(torch.autograd.Function):
             dc0 if ctx.mode == _LSTM and need[5] else None,
             *dweights,
         )  # fmt: skip
+
+
+def _double_backward(ctx, x, h0, c0, weights, grads):
+    """Gradients as a graph (``create_graph=True``): the same layer recomputed with the
+    reference engine's torch ops on the saved inputs, and differentiated by autograd."""
+    inputs = [x, h0, c0, *weights]
+    wanted = [
+        i for i, (t, n) in enumerate(zip(inputs, ctx.needs_input_grad[3:], strict=True))
+        if n and t is not None
+    ]  # fmt: skip
+    outputs = _reference_graph(ctx.mode, ctx.batch_sizes, ctx.has_bias, x, h0, c0, weights)
+    got = torch.autograd.grad(
+        outputs, [inputs[i] for i in wanted], grads, create_graph=True, allow_unused=True
+    )
+    result = [None] * len(inputs)
+    for i, g in zip(wanted, got, strict=True):
+        result[i] = g
+    return result
 
 
 def fused_layer(
