@@ -1,0 +1,419 @@
+"""What ``rnnkit bench`` measures, and how: parity first, then timings and peak memory.
+
+For every shape the runner builds one ``torch.nn`` layer (torch's default init, seeded) and,
+with the same weights, one rnnkit layer per engine. Each engine must first pass a parity check
+against ``torch.nn`` on a short version of the shape (``L`` capped at ``parity_max_L``): the
+no-grad forward, the training forward and every gradient (input and parameters), within
+``rnnkit.testing``'s tolerance for the dtype. An engine that fails gets no timings.
+
+Two workloads are timed, each ``warmup`` times untimed then ``repeats`` times, round-robin over
+the implementations so that drifts in clock speed hit them all alike:
+
+* ``fwd``: inference, the layer's forward in ``eval()`` mode under ``torch.no_grad()``;
+* ``train``: a training step: the forward with autograd, ``loss = sum_k (out_k * w_k).sum()``
+  over the output and final states with fixed random ``w_k``, and ``loss.backward()`` into
+  fresh (``None``) gradients of the input and every parameter.
+
+CPU time is wall time (``time.perf_counter``); CUDA time is measured with CUDA events. Peak
+memory is the highest amount of memory allocated *by the step itself* above what was live
+before it (weights, input), in one extra run of each workload: on CUDA from the caching
+allocator's statistics (``torch.cuda.max_memory_allocated``), on CPU from the allocation and
+free events that ``torch.profiler`` records with ``profile_memory=True`` for torch's CPU
+allocator. Memory a library allocates past torch's allocator (oneDNN's or MKL's internal
+scratch space) is not seen on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor
+
+import rnnkit
+from rnnkit import functional as RF
+from rnnkit.bench.shapes import BenchShape
+from rnnkit.engines.base import RNNCall
+from rnnkit.testing import Result, compare, compare_all, run_pair
+
+__all__ = [
+    "TORCH_NN",
+    "BenchConfig",
+    "machine_info",
+    "run_bench",
+    "steps_per_shape",
+    "summarize",
+    "with_ratios",
+]
+
+# The name of torch.nn's row, beside the engine names.
+TORCH_NN = "torch.nn"
+REFERENCE = "reference"
+_MiB = 2**20
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    repeats: int = 10
+    warmup: int = 3
+    parity_max_L: int = 20
+    seed: int = 0
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "dtype": str(self.dtype).removeprefix("torch.")}
+
+
+@dataclass
+class Row:
+    """One implementation on one shape: its status and, if it ran, its numbers."""
+
+    impl: str  # TORCH_NN or an engine name
+    status: str = "ok"  # "ok", "failed parity", "unsupported"
+    detail: str = ""  # why not ok
+    parity: list[dict] = field(default_factory=list)  # rnnkit.testing.Result.as_dict()
+    fwd_ms: dict | None = None
+    train_ms: dict | None = None
+    fwd_peak_mb: float | None = None
+    train_peak_mb: float | None = None
+    ratios: dict = field(default_factory=dict)
+
+
+def summarize(samples_ms: Sequence[float]) -> dict:
+    """Median, quartiles, extremes and the raw samples of a list of timings."""
+    ordered = sorted(samples_ms)
+    if len(ordered) >= 2:
+        q1, _, q3 = statistics.quantiles(ordered, n=4, method="inclusive")
+    else:
+        q1 = q3 = ordered[0]
+    return {
+        "median": statistics.median(ordered),
+        "q1": q1,
+        "q3": q3,
+        "min": ordered[0],
+        "max": ordered[-1],
+        "samples": list(samples_ms),
+    }
+
+
+def _ratio(num: float | None, den: float | None) -> float | None:
+    return None if num is None or not den else num / den
+
+
+def with_ratios(rows: list[dict]) -> list[dict]:
+    """Fill each row's ``ratios``: time and peak over torch.nn's (lower is better), and the
+    training-step speedup over the reference engine (higher is better), all from this run."""
+    by_impl = {r["impl"]: r for r in rows}
+    base = by_impl.get(TORCH_NN, {})
+    ref = by_impl.get(REFERENCE, {})
+
+    def median(row: dict, key: str) -> float | None:
+        return row[key]["median"] if row.get(key) else None
+
+    for row in rows:
+        row["ratios"] = {
+            "fwd_vs_torch": _ratio(median(row, "fwd_ms"), median(base, "fwd_ms")),
+            "train_vs_torch": _ratio(median(row, "train_ms"), median(base, "train_ms")),
+            "peak_vs_torch": _ratio(row.get("train_peak_mb"), base.get("train_peak_mb")),
+            "train_speedup_vs_reference": _ratio(median(ref, "train_ms"), median(row, "train_ms")),
+        }
+    return rows
+
+
+class _Workload:
+    """A layer, its input and its loss weights; the two timed steps."""
+
+    def __init__(self, module: torch.nn.Module, x: Tensor, loss_weights: list[Tensor]):
+        self.module, self.x, self.loss_weights = module, x, loss_weights
+        self.leaves = [x, *module.parameters()]
+
+    def outputs(self) -> list[Tensor]:
+        output, hidden = self.module(self.x)
+        return [output, *(hidden if isinstance(hidden, tuple) else (hidden,))]
+
+    def forward(self) -> list[Tensor]:
+        self.module.eval()
+        with torch.no_grad():
+            return self.outputs()
+
+    def reset_grads(self) -> None:
+        for t in self.leaves:
+            t.grad = None
+
+    def train_step(self) -> list[Tensor]:
+        self.module.train()
+        outs = self.outputs()
+        loss = sum((o * w).sum() for o, w in zip(outs, self.loss_weights, strict=True))
+        loss.backward()
+        return outs
+
+
+def _build(shape: BenchShape, config: BenchConfig, impls: Sequence[str]) -> dict[str, _Workload]:
+    """Workloads for torch.nn and each engine, on identical weights, input and loss weights."""
+    case = shape.case(config.dtype)
+    x = case.inputs(config.device, config.seed)["input"]
+    # Drawn on the CPU in float64, then cast: the same numbers on every device and dtype.
+    gen = torch.Generator().manual_seed(config.seed + 1)
+    weights = [
+        torch.randn(s, generator=gen, dtype=torch.float64).to(config.device, config.dtype)
+        for s in shape.output_shapes()
+    ]
+    workloads = {}
+    for impl in impls:
+        expected, actual = case.modules(_engine_of(impl), config.device, config.seed)
+        workloads[impl] = _Workload(expected if impl == TORCH_NN else actual, x, weights)
+    return workloads
+
+
+def _engine_of(impl: str) -> str:
+    # torch.nn's row builds its (unused) rnnkit twin on the reference engine
+    return REFERENCE if impl == TORCH_NN else impl
+
+
+def unsupported(shape: BenchShape, engine: str, config: BenchConfig) -> str | None:
+    """Why ``engine`` cannot run ``shape`` (inference or training) on this device and dtype,
+    or None if it can."""
+    factory = {"device": config.device, "dtype": config.dtype}
+    case = shape.case(config.dtype)
+    _, module = case.modules(engine, config.device, config.seed)
+    x = case.inputs(config.device, config.seed)["input"].detach()
+    D, H_out = shape.D, shape.proj_size or shape.H
+    h0 = torch.zeros(shape.num_layers * D, shape.N, H_out, **factory)
+    c0 = torch.zeros(shape.num_layers * D, shape.N, shape.H, **factory)
+    # the call rnnkit.functional would build for this layer, asked of the engine directly
+    params = RF._gather_params(
+        shape.mode, module._flat_weights, True, shape.num_layers, D, module.variant
+    )
+    for train in (False, True):
+        call = RNNCall(
+            mode=shape.mode,
+            input=x,
+            batch_sizes=None,
+            hx=(h0, c0) if shape.mode == "LSTM" else h0,
+            params=params,
+            num_layers=shape.num_layers,
+            dropout=0.0,
+            train=train,
+            bidirectional=shape.bidirectional,
+            batch_first=shape.batch_first,
+            variant=module.variant,
+        )
+        reason = RF.ENGINES[engine]().rnn_unsupported(call)
+        if reason is not None:
+            return reason
+    return None
+
+
+def check_parity(shape: BenchShape, engine: str, config: BenchConfig) -> list[Result]:
+    """Compare ``engine`` with torch.nn's default path on ``shape`` cut to ``parity_max_L``
+    steps: the training run's outputs and every gradient (``rnnkit.testing.run_pair``), and
+    the outputs of the inference run that ``fwd`` times (``eval()``, ``torch.no_grad()``)."""
+    short = shape.with_length(min(shape.L, config.parity_max_L))
+    case = short.case(config.dtype)
+    actual, expected = run_pair(case, engine, config.device, seed=config.seed)
+    results = compare_all(actual, expected, config.dtype)
+    work = _build(short, config, [TORCH_NN, engine])
+    names = ["output", "h_n", "c_n"]
+    inference = {impl: dict(zip(names, w.forward(), strict=False)) for impl, w in work.items()}
+    for name, e in inference[TORCH_NN].items():
+        results.append(compare(inference[engine][name], e, config.dtype, f"eval_{name}"))
+    return results
+
+
+def _time_ms(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence file descriptor 2: the profiler's backend logs each start and stop there."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _peak_mb(fn: Callable[[], object], device: torch.device) -> float:
+    """Peak memory allocated by ``fn`` above what was allocated before it, in MiB."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / _MiB
+    prof = torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+    )
+    with _quiet_stderr():
+        prof.start()
+    try:
+        fn()
+    finally:
+        with _quiet_stderr():
+            prof.stop()
+    # "[memory]" events carry signed sizes: + allocation, - free (of blocks allocated while
+    # profiling; frees of older blocks are not reported, so the running sum never undercounts).
+    events = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+    )
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak / _MiB
+
+
+def steps_per_shape(n_engines: int, config: BenchConfig) -> int:
+    """Progress units for one shape: a parity check per engine, then per implementation the
+    warm-up, the timed repeats and the memory run."""
+    return n_engines + (n_engines + 1) * (config.warmup + config.repeats + 1)
+
+
+def run_shape(
+    shape: BenchShape,
+    engines: Sequence[str],
+    config: BenchConfig,
+    explicit: bool,
+    advance: Callable[[int], None] = lambda n: None,
+) -> list[dict]:
+    """The rows of one shape: torch.nn's, then each engine's. With ``explicit``, an engine
+    that cannot run the shape is a failed row; otherwise it is left out."""
+    device = torch.device(config.device)
+    rows = {TORCH_NN: Row(TORCH_NN)}
+    for engine in engines:
+        reason = unsupported(shape, engine, config)
+        if reason is not None:
+            if explicit:
+                rows[engine] = Row(engine, status="unsupported", detail=reason)
+            advance(1 + config.warmup + config.repeats + 1)
+            continue
+        row = rows[engine] = Row(engine)
+        parity = check_parity(shape, engine, config)
+        row.parity = [r.as_dict() for r in parity]
+        failed = [r for r in parity if not r.ok]
+        if failed:
+            row.status = "failed parity"
+            row.detail = "; ".join(str(r) for r in failed)
+            advance(config.warmup + config.repeats + 1)
+        advance(1)
+    timed = [impl for impl, row in rows.items() if row.status == "ok"]
+    gc.collect()
+    work = _build(shape, config, timed)
+    for w in work.values():
+        for _ in range(config.warmup):
+            w.forward()
+            w.reset_grads()
+            w.train_step()
+            advance(1)
+    samples = {impl: ([], []) for impl in timed}
+    for _ in range(config.repeats):
+        for impl, w in work.items():
+            samples[impl][0].append(_time_ms(w.forward, device))
+            w.reset_grads()
+            samples[impl][1].append(_time_ms(w.train_step, device))
+            advance(1)
+    for impl, w in work.items():
+        row = rows[impl]
+        row.fwd_ms, row.train_ms = (summarize(s) for s in samples[impl])
+        row.fwd_peak_mb = _peak_mb(w.forward, device)
+        w.reset_grads()
+        row.train_peak_mb = _peak_mb(w.train_step, device)
+        advance(1)
+    return with_ratios([asdict(r) for r in rows.values()])
+
+
+def _load_average() -> float | None:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def machine_info(config: BenchConfig) -> dict:
+    """What the numbers were measured on."""
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "rnnkit": rnnkit.__version__,
+        "mkldnn_enabled": torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled,
+        # Other work on the machine skews timings: recorded (and again after the run, where
+        # the benchmark's own threads count) so that a reader can tell.
+        "load_average_1min": _load_average(),
+        "device": config.device,
+        "dtype": str(config.dtype).removeprefix("torch."),
+    }
+    if config.device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(torch.device(config.device))
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def run_bench(
+    shapes: Sequence[BenchShape],
+    engines: Sequence[str] | None,
+    config: BenchConfig,
+    advance: Callable[[int], None] = lambda n: None,
+) -> dict:
+    """Run every shape; ``engines=None`` means every registered engine that supports it.
+
+    Returns the whole report as plain data (what ``--json`` writes): ``machine``,
+    ``config``, ``engines``, ``results`` (one entry per shape with its ``rows``) and ``ok``
+    (False when an engine failed parity or, named explicitly, could not run a shape).
+    """
+    explicit = engines is not None
+    names = list(engines) if explicit else RF.available_engines()
+    # The reference engine is the baseline of the speedup column: always measured.
+    names = [REFERENCE, *(n for n in names if n != REFERENCE)]
+    machine = machine_info(config)
+    results = []
+    with warnings.catch_warnings():
+        # torch.nn says so on every call of an LSTM with proj_size; its fallback is what we time
+        warnings.filterwarnings("ignore", message="LSTM with projections is not supported")
+        for shape in shapes:
+            rows = run_shape(shape, names, config, explicit, advance)
+            results.append({"shape": shape.as_dict(), "rows": rows})
+    ok = all(r["status"] == "ok" for res in results for r in res["rows"])
+    machine["load_average_1min_after"] = _load_average()
+    return {
+        "machine": machine,
+        "config": config.as_dict(),
+        "engines": names,
+        "results": results,
+        "ok": ok,
+    }

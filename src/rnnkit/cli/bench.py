@@ -1,0 +1,266 @@
+"""``rnnkit bench``: time rnnkit's engines against torch.nn on the shape registry.
+
+Every engine first passes a parity check against ``torch.nn`` on each shape; an engine that
+fails gets ``FAILED PARITY`` in the table instead of timings, and the command exits 1. What is
+timed and how memory is measured is documented in :mod:`rnnkit.bench.runner`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from rnnkit import functional as RF
+from rnnkit.bench import runner
+from rnnkit.bench.runner import TORCH_NN, BenchConfig
+from rnnkit.bench.shapes import QUICK_SHAPES, SHAPES, resolve_shapes
+from rnnkit.cli import progress
+
+DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+# --quick: the tiny shapes, a few repeats; a smoke test of the whole pipeline.
+_QUICK_REPEATS, _QUICK_WARMUP = 3, 1
+
+
+def _engine_list(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    known = RF.available_engines()
+    unknown = [n for n in names if n not in known]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown engine(s) {', '.join(unknown) or repr(text)}; available: {', '.join(known)}"
+        )
+    return names
+
+
+def _shape_list(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    try:
+        resolve_shapes(names)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return names
+
+
+def _count(minimum: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "bench",
+        help="time rnnkit's engines against torch.nn (parity-checked first)",
+        description="Time rnnkit's engines against torch.nn, inference (fwd) and a training "
+        "step (fwd+bwd), on the shape registry. Every engine first passes a parity check "
+        "against torch.nn on each shape; one that fails gets FAILED PARITY instead of timings "
+        "and the command exits 1. What is timed and measured: rnnkit.bench.runner. "
+        f"Registered shapes: {', '.join(SHAPES)}; with --quick: {', '.join(QUICK_SHAPES)}.",
+    )
+    p.add_argument(
+        "--engines",
+        type=_engine_list,
+        default=None,
+        help="comma-separated engines to time (default: every engine that supports the shape "
+        "on this device; the reference engine is always timed as the speedup baseline)",
+    )
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    p.add_argument(
+        "--threads",
+        type=_count(1),
+        default=None,
+        help=f"torch.set_num_threads (default: torch's current, {torch.get_num_threads()})",
+    )
+    p.add_argument("--repeats", type=_count(1), default=None, help="timed runs (default 10)")
+    p.add_argument("--warmup", type=_count(0), default=None, help="untimed runs (default 3)")
+    p.add_argument(
+        "--shapes", type=_shape_list, default=None, help="comma-separated registered shape names"
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"tiny shapes, {_QUICK_REPEATS} repeats, {_QUICK_WARMUP} warm-up (a smoke test)",
+    )
+    p.add_argument("--json", metavar="PATH", help="write every number and the machine here")
+    p.add_argument(
+        "--plot", metavar="PATH", help="bar chart of the ratios to torch.nn (needs matplotlib)"
+    )
+    progress.add_argument(p)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print(
+                "rnnkit bench: --plot needs matplotlib; install it with "
+                "pip install 'rnnkit[bench]'",
+                file=sys.stderr,
+            )
+            return 2
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("rnnkit bench: --device cuda, but CUDA is not available", file=sys.stderr)
+        return 2
+    default_repeats, default_warmup = (
+        (_QUICK_REPEATS, _QUICK_WARMUP) if args.quick else (BenchConfig.repeats, BenchConfig.warmup)
+    )
+    config = BenchConfig(
+        device=args.device,
+        dtype=DTYPES[args.dtype],
+        repeats=default_repeats if args.repeats is None else args.repeats,
+        warmup=default_warmup if args.warmup is None else args.warmup,
+    )
+    shapes = resolve_shapes(args.shapes, quick=args.quick)
+    threads = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        n_engines = 1 + len([e for e in args.engines or RF.available_engines() if e != "reference"])
+        total = len(shapes) * runner.steps_per_shape(n_engines, config)
+        with progress.progress(total, "bench", enabled=args.progress, unit="run") as bar:
+            report = runner.run_bench(shapes, args.engines, config, advance=bar.update)
+    finally:
+        torch.set_num_threads(threads)
+    report["command"] = command_line(args)
+    print(format_table(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")
+    if args.plot:
+        plot_ratios(report, args.plot)
+    if not report["ok"]:
+        print(
+            "rnnkit bench: FAILED (parity failure or unsupported engine, see above)",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command that reproduces this run, with the options that were given."""
+    words = ["rnnkit", "bench"]
+    for name in ("engines", "shapes"):
+        if getattr(args, name):
+            words += [f"--{name}", ",".join(getattr(args, name))]
+    if args.quick:
+        words.append("--quick")
+    for name in ("device", "dtype", "threads", "repeats", "warmup", "json", "plot"):
+        value = getattr(args, name)
+        if value is not None:
+            words += [f"--{name}", str(value)]
+    return " ".join(words)
+
+
+def _ms(stats: dict | None) -> str:
+    if stats is None:
+        return ""
+    return f"{stats['median']:.3f} ± {(stats['q3'] - stats['q1']) / 2:.3f}"
+
+
+def _mb(value: float) -> str:
+    return f"{value:.1f}" if value >= 10 else f"{value:.3f}"
+
+
+def _x(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}x"
+
+
+def format_table(report: dict) -> str:
+    """The report as a Markdown table, one row per shape and implementation."""
+    head = [
+        "shape",
+        "engine",
+        "fwd ms",
+        "fwd vs torch.nn",
+        "fwd+bwd ms",
+        "fwd+bwd vs torch.nn",
+        "peak MB",
+        "peak vs torch.nn",
+        "fwd+bwd speedup vs reference",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for result in report["results"]:
+        for row in result["rows"]:
+            r = row["ratios"]
+            if row["status"] == "ok":
+                cells = [
+                    _ms(row["fwd_ms"]),
+                    _x(r["fwd_vs_torch"]),
+                    _ms(row["train_ms"]),
+                    _x(r["train_vs_torch"]),
+                    _mb(row["train_peak_mb"]),
+                    _x(r["peak_vs_torch"]),
+                    _x(r["train_speedup_vs_reference"]),
+                ]
+            else:
+                label = "FAILED PARITY" if row["status"] == "failed parity" else "UNSUPPORTED"
+                cells = [f"{label}: {row['detail']}"] + [""] * 6
+            lines.append("| " + " | ".join([result["shape"]["name"], row["impl"], *cells]) + " |")
+    config = report["config"]
+    lines.append("")
+    lines.append(
+        f"ms: median ± half the interquartile range of {config['repeats']} runs after "
+        f"{config['warmup']} warm-up runs; fwd: inference (eval(), torch.no_grad()); fwd+bwd: a "
+        "training step (forward, weighted-sum loss, backward into the input and parameters); "
+        "peak MB: memory allocated by the training step above what was live before it; "
+        "vs torch.nn: ratio to torch.nn's row (lower is faster/smaller); speedup vs reference: "
+        "the reference engine's fwd+bwd time over this row's."
+    )
+    return "\n".join(lines)
+
+
+def plot_ratios(report: dict, path: str) -> None:
+    """Bars of each engine's time over torch.nn's, per shape; fwd and fwd+bwd side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = [res["shape"]["name"] for res in report["results"]]
+    engines = report["engines"]
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(shapes)), 4.5), sharey=True)
+    width = 0.8 / max(1, len(engines))
+    for ax, key, title in zip(
+        axes, ("fwd_vs_torch", "train_vs_torch"), ("fwd", "fwd+bwd"), strict=True
+    ):
+        for k, engine in enumerate(engines):
+            values = []
+            for res in report["results"]:
+                row = next((r for r in res["rows"] if r["impl"] == engine), None)
+                value = row["ratios"].get(key) if row else None
+                values.append(float("nan") if value is None else value)
+            xs = [i + (k - (len(engines) - 1) / 2) * width for i in range(len(shapes))]
+            # bars grow from 1 (torch.nn): up where slower, down where faster
+            ax.bar(xs, [v - 1 for v in values], width, bottom=1, label=engine)
+        ax.axhline(1.0, color="black", linewidth=1, label=TORCH_NN)
+        ax.set_yscale("log")
+        ax.set_title(title)
+        ax.set_xticks(range(len(shapes)), shapes, rotation=30, ha="right", fontsize=8)
+    axes[0].set_ylabel("time / torch.nn's time (log; below 1: faster)")
+    axes[1].legend()
+    machine = report["machine"]
+    fig.suptitle(
+        f"{machine['cpu']}, {machine['threads']} threads, torch {machine['torch']}, "
+        f"{machine['dtype']}",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
