@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
-from torch.nn import init
 from torch.nn.parameter import Parameter
 
 from rnnkit import functional as RF
-from rnnkit.variants import check_keywords, make_variant
+from rnnkit.variants import check_keywords, init_parameters, make_variant
 
 _MODES = {1: "RNN_TANH", 3: "GRU", 4: "LSTM"}
 
@@ -85,17 +82,8 @@ class RNNCellBase(nn.Module):
 
     def reset_parameters(self) -> None:
         """torch's init for torch's parameters; then the variants' (no random numbers)."""
-        stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
-        for name, weight in self.named_parameters():
-            if name not in self._variant_names:
-                init.uniform_(weight, -stdv, stdv)
-        with torch.no_grad():
-            for name in self._variant_names:
-                weight = getattr(self, name)
-                weight.fill_(0.0 if name in ("peephole", "layer_norm_c_bias") else 1.0)
-            if self.variant.forget_bias is not None:
-                H = self.hidden_size
-                self.bias_ih[H : 2 * H] += self.variant.forget_bias
+        bias_ih = ["bias_ih"] if self.bias else []
+        init_parameters(self, self.variant, self._variant_names, bias_ih)
 
     def _step(self, fn, input: Tensor, hx, name: str, n_states: int):
         """torch.nn's unbatched handling and zero state around one functional step."""

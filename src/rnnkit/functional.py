@@ -411,78 +411,39 @@ def _cell(
     return select_engine(engine, call).run_cell(call)
 
 
-def lstm_cell(
-    input: Tensor,
-    hx: tuple[Tensor, Tensor],
-    w_ih: Tensor,
-    w_hh: Tensor,
-    b_ih: Tensor | None = None,
-    b_hh: Tensor | None = None,
-    *,
-    engine: str = "auto",
-    extra_weights: Sequence[Tensor] = (),
-    train: bool = False,
-    **variants,
-) -> tuple[Tensor, Tensor]:
-    """One LSTM step on ``[N, H_in]`` input and ``(h, c)`` ``[N, H]``; returns ``(h', c')``.
+def _cell_function(mode: str, summary: str):
+    def fn(
+        input: Tensor,
+        hx: State,
+        w_ih: Tensor,
+        w_hh: Tensor,
+        b_ih: Tensor | None = None,
+        b_hh: Tensor | None = None,
+        *,
+        engine: str = "auto",
+        extra_weights: Sequence[Tensor] = (),
+        train: bool = False,
+        **variants,
+    ) -> State:
+        return _cell(
+            mode, input, hx, w_ih, w_hh, b_ih, b_hh, engine, extra_weights, train, variants
+        )
+
+    fn.__name__ = fn.__qualname__ = f"{mode.lower()}_cell"
+    fn.__doc__ = f"""{summary}
 
     ``**variants`` are the pointwise variants of :mod:`rnnkit.variants` (not the sequence-wide
     ``recurrent_dropout``/``weight_dropout``); ``extra_weights`` holds their parameters in
     ``Variant.extra_param_roles`` order; ``train`` draws zoneout masks.
     """
-    return _cell("LSTM", input, hx, w_ih, w_hh, b_ih, b_hh, engine, extra_weights, train, variants)
+    return fn
 
 
-def gru_cell(
-    input: Tensor,
-    hx: Tensor,
-    w_ih: Tensor,
-    w_hh: Tensor,
-    b_ih: Tensor | None = None,
-    b_hh: Tensor | None = None,
-    *,
-    engine: str = "auto",
-    extra_weights: Sequence[Tensor] = (),
-    train: bool = False,
-    **variants,
-) -> Tensor:
-    """One GRU step on ``[N, H_in]`` input and ``h`` ``[N, H]``; returns ``h'``."""
-    return _cell("GRU", input, hx, w_ih, w_hh, b_ih, b_hh, engine, extra_weights, train, variants)
-
-
-def rnn_tanh_cell(
-    input: Tensor,
-    hx: Tensor,
-    w_ih: Tensor,
-    w_hh: Tensor,
-    b_ih: Tensor | None = None,
-    b_hh: Tensor | None = None,
-    *,
-    engine: str = "auto",
-    extra_weights: Sequence[Tensor] = (),
-    train: bool = False,
-    **variants,
-) -> Tensor:
-    """One Elman RNN step with tanh; returns ``h'``."""
-    return _cell(
-        "RNN_TANH", input, hx, w_ih, w_hh, b_ih, b_hh, engine, extra_weights, train, variants
-    )
-
-
-def rnn_relu_cell(
-    input: Tensor,
-    hx: Tensor,
-    w_ih: Tensor,
-    w_hh: Tensor,
-    b_ih: Tensor | None = None,
-    b_hh: Tensor | None = None,
-    *,
-    engine: str = "auto",
-    extra_weights: Sequence[Tensor] = (),
-    train: bool = False,
-    **variants,
-) -> Tensor:
-    """One Elman RNN step with ReLU; returns ``h'``."""
-    return _cell(
-        "RNN_RELU", input, hx, w_ih, w_hh, b_ih, b_hh, engine, extra_weights, train, variants
-    )
+lstm_cell = _cell_function(
+    "LSTM", "One LSTM step on ``[N, H_in]`` input and ``(h, c)`` ``[N, H]``; returns ``(h', c')``."
+)
+gru_cell = _cell_function(
+    "GRU", "One GRU step on ``[N, H_in]`` input and ``h`` ``[N, H]``; returns ``h'``."
+)
+rnn_tanh_cell = _cell_function("RNN_TANH", "One Elman RNN step with tanh; returns ``h'``.")
+rnn_relu_cell = _cell_function("RNN_RELU", "One Elman RNN step with ReLU; returns ``h'``.")

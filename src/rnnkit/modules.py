@@ -6,18 +6,16 @@ Constructor, validation, parameter names and order, init, ``repr`` and the shape
 
 from __future__ import annotations
 
-import math
 import numbers
 import warnings
 
 import torch
 from torch import Tensor, nn
-from torch.nn import init
 from torch.nn.parameter import Parameter
 from torch.nn.utils.rnn import PackedSequence
 
 from rnnkit import functional as RF
-from rnnkit.variants import check_keywords, make_variant
+from rnnkit.variants import check_keywords, init_parameters, make_variant
 
 _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 _NAMES = {"LSTM": "LSTM", "GRU": "GRU", "RNN_TANH": "RNN", "RNN_RELU": "RNN"}
@@ -164,18 +162,8 @@ class RNNBase(nn.Module):
 
     def reset_parameters(self) -> None:
         """torch's init for torch's parameters; then the variants' (no random numbers)."""
-        stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
-        for name, weight in self.named_parameters():
-            if name not in self._variant_names:
-                init.uniform_(weight, -stdv, stdv)
-        with torch.no_grad():
-            for name in self._variant_names:
-                weight = getattr(self, name)
-                weight.fill_(0.0 if name.startswith(("peephole", "layer_norm_c_bias")) else 1.0)
-            if self.variant.forget_bias is not None:
-                H = self.hidden_size
-                for names in self._all_weights:
-                    getattr(self, names[2])[H : 2 * H] += self.variant.forget_bias
+        bias_ih = [names[2] for names in self._all_weights] if self.bias else []
+        init_parameters(self, self.variant, self._variant_names, bias_ih)
 
     def extra_repr(self) -> str:
         s = "{input_size}, {hidden_size}"

@@ -44,13 +44,14 @@ number use: ``peephole_l{k}`` ``[3*H]`` (order i, f, o; init 0), ``layer_norm_ih
 
 from __future__ import annotations
 
+import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def _hard_sigmoid(x: Tensor) -> Tensor:
@@ -237,3 +238,23 @@ _ACTIVATION_ROLES = {
 }
 
 PLAIN = Variant()
+
+
+def init_parameters(
+    module: nn.Module, variant: Variant, variant_names: Sequence[str], bias_ih_names: Sequence[str]
+) -> None:
+    """torch.nn's init (uniform in ``±1/sqrt(H)``, in registration order) for torch.nn's
+    parameters; then the variants' parameters, drawing no random numbers: peepholes and the
+    cell LayerNorm shift 0, LayerNorm gains 1; ``forget_bias`` added to each ``bias_ih``."""
+    H = module.hidden_size
+    stdv = 1.0 / math.sqrt(H) if H > 0 else 0
+    for name, weight in module.named_parameters():
+        if name not in variant_names:
+            nn.init.uniform_(weight, -stdv, stdv)
+    with torch.no_grad():
+        for name in variant_names:
+            zero = name.startswith(("peephole", "layer_norm_c_bias"))
+            getattr(module, name).fill_(0.0 if zero else 1.0)
+        if variant.forget_bias is not None:
+            for name in bias_ih_names:
+                getattr(module, name)[H : 2 * H] += variant.forget_bias
