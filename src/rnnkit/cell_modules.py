@@ -56,16 +56,10 @@ class RNNCellBase(nn.Module):
         if self.variant.forget_bias is not None and not bias:
             raise ValueError("forget_bias needs bias=True")
         # Variant parameters come after torch.nn's, which keep torch's init and RNG use.
-        shapes = {
-            "peephole": (3 * hidden_size,),
-            "layer_norm_ih": (num_chunks * hidden_size,),
-            "layer_norm_hh": (num_chunks * hidden_size,),
-            "layer_norm_c_weight": (hidden_size,),
-            "layer_norm_c_bias": (hidden_size,),
-        }
-        self._variant_names = self.variant.extra_param_roles(mode)
-        for name in self._variant_names:
-            setattr(self, name, Parameter(torch.empty(shapes[name], **factory_kwargs)))
+        shapes = self.variant.extra_param_shapes(mode, hidden_size)
+        self._variant_names = list(shapes)
+        for name, shape in shapes.items():
+            setattr(self, name, Parameter(torch.empty(shape, **factory_kwargs)))
         self.reset_parameters()
 
     def extra_repr(self) -> str:

@@ -22,6 +22,7 @@ from rnnkit.variants import Variant, make_variant
 __all__ = [
     "ENGINES",
     "available_engines",
+    "gather_params",
     "gru",
     "gru_cell",
     "lstm",
@@ -123,7 +124,7 @@ _EXTRA_FIELDS = {
 }
 
 
-def _gather_params(
+def gather_params(
     mode: str,
     weights: Sequence[Tensor],
     has_biases: bool,
@@ -189,7 +190,7 @@ def _rnn(
     check_engine_name(engine)
     variant = _variant(mode, variants)
     D = 2 if bidirectional else 1
-    params = _gather_params(mode, weights, has_biases, num_layers, D, variant)
+    params = gather_params(mode, weights, has_biases, num_layers, D, variant)
     packed = isinstance(input, PackedSequence)
     sorted_indices = unsorted_indices = None
     if packed:

@@ -129,19 +129,12 @@ class RNNBase(nn.Module):
                 self._flat_weights_names.extend(names)
                 self._all_weights.append(names)
         # Variant parameters come after all of torch.nn's, which keep torch's init and RNG use.
-        variant_shapes = {
-            "peephole": (3 * hidden_size,),
-            "layer_norm_ih": (gate_size,),
-            "layer_norm_hh": (gate_size,),
-            "layer_norm_c_weight": (hidden_size,),
-            "layer_norm_c_bias": (hidden_size,),
-        }
+        variant_shapes = self.variant.extra_param_shapes(mode, hidden_size)
         self._variant_names: list[str] = []
         for k, names in enumerate(self._all_weights):
             layer, suffix = divmod(k, D)
-            for role in self.variant.extra_param_roles(mode):
+            for role, shape in variant_shapes.items():
                 name = f"{role}_l{layer}{'_reverse' if suffix else ''}"
-                shape = variant_shapes[role]
                 setattr(self, name, Parameter(torch.empty(shape, **factory_kwargs)))
                 names.append(name)
                 self._variant_names.append(name)

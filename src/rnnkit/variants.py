@@ -112,6 +112,18 @@ class Variant:
                 roles += ["layer_norm_c_weight", "layer_norm_c_bias"]
         return roles
 
+    def extra_param_shapes(self, mode: str, hidden_size: int) -> dict[str, tuple[int, ...]]:
+        """Role -> shape of this variant's parameters for one layer and direction, in order."""
+        gates = {"LSTM": 4, "GRU": 3}.get(mode, 1) * hidden_size
+        shapes = {
+            "peephole": (3 * hidden_size,),
+            "layer_norm_ih": (gates,),
+            "layer_norm_hh": (gates,),
+            "layer_norm_c_weight": (hidden_size,),
+            "layer_norm_c_bias": (hidden_size,),
+        }
+        return {role: shapes[role] for role in self.extra_param_roles(mode)}
+
     def describe(self) -> str:
         """``key=value`` for the options that differ from the default, for ``repr``."""
         parts = []

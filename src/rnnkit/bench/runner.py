@@ -191,7 +191,7 @@ def unsupported(shape: BenchShape, engine: str, config: BenchConfig) -> str | No
     h0 = torch.zeros(shape.num_layers * D, shape.N, H_out, **factory)
     c0 = torch.zeros(shape.num_layers * D, shape.N, shape.H, **factory)
     # the call rnnkit.functional would build for this layer, asked of the engine directly
-    params = RF._gather_params(
+    params = RF.gather_params(
         shape.mode, module._flat_weights, True, shape.num_layers, D, module.variant
     )
     for train in (False, True):

@@ -18,6 +18,8 @@ from rnnkit.cells import CellParams
 from rnnkit.engines.base import RNNCall, RNNResult
 from rnnkit.engines.cpu.build import kernels
 from rnnkit.engines.reference import run_packed_layer
+from rnnkit.functional import gather_params
+from rnnkit.variants import PLAIN
 
 # mode -> the integer the kernels take
 MODES = {"LSTM": 0, "GRU": 1, "RNN_TANH": 2, "RNN_RELU": 3}
@@ -35,13 +37,7 @@ def _reference_graph(mode, batch_sizes, has_bias, x, h0, c0, weights):
     """The layer again on the reference engine's ops, as an autograd graph: what a double
     backward differentiates, since the compiled backward has no graph of its own."""
     D = h0.size(0)
-    n = len(weights) // D
-    params = []
-    for d in range(D):
-        w = list(weights[d * n : (d + 1) * n])
-        w_hr = w.pop() if len(w) in (3, 5) else None
-        b_ih, b_hh = (w[2], w[3]) if has_bias else (None, None)
-        params.append(CellParams(w[0], w[1], b_ih, b_hh, w_hr))
+    params = gather_params(_NAMES[mode], weights, has_bias, 1, D, PLAIN)
     states = [(h0[d], c0[d]) if mode == _LSTM else h0[d] for d in range(D)]
     out, finals = run_packed_layer(_NAMES[mode], x, batch_sizes, states, params)
     if mode == _LSTM:
