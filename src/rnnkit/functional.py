@@ -197,6 +197,13 @@ def _rnn(
         data, batch_sizes, sorted_indices, unsorted_indices = input
     else:
         data = input
+    # torch.nn's order: dtype, rank, feature size, hidden shapes; then ATen's empty sequence
+    if not torch.is_autocast_enabled(data.device.type) and data.dtype != params[0].w_ih.dtype:
+        w_dtype = params[0].w_ih.dtype
+        raise ValueError(
+            f"RNN input dtype ({data.dtype}) does not match weight dtype ({w_dtype}). "
+            f"Convert input: input.to({w_dtype}), or convert model: model.to({data.dtype})"
+        )
     expected_dim = 2 if batch_sizes is not None else 3
     if data.dim() != expected_dim:
         raise RuntimeError(f"input must have {expected_dim} dimensions, got {data.dim()}")
@@ -209,17 +216,9 @@ def _rnn(
         _check_batch_sizes(data, batch_sizes)
         N = int(batch_sizes[0])
     else:
-        if data.size(1 if batch_first else 0) == 0:
-            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
         N = data.size(0 if batch_first else 1)
     H = params[0].w_hh.size(0) // STEPS[mode][1]
     H_out = params[0].w_hh.size(1)
-    if not torch.is_autocast_enabled(data.device.type) and data.dtype != params[0].w_ih.dtype:
-        w_dtype = params[0].w_ih.dtype
-        raise ValueError(
-            f"RNN input dtype ({data.dtype}) does not match weight dtype ({w_dtype}). "
-            f"Convert input: input.to({w_dtype}), or convert model: model.to({data.dtype})"
-        )
 
     if hx is None:
         zeros = dict(dtype=data.dtype, device=data.device)
@@ -237,6 +236,8 @@ def _rnn(
             which = f"[{i}]" if mode == "LSTM" else ""
             raise RuntimeError(f"Expected hidden{which} size {expected}, got {got}")
     _check_devices(data, states, weights)
+    if batch_sizes is None and data.size(1 if batch_first else 0) == 0:
+        raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
 
     call = RNNCall(
         mode=mode,
