@@ -193,9 +193,9 @@ CASES = [pytest.param("LSTM", kw, id=f"LSTM-{name}") for name, kw in LSTM_CASES.
 ]
 
 
-def _module(cls, kw, **extra):
+def _module(cls, kw, engine="auto", **extra):
     torch.manual_seed(0)
-    m = getattr(rnnkit, cls)(5, 7, **kw, **extra, dtype=torch.float64)
+    m = getattr(rnnkit, cls)(5, 7, **kw, **extra, engine=engine, dtype=torch.float64)
     with torch.no_grad():
         # non-trivial variant parameters, so that a wrong use of one shows
         for name, p in m.named_parameters():
@@ -206,10 +206,15 @@ def _module(cls, kw, **extra):
     return m
 
 
+# The reference, and what auto picks (the fused engine for most LSTM variants).
+ENGINES = ("reference", "auto")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("cls, kw", CASES)
-def test_matches_formula(cls, kw, training):
-    m = _module(cls, kw, num_layers=2, bidirectional=True).train(training)
+def test_matches_formula(cls, kw, training, engine):
+    m = _module(cls, kw, engine, num_layers=2, bidirectional=True).train(training)
     x = torch.randn(6, 3, 5, dtype=torch.float64)
     torch.manual_seed(11)
     out, hidden = m(x)
@@ -222,9 +227,10 @@ def test_matches_formula(cls, kw, training):
         torch.testing.assert_close(hidden[1], ref_c, atol=1e-12, rtol=1e-10)
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("cls, kw", CASES)
-def test_gradcheck(cls, kw):
-    m = _module(cls, kw).eval()
+def test_gradcheck(cls, kw, engine):
+    m = _module(cls, kw, engine).eval()
     x = torch.randn(3, 2, 5, dtype=torch.float64, requires_grad=True)
     names = [n for n, _ in m.named_parameters()]
     params = [p.detach().clone().requires_grad_() for p in m.parameters()]

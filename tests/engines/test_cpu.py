@@ -253,7 +253,7 @@ def test_unsupported_dtype_falls_back_under_auto(dtype, reason):
 
 
 def test_variants_go_to_the_reference():
-    """The kernels compute torch's cells only: a variant is the reference engine's."""
+    """GRU and RNN variants are the reference engine's (LSTM's: test_cpu_variants.py)."""
     x = torch.randn(3, 2, 4)
     with pytest.raises(RuntimeError, match="fused: variants .* run on the reference engine"):
         rnnkit.GRU(4, 5, gate_clip=0.5, engine="fused")(x)

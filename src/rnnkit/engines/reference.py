@@ -177,6 +177,18 @@ def run_packed_layer(mode: str, data: Tensor, batch_sizes: list[int], states, pa
     return out, [final]
 
 
+def run_prepared_direction(mode: str, variant, seq, batch_sizes: list[int], state, p, reverse):
+    """One direction over packed rows whose per-step sequence ``seq`` (what ``prepare``
+    returns: the input projection, or for variants ``(gates_x, keep_h, keep_c)``) and params
+    (masks included) are given: no random numbers are drawn. Returns the output rows and the
+    final state. Other engines rebuild a direction with it as a graph, e.g. for double
+    backward."""
+    step = make_step(mode, variant)
+    data = seq[0] if isinstance(seq, tuple) else seq
+    layer = _reversed_packed_layer if reverse else _packed_layer
+    return layer(step, lambda x, params, N: (seq, params), data, batch_sizes, state, p)
+
+
 def run_cell(call: CellCall) -> State:
     """One step of a cell module (``LSTMCell`` & co.) on ``[N, H_in]`` input."""
     step = make_step(call.mode, call.variant)

@@ -2,9 +2,10 @@
 
 Runs every mode and option of :class:`~rnnkit.engines.base.RNNCall` (``proj_size``,
 bidirectional, stacked layers, packed input, inter-layer dropout) on CPU tensors of float32 or
-float64. The C++ kernels (``csrc/``) are compiled on first use, not at import; if that fails,
-``engine="auto"`` moves on to the reference engine after one warning, and ``engine="fused"``
-raises with the compiler's reason. Cells are a single step, where a fused loop gains nothing:
+float64, and the LSTM variants except custom activations (``variant.py``). The C++ kernels
+(``csrc/``) are compiled on first use, not at import; if that fails, ``engine="auto"`` moves on
+to the reference engine after one warning, and ``engine="fused"`` raises with the compiler's
+reason. Cells are a single step, where a fused loop gains nothing:
 ``engine="auto"`` gives them to the reference engine.
 """
 
@@ -15,8 +16,8 @@ import warnings
 import torch
 
 from rnnkit.engines.base import CellCall, Engine, RNNCall
-from rnnkit.engines.cpu import build
-from rnnkit.engines.cpu.function import run_rnn, torch_weights
+from rnnkit.engines.cpu import build, variant
+from rnnkit.engines.cpu.function import run_rnn as run_plain
 
 __all__ = ["FUSED"]
 
@@ -26,14 +27,16 @@ _warned = False
 
 def _tensors(call: RNNCall) -> list[torch.Tensor]:
     hx = list(call.hx) if isinstance(call.hx, tuple) else [call.hx]
-    return [call.input, *hx, *(t for p in call.params for t in torch_weights(p))]
+    return [call.input, *hx, *(t for p in call.params for t in p if t is not None)]
 
 
 def rnn_unsupported(call: RNNCall) -> str | None:
     """None when the fused engine can run ``call``, else a short reason."""
     global _warned
     if not call.variant.is_plain:
-        return "variants (layer_norm, zoneout, ...) run on the reference engine"
+        reason = variant.unsupported(call.mode, call.variant)
+        if reason is not None:
+            return reason
     tensors = _tensors(call)
     if any(t.device.type != "cpu" for t in tensors):
         return "needs CPU tensors"
@@ -55,6 +58,12 @@ def rnn_unsupported(call: RNNCall) -> str | None:
             )
         return reason
     return None
+
+
+def run_rnn(call: RNNCall):
+    if call.variant.is_plain:
+        return run_plain(call)
+    return variant.run_rnn(call)
 
 
 def cell_unsupported(call: CellCall) -> str | None:

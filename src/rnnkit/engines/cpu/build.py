@@ -18,7 +18,7 @@ import torch
 __all__ = ["BuildError", "build_error", "kernels"]
 
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCES = ["layer.cpp", "lstm.cpp", "gru.cpp", "rnn.cpp"]
+_SOURCES = ["layer.cpp", "lstm.cpp", "gru.cpp", "rnn.cpp", "lstm_variant.cpp"]
 
 # Vector width of the activations: what torch itself dispatches to on this CPU, so the build
 # never uses instructions the machine lacks (``ATEN_CPU_CAPABILITY`` lowers it for both).

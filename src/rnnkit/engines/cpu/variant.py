@@ -1,0 +1,183 @@
+"""The LSTM variants (:mod:`rnnkit.variants`) on the fused CPU engine.
+
+Each layer and direction first runs the shared :func:`rnnkit.cells.make_prepare` on torch ops:
+the input projection (with ``layer_norm``'s input LayerNorm and ``b_ih``) for all steps at
+once, and the random masks in their fixed order (weight dropout, recurrent dropout, zoneout h,
+zoneout c), so that this engine and the reference draw the same masks under one seed. Autograd
+keeps that part. :class:`VariantLSTM` then runs the recurrent part in the compiled loop of
+``csrc/lstm_variant.cpp``, with its hand-written backward, and gives autograd the gradient of
+the input projection, of the states and of every recurrent-side parameter.
+
+Runs: layer_norm, peephole, zoneout, recurrent_dropout, weight_dropout, forget_bias (an init
+option), gate/cell/proj clipping and coupled_input_forget, in any combination, with every core
+option (layers, bidirectional, proj_size, packing, dropout). Custom ``activations`` and the
+GRU/RNN variants run on the reference engine.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from rnnkit.cells import CellParams, make_prepare
+from rnnkit.engines.base import RNNCall, RNNResult
+from rnnkit.engines.cpu.build import kernels
+from rnnkit.engines.reference import run_prepared_direction
+from rnnkit.variants import Variant
+
+__all__ = ["run_rnn", "unsupported"]
+
+
+def unsupported(mode: str, variant: Variant) -> str | None:
+    """None when this engine runs ``variant`` of ``mode``, else why not."""
+    if mode != "LSTM":
+        return "variants of GRU and RNN run on the reference engine"
+    if variant.activations is not None:
+        return "variants with custom activations run on the reference engine"
+    return None
+
+
+def _rates(variant: Variant, train: bool) -> list[float]:
+    """Zoneout's eval rates (training draws masks instead), then the three clips (0: none)."""
+    zh, zc = (0.0, 0.0) if train else variant.zoneout
+    clips = (variant.gate_clip, variant.cell_clip, variant.proj_clip)
+    return [zh, zc, *(0.0 if v is None else v for v in clips)]
+
+
+# The recurrent-side tensors of one direction, in the kernels' argument order.
+def _recurrent_params(p: CellParams) -> list[Tensor | None]:
+    return [p.w_hh, p.b_hh, p.w_hr, p.peephole, p.ln_hh, p.ln_c_weight, p.ln_c_bias]
+
+
+class VariantLSTM(torch.autograd.Function):
+    """One direction of one layer: ``gx`` ``[R, 4H]`` (input projection of every row), ``h0``
+    ``[N, H_out]``, ``c0`` ``[N, H]``, the recurrent-side parameters, then the masks
+    (``rec_mask`` ``[N, H_out]``, ``keep_h`` ``[R, H_out]``, ``keep_c`` ``[R, H]``, each or
+    None). Returns ``out`` ``[R, H_out]``, ``h_n`` and ``c_n``."""
+
+    @staticmethod
+    def forward(ctx, static, gx, h0, c0, w_hh, b_hh, w_hr, peep, ln_hh, ln_cw, ln_cb, *masks):
+        variant, rates, batch_sizes, reverse = static
+        params = [w_hh, b_hh, w_hr, peep, ln_hh, ln_cw, ln_cb]
+        out, h_n, c_n, *saved = kernels().lstm_variant_forward(
+            gx, h0, c0, *params, *masks, rates, variant.coupled_input_forget, batch_sizes,
+            reverse, True,
+        )  # fmt: skip
+        ctx.static = static
+        # gx only for a double backward, which rebuilds the direction from it
+        ctx.save_for_backward(gx, h0, c0, *params, *masks, out, *saved)
+        return out, h_n, c_n
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_hn, grad_cn):
+        variant, rates, batch_sizes, reverse = ctx.static
+        gx, h0, c0, *rest = ctx.saved_tensors
+        params, masks, out, saved = rest[:7], rest[7:10], rest[10], rest[11:]
+        if torch.is_grad_enabled():
+            # create_graph=True: the compiled backward is no graph; differentiate the same
+            # direction rebuilt from torch ops instead
+            grads = _double_backward(ctx, gx, h0, c0, params, masks, (grad_out, grad_hn, grad_cn))
+            return (None, *grads, None, None, None)
+        dgx, dh0, dc0, *dparams = kernels().lstm_variant_backward(
+            grad_out, grad_hn, grad_cn, out, list(saved), h0, c0, *params, *masks, rates,
+            variant.coupled_input_forget, batch_sizes, reverse,
+        )  # fmt: skip
+        need = ctx.needs_input_grad
+        dparams = [g if n else None for g, n in zip(dparams, need[4:11], strict=True)]
+        return (
+            None,
+            dgx if need[1] else None,
+            dh0 if need[2] else None,
+            dc0 if need[3] else None,
+            *dparams,
+            None, None, None,
+        )  # fmt: skip
+
+
+def _double_backward(ctx, gx, h0, c0, params, masks, grads):
+    """Gradients as a graph: the direction recomputed by the reference engine's ops from the
+    same inputs and masks (no new random numbers), differentiated by autograd."""
+    variant, _, batch_sizes, reverse = ctx.static
+    inputs = [gx, h0, c0, *params]
+    wanted = [
+        i for i, (t, n) in enumerate(zip(inputs, ctx.needs_input_grad[1:11], strict=True))
+        if n and t is not None
+    ]  # fmt: skip
+    w_hh, b_hh, w_hr, peep, ln_hh, ln_cw, ln_cb = params
+    rec_mask, keep_h, keep_c = masks
+    p = CellParams(None, w_hh, None, b_hh, w_hr, peep, None, ln_hh, ln_cw, ln_cb, rec_mask)  # type: ignore[arg-type]
+    out, (h_n, c_n) = run_prepared_direction(
+        "LSTM", variant, (gx, keep_h, keep_c), batch_sizes, (h0, c0), p, reverse
+    )
+    got = torch.autograd.grad(
+        (out, h_n, c_n), [inputs[i] for i in wanted], grads, create_graph=True,
+        allow_unused=True,
+    )  # fmt: skip
+    result: list[Tensor | None] = [None] * len(inputs)
+    for i, g in zip(wanted, got, strict=True):
+        result[i] = g
+    return result
+
+
+def _direction(variant, train, gx, h0, c0, p, keep_h, keep_c, batch_sizes, reverse):
+    """Run one direction: through :class:`VariantLSTM` when a gradient is wanted, else
+    straight to the kernel, which then keeps nothing for backward."""
+    static = (variant, _rates(variant, train), batch_sizes, reverse)
+    params = _recurrent_params(p)
+    masks = [p.rec_mask, keep_h, keep_c]
+    tensors = [gx, h0, c0, *params]
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return VariantLSTM.apply(static, gx, h0, c0, *params, *masks)
+    out, h_n, c_n = kernels().lstm_variant_forward(
+        gx, h0, c0, *params, *masks, static[1], variant.coupled_input_forget, batch_sizes,
+        reverse, False,
+    )[:3]  # fmt: skip
+    return out, h_n, c_n
+
+
+def run_rnn(call: RNNCall) -> RNNResult:
+    """Run a stacked, possibly bidirectional, possibly packed LSTM with ``call.variant``.
+
+    The layer structure, the order of the random draws (each direction's masks, then the
+    inter-layer dropout) and the tensor shapes they are drawn in are the reference engine's.
+    """
+    variant = call.variant
+    prepare = make_prepare(call.mode, variant, call.train)
+    D = 2 if call.bidirectional else 1
+    packed = call.batch_sizes is not None
+    x = call.input
+    if packed:
+        batch_sizes = call.batch_sizes.tolist()
+        N = batch_sizes[0]
+    else:
+        if call.batch_first:
+            x = x.transpose(0, 1)
+        L, N = x.shape[:2]
+        batch_sizes = [N] * L
+    h0_all, c0_all = call.hx
+    h_n, c_n = [], []
+    for layer in range(call.num_layers):
+        outs = []
+        for d in range(D):
+            k = layer * D + d
+            (gx, keep_h, keep_c), p = prepare(x, call.params[k], N)
+            H = p.w_hh.size(0) // 4
+            gx = gx.reshape(-1, 4 * H)
+            keep_h = keep_h.reshape(gx.size(0), -1) if keep_h is not None else None
+            keep_c = keep_c.reshape(gx.size(0), H) if keep_c is not None else None
+            out, h, c = _direction(
+                variant, call.train, gx, h0_all[k], c0_all[k], p, keep_h, keep_c, batch_sizes,
+                d == 1,
+            )  # fmt: skip
+            outs.append(out)
+            h_n.append(h)
+            c_n.append(c)
+        x = torch.cat(outs, 1) if D == 2 else outs[0]
+        if not packed:
+            x = x.view(L, N, x.size(1))
+        if call.dropout != 0 and call.train and layer < call.num_layers - 1:
+            x = F.dropout(x, call.dropout, training=True)
+    if call.batch_first and not packed:
+        x = x.transpose(0, 1)
+    return x, torch.stack(h_n, 0), torch.stack(c_n, 0)
