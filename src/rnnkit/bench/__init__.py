@@ -1,10 +1,29 @@
-"""Benchmarks of rnnkit's engines against ``torch.nn``: the shape registry and the runner.
+"""Benchmarks of rnnkit's engines against ``torch.nn``: the registries and the runners.
 
 ``rnnkit bench`` (:mod:`rnnkit.cli.bench`) is the command; :mod:`rnnkit.bench.shapes` holds the
-registry of named shapes and :mod:`rnnkit.bench.runner` what is measured and how.
+registries of named shapes and variants, :mod:`rnnkit.bench.runner` what is measured and how,
+and :mod:`rnnkit.bench.variants` the runs of ``--variants`` against the plain LSTM.
 """
 
 from rnnkit.bench.runner import BenchConfig, run_bench
-from rnnkit.bench.shapes import QUICK_SHAPES, SHAPES, BenchShape, resolve_shapes
+from rnnkit.bench.shapes import (
+    QUICK_SHAPES,
+    SHAPES,
+    VARIANTS,
+    BenchShape,
+    resolve_shapes,
+    resolve_variants,
+)
+from rnnkit.bench.variants import run_variant_bench
 
-__all__ = ["QUICK_SHAPES", "SHAPES", "BenchConfig", "BenchShape", "resolve_shapes", "run_bench"]
+__all__ = [
+    "QUICK_SHAPES",
+    "SHAPES",
+    "VARIANTS",
+    "BenchConfig",
+    "BenchShape",
+    "resolve_shapes",
+    "resolve_variants",
+    "run_bench",
+    "run_variant_bench",
+]

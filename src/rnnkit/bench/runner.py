@@ -4,7 +4,10 @@ For every shape the runner builds one ``torch.nn`` layer (torch's default init, 
 with the same weights, one rnnkit layer per engine. Each engine must first pass a parity check
 against ``torch.nn`` on a short version of the shape (``L`` capped at ``parity_max_L``): the
 no-grad forward, the training forward and every gradient (input and parameters), within
-``rnnkit.testing``'s tolerance for the dtype. An engine that fails gets no timings.
+``rnnkit.testing``'s tolerance for the dtype. An engine that fails gets no timings. The LSTM
+variants (``rnnkit bench --variants``, :mod:`rnnkit.bench.variants`) run on the same machinery,
+but their math is not torch's: each engine is checked against the reference engine on the same
+variant instead, and the reference engine's own row, the spec of the variants, is not checked.
 
 Two workloads are timed, each ``warmup`` times untimed then ``repeats`` times, round-robin over
 the implementations so that drifts in clock speed hit them all alike:
@@ -46,9 +49,12 @@ from rnnkit.engines.base import RNNCall
 from rnnkit.testing import Result, compare, compare_all, run_pair
 
 __all__ = [
+    "REFERENCE",
     "TORCH_NN",
     "BenchConfig",
+    "engine_names",
     "machine_info",
+    "report",
     "run_bench",
     "steps_per_shape",
     "summarize",
@@ -158,7 +164,9 @@ class _Workload:
         return outs
 
 
-def _build(shape: BenchShape, config: BenchConfig, impls: Sequence[str]) -> dict[str, _Workload]:
+def build_workloads(
+    shape: BenchShape, config: BenchConfig, impls: Sequence[str]
+) -> dict[str, _Workload]:
     """Workloads for torch.nn and each engine, on identical weights, input and loss weights."""
     case = shape.case(config.dtype)
     x = case.inputs(config.device, config.seed)["input"]
@@ -170,7 +178,7 @@ def _build(shape: BenchShape, config: BenchConfig, impls: Sequence[str]) -> dict
     ]
     workloads = {}
     for impl in impls:
-        expected, actual = case.modules(_engine_of(impl), config.device, config.seed)
+        expected, actual = shape.modules(_engine_of(impl), config.dtype, config.device, config.seed)
         workloads[impl] = _Workload(expected if impl == TORCH_NN else actual, x, weights)
     return workloads
 
@@ -184,9 +192,8 @@ def unsupported(shape: BenchShape, engine: str, config: BenchConfig) -> str | No
     """Why ``engine`` cannot run ``shape`` (inference or training) on this device and dtype,
     or None if it can."""
     factory = {"device": config.device, "dtype": config.dtype}
-    case = shape.case(config.dtype)
-    _, module = case.modules(engine, config.device, config.seed)
-    x = case.inputs(config.device, config.seed)["input"].detach()
+    _, module = shape.modules(engine, config.dtype, config.device, config.seed)
+    x = shape.case(config.dtype).inputs(config.device, config.seed)["input"].detach()
     D, H_out = shape.D, shape.proj_size or shape.H
     h0 = torch.zeros(shape.num_layers * D, shape.N, H_out, **factory)
     c0 = torch.zeros(shape.num_layers * D, shape.N, shape.H, **factory)
@@ -222,7 +229,7 @@ def check_parity(shape: BenchShape, engine: str, config: BenchConfig) -> list[Re
     case = short.case(config.dtype)
     actual, expected = run_pair(case, engine, config.device, seed=config.seed)
     results = compare_all(actual, expected, config.dtype)
-    work = _build(short, config, [TORCH_NN, engine])
+    work = build_workloads(short, config, [TORCH_NN, engine])
     names = ["output", "h_n", "c_n"]
     inference = {impl: dict(zip(names, w.forward(), strict=False)) for impl, w in work.items()}
     for name, e in inference[TORCH_NN].items():
@@ -298,6 +305,63 @@ def steps_per_shape(n_engines: int, config: BenchConfig) -> int:
     return n_engines + (n_engines + 1) * (config.warmup + config.repeats + 1)
 
 
+def gate(
+    shape: BenchShape,
+    engine: str,
+    config: BenchConfig,
+    explicit: bool,
+    check: Callable[[BenchShape, str, BenchConfig], list[Result]],
+    advance: Callable[[int], None],
+) -> Row | None:
+    """``engine``'s row on ``shape`` before any timing: ``"unsupported"`` (or, unless
+    ``explicit``, None: left out) when the engine cannot run the shape, ``"failed parity"`` when
+    a result of ``check`` is not ok, else ``"ok"``. Advances past the timings it rules out."""
+    reason = unsupported(shape, engine, config)
+    if reason is not None:
+        advance(1 + config.warmup + config.repeats + 1)
+        return Row(engine, status="unsupported", detail=reason) if explicit else None
+    row = Row(engine)
+    parity = check(shape, engine, config)
+    row.parity = [r.as_dict() for r in parity]
+    failed = [r for r in parity if not r.ok]
+    if failed:
+        row.status = "failed parity"
+        row.detail = "; ".join(str(r) for r in failed)
+        advance(config.warmup + config.repeats + 1)
+    advance(1)
+    return row
+
+
+def measure(
+    work: dict[object, _Workload],
+    rows: dict[object, Row],
+    config: BenchConfig,
+    advance: Callable[[int], None],
+) -> None:
+    """Time each workload and measure its peak memory into the row of the same key."""
+    device = torch.device(config.device)
+    for w in work.values():
+        for _ in range(config.warmup):
+            w.forward()
+            w.reset_grads()
+            w.train_step()
+            advance(1)
+    samples = {key: ([], []) for key in work}
+    for _ in range(config.repeats):
+        for key, w in work.items():
+            samples[key][0].append(_time_ms(w.forward, device))
+            w.reset_grads()
+            samples[key][1].append(_time_ms(w.train_step, device))
+            advance(1)
+    for key, w in work.items():
+        row = rows[key]
+        row.fwd_ms, row.train_ms = (summarize(s) for s in samples[key])
+        row.fwd_peak_mb = _peak_mb(w.forward, device)
+        w.reset_grads()
+        row.train_peak_mb = _peak_mb(w.train_step, device)
+        advance(1)
+
+
 def run_shape(
     shape: BenchShape,
     engines: Sequence[str],
@@ -307,47 +371,14 @@ def run_shape(
 ) -> list[dict]:
     """The rows of one shape: torch.nn's, then each engine's. With ``explicit``, an engine
     that cannot run the shape is a failed row; otherwise it is left out."""
-    device = torch.device(config.device)
     rows = {TORCH_NN: Row(TORCH_NN)}
     for engine in engines:
-        reason = unsupported(shape, engine, config)
-        if reason is not None:
-            if explicit:
-                rows[engine] = Row(engine, status="unsupported", detail=reason)
-            advance(1 + config.warmup + config.repeats + 1)
-            continue
-        row = rows[engine] = Row(engine)
-        parity = check_parity(shape, engine, config)
-        row.parity = [r.as_dict() for r in parity]
-        failed = [r for r in parity if not r.ok]
-        if failed:
-            row.status = "failed parity"
-            row.detail = "; ".join(str(r) for r in failed)
-            advance(config.warmup + config.repeats + 1)
-        advance(1)
+        row = gate(shape, engine, config, explicit, check_parity, advance)
+        if row is not None:
+            rows[engine] = row
     timed = [impl for impl, row in rows.items() if row.status == "ok"]
     gc.collect()
-    work = _build(shape, config, timed)
-    for w in work.values():
-        for _ in range(config.warmup):
-            w.forward()
-            w.reset_grads()
-            w.train_step()
-            advance(1)
-    samples = {impl: ([], []) for impl in timed}
-    for _ in range(config.repeats):
-        for impl, w in work.items():
-            samples[impl][0].append(_time_ms(w.forward, device))
-            w.reset_grads()
-            samples[impl][1].append(_time_ms(w.train_step, device))
-            advance(1)
-    for impl, w in work.items():
-        row = rows[impl]
-        row.fwd_ms, row.train_ms = (summarize(s) for s in samples[impl])
-        row.fwd_peak_mb = _peak_mb(w.forward, device)
-        w.reset_grads()
-        row.train_peak_mb = _peak_mb(w.train_step, device)
-        advance(1)
+    measure(build_workloads(shape, config, timed), rows, config, advance)
     return with_ratios([asdict(r) for r in rows.values()])
 
 
@@ -384,6 +415,36 @@ def machine_info(config: BenchConfig) -> dict:
     return info
 
 
+def engine_names(engines: Sequence[str] | None) -> list[str]:
+    """The engines to run: those named, else every registered one; the reference engine, the
+    baseline of the speedup column, always and first."""
+    names = RF.available_engines() if engines is None else list(engines)
+    return [REFERENCE, *(n for n in names if n != REFERENCE)]
+
+
+def report(
+    names: list[str], config: BenchConfig, results: Callable[[], list[dict]], **extra
+) -> dict:
+    """The whole report as plain data (what ``--json`` writes): ``machine``, ``config``,
+    ``engines``, ``extra``'s entries, ``results`` (the list ``results()`` computes, one entry
+    per shape with its ``rows``) and ``ok`` (False when a row is not ok)."""
+    machine = machine_info(config)
+    with warnings.catch_warnings():
+        # torch.nn says so on every call of an LSTM with proj_size; its fallback is what we time
+        warnings.filterwarnings("ignore", message="LSTM with projections is not supported")
+        entries = results()
+    ok = all(r["status"] == "ok" for res in entries for r in res["rows"])
+    machine["load_average_1min_after"] = _load_average()
+    return {
+        "machine": machine,
+        "config": config.as_dict(),
+        "engines": names,
+        **extra,
+        "results": entries,
+        "ok": ok,
+    }
+
+
 def run_bench(
     shapes: Sequence[BenchShape],
     engines: Sequence[str] | None,
@@ -392,28 +453,18 @@ def run_bench(
 ) -> dict:
     """Run every shape; ``engines=None`` means every registered engine that supports it.
 
-    Returns the whole report as plain data (what ``--json`` writes): ``machine``,
-    ``config``, ``engines``, ``results`` (one entry per shape with its ``rows``) and ``ok``
-    (False when an engine failed parity or, named explicitly, could not run a shape).
+    Returns :func:`report`'s data; ``ok`` is False when an engine failed parity or, named
+    explicitly, could not run a shape.
     """
-    explicit = engines is not None
-    names = list(engines) if explicit else RF.available_engines()
-    # The reference engine is the baseline of the speedup column: always measured.
-    names = [REFERENCE, *(n for n in names if n != REFERENCE)]
-    machine = machine_info(config)
-    results = []
-    with warnings.catch_warnings():
-        # torch.nn says so on every call of an LSTM with proj_size; its fallback is what we time
-        warnings.filterwarnings("ignore", message="LSTM with projections is not supported")
-        for shape in shapes:
-            rows = run_shape(shape, names, config, explicit, advance)
-            results.append({"shape": shape.as_dict(), "rows": rows})
-    ok = all(r["status"] == "ok" for res in results for r in res["rows"])
-    machine["load_average_1min_after"] = _load_average()
-    return {
-        "machine": machine,
-        "config": config.as_dict(),
-        "engines": names,
-        "results": results,
-        "ok": ok,
-    }
+    names = engine_names(engines)
+
+    def results() -> list[dict]:
+        return [
+            {
+                "shape": s.as_dict(),
+                "rows": run_shape(s, names, config, engines is not None, advance),
+            }
+            for s in shapes
+        ]
+
+    return report(names, config, results)

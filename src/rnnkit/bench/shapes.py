@@ -1,8 +1,11 @@
-"""The shape registry of ``rnnkit bench``: named layer configurations, each timed as one layer.
+"""The registries of ``rnnkit bench``: named layer configurations, each timed as one layer, and
+the named variants that ``--variants`` times on the LSTM shapes.
 
 A name spells its configuration (``lstm2-L50-N64-H512`` is a 2-layer LSTM over ``L=50`` steps
-of a batch of ``N=64`` with ``H_in = H = 512``), so a table row reads without a legend. Adding a
-shape is one line in :data:`SHAPES` (or :data:`QUICK_SHAPES`, the tiny set for smoke tests).
+of a batch of ``N=64`` with ``H_in = H = 512``; ``lstm-L100-N32-H256+layer_norm`` is that layer
+with the variant ``layer_norm``), so a table row reads without a legend. Adding a shape is one
+line in :data:`SHAPES` (or :data:`QUICK_SHAPES`, the tiny set for smoke tests); adding a variant
+is one line in :data:`VARIANTS`.
 """
 
 from __future__ import annotations
@@ -10,10 +13,20 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 
 import torch
+from torch import nn
 
+import rnnkit
 from rnnkit.testing import Case
+from rnnkit.variants import make_variant
 
-__all__ = ["QUICK_SHAPES", "SHAPES", "BenchShape", "resolve_shapes"]
+__all__ = [
+    "QUICK_SHAPES",
+    "SHAPES",
+    "VARIANTS",
+    "BenchShape",
+    "resolve_shapes",
+    "resolve_variants",
+]
 
 # mode (rnnkit.functional's name) -> module key of rnnkit.testing.Case
 _CASE_MODULES = {"LSTM": "LSTM", "GRU": "GRU", "RNN_TANH": "RNN(tanh)", "RNN_RELU": "RNN(relu)"}
@@ -33,12 +46,17 @@ class BenchShape:
     bidirectional: bool = False
     proj_size: int = 0
     batch_first: bool = False
+    # the name of a VARIANTS entry and its keywords for this layer; "" and () for the plain layer
+    variant: str = ""
+    variant_keywords: tuple[tuple[str, object], ...] = ()
 
     def __post_init__(self) -> None:
         if self.mode not in _CASE_MODULES:
             raise ValueError(f"mode must be one of {', '.join(_CASE_MODULES)}, got {self.mode!r}")
         if self.proj_size and self.mode != "LSTM":
             raise ValueError("proj_size is only supported by LSTM")
+        if self.variant_keywords:
+            make_variant(self.mode, **dict(self.variant_keywords))
 
     @property
     def D(self) -> int:
@@ -48,8 +66,33 @@ class BenchShape:
         """The same layer over ``L`` steps (the parity check runs a short version)."""
         return replace(self, L=L)
 
+    def with_variant(self, variant: str) -> BenchShape:
+        """This layer with the registered variant ``variant``, named ``<name>+<variant>``.
+
+        Keywords that act on a projection (``proj_clip``) are dropped where the layer has none.
+        """
+        if self.variant:
+            raise ValueError(f"{self.name} already has a variant")
+        if self.mode != "LSTM":
+            raise ValueError(f"variants are benchmarked on LSTM shapes; {self.name} is {self.mode}")
+        (variant,) = resolve_variants([variant])
+        keywords = {
+            k: v for k, v in VARIANTS[variant].items() if self.proj_size or k not in _NEEDS_PROJ
+        }
+        return replace(
+            self,
+            name=f"{self.name}+{variant}",
+            variant=variant,
+            variant_keywords=tuple(keywords.items()),
+        )
+
     def as_dict(self) -> dict:
-        return asdict(self)
+        """The fields as plain data; ``variant`` and ``variant_keywords`` only for a variant."""
+        fields = asdict(self)
+        keywords = dict(fields.pop("variant_keywords"))
+        if fields.pop("variant"):
+            fields.update(variant=self.variant, variant_keywords=keywords)
+        return fields
 
     def case(self, dtype: torch.dtype) -> Case:
         """This layer as an ``rnnkit.testing.Case``, with the default zero initial state."""
@@ -75,6 +118,36 @@ class BenchShape:
         if self.mode == "LSTM":
             states.append((self.D * self.num_layers, self.N, self.H))
         return [(*seq, self.D * H_out), *states]
+
+    def modules(
+        self, engine: str, dtype: torch.dtype, device: torch.device | str = "cpu", seed: int = 0
+    ) -> tuple[nn.Module, nn.Module]:
+        """``torch.nn``'s plain layer (torch's init, seeded) and rnnkit's on ``engine``.
+
+        Without a variant, rnnkit's layer has torch's weights (``Case.modules``). With one, it is
+        built under the same seed, so that torch's parameters get the same numbers (but for the
+        shift of ``forget_bias``); the variant's own parameters (peepholes, layer-norm gains
+        and shifts) are moved off their constant init by seeded noise of torch's init scale,
+        so that a parity check sees them at work.
+        """
+        case = self.case(dtype)
+        expected, actual = case.modules(engine, device, seed)
+        if not self.variant:
+            return expected, actual
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            actual = rnnkit.LSTM(
+                **case.kwargs(), dtype=dtype, engine=engine, **dict(self.variant_keywords)
+            )
+        torch_names = set(expected.state_dict())
+        gen = torch.Generator().manual_seed(seed + 2)
+        stdv = self.H**-0.5
+        with torch.no_grad():
+            for name, p in actual.named_parameters():
+                if name not in torch_names:
+                    noise = torch.rand(p.shape, generator=gen, dtype=torch.float64) * 2 - 1
+                    p.add_(noise.mul_(stdv).to(p.dtype))
+        return expected, actual.to(device)
 
 
 def _registry(*shapes: BenchShape) -> dict[str, BenchShape]:
@@ -111,6 +184,33 @@ QUICK_SHAPES: dict[str, BenchShape] = _registry(
         proj_size=6,
     ),  # fmt: skip
 )
+
+
+# Variants for ``--variants``: each timed on the LSTM shapes against the plain torch.nn.LSTM.
+VARIANTS: dict[str, dict[str, object]] = {
+    "layer_norm": {"layer_norm": True},
+    "peephole": {"peephole": True},
+    "zoneout": {"zoneout": (0.1, 0.1)},
+    "recurrent_dropout": {"recurrent_dropout": 0.25},
+    "weight_dropout": {"weight_dropout": 0.25},
+    "forget_bias": {"forget_bias": 1.0},
+    "clip": {"gate_clip": 3.0, "cell_clip": 3.0, "proj_clip": 3.0},
+    "coupled_input_forget": {"coupled_input_forget": True},
+}
+# keywords that act on the projection: left out of a variant where the layer has proj_size=0
+_NEEDS_PROJ = frozenset({"proj_clip"})
+
+
+def resolve_variants(names: list[str] | None) -> list[str]:
+    """The variants to run: ``names`` from :data:`VARIANTS`, else all of them."""
+    if not names:
+        return list(VARIANTS)
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise ValueError(
+            f"unknown variant(s) {', '.join(unknown)}; registered: {', '.join(VARIANTS)}"
+        )
+    return list(dict.fromkeys(names))
 
 
 def resolve_shapes(names: list[str] | None, quick: bool = False) -> list[BenchShape]:

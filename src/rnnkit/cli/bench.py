@@ -2,7 +2,10 @@
 
 Every engine first passes a parity check against ``torch.nn`` on each shape; an engine that
 fails gets ``FAILED PARITY`` in the table instead of timings, and the command exits 1. What is
-timed and how memory is measured is documented in :mod:`rnnkit.bench.runner`.
+timed and how memory is measured is documented in :mod:`rnnkit.bench.runner`. With
+``--variants``, the LSTM shapes run with each named variant, on every engine that supports it,
+against the plain ``torch.nn.LSTM``; parity is then checked against the reference engine
+(:mod:`rnnkit.bench.variants`).
 """
 
 from __future__ import annotations
@@ -14,9 +17,9 @@ import sys
 import torch
 
 from rnnkit import functional as RF
-from rnnkit.bench import runner
+from rnnkit.bench import runner, variants
 from rnnkit.bench.runner import TORCH_NN, BenchConfig
-from rnnkit.bench.shapes import QUICK_SHAPES, SHAPES, resolve_shapes
+from rnnkit.bench.shapes import QUICK_SHAPES, SHAPES, VARIANTS, resolve_shapes, resolve_variants
 from rnnkit.cli import progress
 
 DTYPES = {
@@ -47,6 +50,14 @@ def _shape_list(text: str) -> list[str]:
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return names
+
+
+def _variant_list(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    try:
+        return resolve_variants(names or [text])
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _count(minimum: int):
@@ -90,6 +101,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--shapes", type=_shape_list, default=None, help="comma-separated registered shape names"
     )
     p.add_argument(
+        "--variants",
+        type=_variant_list,
+        nargs="?",
+        const=list(VARIANTS),
+        default=None,
+        metavar="NAMES",
+        help="time the LSTM shapes with each of these comma-separated variants (all without "
+        "NAMES) on every engine that supports it, against the plain torch.nn.LSTM; parity is "
+        f"checked against the reference engine. Registered: {', '.join(VARIANTS)}",
+    )
+    p.add_argument(
         "--quick",
         action="store_true",
         help=f"tiny shapes, {_QUICK_REPEATS} repeats, {_QUICK_WARMUP} warm-up (a smoke test)",
@@ -126,14 +148,34 @@ def run(args: argparse.Namespace) -> int:
         warmup=default_warmup if args.warmup is None else args.warmup,
     )
     shapes = resolve_shapes(args.shapes, quick=args.quick)
+    if args.variants is not None:
+        if args.shapes:
+            others = [s.name for s in shapes if s.mode != "LSTM"]
+            if others:
+                print(
+                    f"rnnkit bench: --variants runs LSTM shapes, not {', '.join(others)}",
+                    file=sys.stderr,
+                )
+                return 2
+        shapes = [s for s in shapes if s.mode == "LSTM"]
     threads = torch.get_num_threads()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
         n_engines = 1 + len([e for e in args.engines or RF.available_engines() if e != "reference"])
-        total = len(shapes) * runner.steps_per_shape(n_engines, config)
-        with progress.progress(total, "bench", enabled=args.progress, unit="run") as bar:
-            report = runner.run_bench(shapes, args.engines, config, advance=bar.update)
+        if args.variants is None:
+            steps = runner.steps_per_shape(n_engines, config)
+        else:
+            steps = variants.steps_per_variant_shape(n_engines, len(args.variants), config)
+        with progress.progress(
+            len(shapes) * steps, "bench", enabled=args.progress, unit="run"
+        ) as bar:
+            if args.variants is None:
+                report = runner.run_bench(shapes, args.engines, config, advance=bar.update)
+            else:
+                report = variants.run_variant_bench(
+                    shapes, args.variants, args.engines, config, advance=bar.update
+                )
     finally:
         torch.set_num_threads(threads)
     report["command"] = command_line(args)
@@ -156,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
 def command_line(args: argparse.Namespace) -> str:
     """The command that reproduces this run, with the options that were given."""
     words = ["rnnkit", "bench"]
-    for name in ("engines", "shapes"):
+    for name in ("engines", "shapes", "variants"):
         if getattr(args, name):
             words += [f"--{name}", ",".join(getattr(args, name))]
     if args.quick:
@@ -196,8 +238,17 @@ def format_table(report: dict) -> str:
         "fwd+bwd speedup vs reference",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    plain_rows = set()
     for result in report["results"]:
+        shape = result["shape"]
         for row in result["rows"]:
+            name = shape["name"]
+            if row["impl"] == TORCH_NN and "variant" in shape:
+                # the plain layer, one measurement shared by the variants of its shape
+                name = name.removesuffix(f"+{shape['variant']}")
+                if name in plain_rows:
+                    continue
+                plain_rows.add(name)
             r = row["ratios"]
             if row["status"] == "ok":
                 cells = [
@@ -212,7 +263,7 @@ def format_table(report: dict) -> str:
             else:
                 label = "FAILED PARITY" if row["status"] == "failed parity" else "UNSUPPORTED"
                 cells = [f"{label}: {row['detail']}"] + [""] * 6
-            lines.append("| " + " | ".join([result["shape"]["name"], row["impl"], *cells]) + " |")
+            lines.append("| " + " | ".join([name, row["impl"], *cells]) + " |")
     config = report["config"]
     lines.append("")
     lines.append(
@@ -223,11 +274,36 @@ def format_table(report: dict) -> str:
         "vs torch.nn: ratio to torch.nn's row (lower is faster/smaller); speedup vs reference: "
         "the reference engine's fwd+bwd time over this row's."
     )
+    if "variants" in report:
+        lines.append("")
+        lines.append(_variants_note(report["variants"]))
     return "\n".join(lines)
 
 
+def _variants_note(variants: dict[str, dict]) -> str:
+    keywords = "; ".join(f"{v}: {_keywords(kw)}" for v, kw in variants.items())
+    if any("proj_clip" in kw for kw in variants.values()):
+        keywords += "; proj_clip only where the shape has proj_size"
+    return (
+        f"<shape>+<variant>: rnnkit's LSTM with the variant's keywords ({keywords}). torch.nn: "
+        "the plain torch.nn.LSTM with the weights the variants start from, timed once per "
+        "shape, the baseline of the vs torch.nn columns. Engines other than the reference are "
+        "parity-checked against the reference engine on the same variant and seed; speedup vs "
+        "reference: over the reference engine running the same variant."
+    )
+
+
+def _keywords(keywords: dict) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in keywords.items())
+
+
+# up to this many shapes, the fwd and fwd+bwd plots stand side by side
+_SIDE_BY_SIDE = 8
+
+
 def plot_ratios(report: dict, path: str) -> None:
-    """Bars of each engine's time over torch.nn's, per shape; fwd and fwd+bwd side by side."""
+    """Bars of each engine's time over torch.nn's, per shape; fwd and fwd+bwd side by side, or
+    one above the other when there are many shapes (as with ``--variants``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -235,7 +311,12 @@ def plot_ratios(report: dict, path: str) -> None:
 
     shapes = [res["shape"]["name"] for res in report["results"]]
     engines = report["engines"]
-    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(shapes)), 4.5), sharey=True)
+    if len(shapes) > _SIDE_BY_SIDE:
+        size = (max(8, 0.5 * len(shapes)), 9)
+        fig, axes = plt.subplots(2, 1, figsize=size, sharex=True, sharey=True)
+    else:
+        fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(shapes)), 4.5), sharey=True)
+    baseline = f"{TORCH_NN} (plain LSTM)" if "variants" in report else TORCH_NN
     width = 0.8 / max(1, len(engines))
     for ax, key, title in zip(
         axes, ("fwd_vs_torch", "train_vs_torch"), ("fwd", "fwd+bwd"), strict=True
@@ -249,11 +330,12 @@ def plot_ratios(report: dict, path: str) -> None:
             xs = [i + (k - (len(engines) - 1) / 2) * width for i in range(len(shapes))]
             # bars grow from 1 (torch.nn): up where slower, down where faster
             ax.bar(xs, [v - 1 for v in values], width, bottom=1, label=engine)
-        ax.axhline(1.0, color="black", linewidth=1, label=TORCH_NN)
+        ax.axhline(1.0, color="black", linewidth=1, label=baseline)
         ax.set_yscale("log")
         ax.set_title(title)
         ax.set_xticks(range(len(shapes)), shapes, rotation=30, ha="right", fontsize=8)
-    axes[0].set_ylabel("time / torch.nn's time (log; below 1: faster)")
+        if ax is axes[0] or len(shapes) > _SIDE_BY_SIDE:
+            ax.set_ylabel("time / torch.nn's time (log; below 1: faster)")
     axes[1].legend()
     machine = report["machine"]
     fig.suptitle(
