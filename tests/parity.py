@@ -40,24 +40,6 @@ def _check(expected, actual, dtype, exact: bool, title: str) -> None:
     assert not failures, title + "\n  " + "\n  ".join(failures)
 
 
-# Fast engines against the reference: they add the same terms in another order and use their
-# own exp/tanh, so results agree to rounding, not to the bit. rtol is relative to the largest
-# entry of a tensor: a weight gradient sums over every step and row, and its entries that
-# cancel to near zero keep the rounding of their large terms.
-ENGINE_TOLERANCES = {
-    torch.float64: {"fwd": Tolerance(1e-12, 1e-10), "grad": Tolerance(1e-12, 1e-10)},
-    torch.float32: {"fwd": Tolerance(1e-6, 1e-6), "grad": Tolerance(1e-6, 1e-5)},
-}
-
-
-def engine_tolerance(expected: Tensor, name: str) -> Tolerance:
-    """The absolute tolerance of a fast engine's ``name`` against the reference's ``expected``."""
-    atol, rtol = ENGINE_TOLERANCES[expected.dtype]["grad" if name.startswith("grad") else "fwd"]
-    finite = expected[expected.isfinite()]
-    scale = finite.abs().max().item() if finite.numel() else 0.0
-    return Tolerance(atol + rtol * scale, 0.0)
-
-
 def assert_bitwise(
     expected: Mapping[str, Tensor | None],
     actual: Mapping[str, Tensor | None],

@@ -28,6 +28,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 import rnnkit
 
 __all__ = [
+    "ENGINE_TOLERANCES",
     "EXACT",
     "MODULES",
     "TOLERANCES",
@@ -37,6 +38,7 @@ __all__ = [
     "aten_path",
     "compare",
     "compare_all",
+    "engine_tolerance",
     "kind_of",
     "run",
     "run_pair",
@@ -77,6 +79,29 @@ def tolerance(dtype: torch.dtype, kind: str = "fwd") -> Tolerance:
     if kind not in ("fwd", "grad"):
         raise ValueError(f"kind must be 'fwd' or 'grad', got {kind!r}")
     return TOLERANCES[dtype][kind]
+
+
+# A fast engine against the reference engine (float32 and float64 only): they add the same
+# terms in another order and use their own exp/tanh, so results agree to rounding, not to the
+# bit. rtol is relative to the largest entry of a tensor: a weight gradient sums over every
+# step and row, and its entries that cancel to near zero keep the rounding of their large
+# terms.
+ENGINE_TOLERANCES: dict[torch.dtype, dict[str, Tolerance]] = {
+    torch.float64: {"fwd": Tolerance(1e-12, 1e-10), "grad": Tolerance(1e-12, 1e-10)},
+    torch.float32: {"fwd": Tolerance(1e-6, 1e-6), "grad": Tolerance(1e-6, 1e-5)},
+}
+
+
+def engine_tolerance(expected: Tensor, what: str = "output") -> Tolerance:
+    """The absolute tolerance of a fast engine's tensor ``what`` against the reference
+    engine's ``expected``: :data:`ENGINE_TOLERANCES`' atol plus its rtol times the largest
+    finite ``|expected|``."""
+    if expected.dtype not in ENGINE_TOLERANCES:
+        raise ValueError(f"no engine tolerance for {expected.dtype}")
+    atol, rtol = ENGINE_TOLERANCES[expected.dtype][kind_of(what)]
+    finite = expected.detach()[expected.isfinite()]
+    scale = finite.abs().max().item() if finite.numel() else 0.0
+    return Tolerance(atol + rtol * scale, 0.0)
 
 
 @dataclass(frozen=True)

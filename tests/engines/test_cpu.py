@@ -19,28 +19,12 @@ from grid import ModuleCase, module_params
 from parity import assert_same_structure
 from rnnkit.engines import cpu as fused_engine
 from rnnkit.engines.cpu import build
-from rnnkit.testing import Tolerance, compare
-
-# The fused loops and the reference add the same terms in another order and use their own
-# exp/tanh, so results agree to rounding, not to the bit. rtol is relative to the largest
-# entry of a tensor: a weight gradient sums over every step and row, and its entries that
-# cancel to near zero keep the rounding of their large terms.
-TOLERANCES = {
-    torch.float64: {"fwd": Tolerance(1e-12, 1e-10), "grad": Tolerance(1e-12, 1e-10)},
-    torch.float32: {"fwd": Tolerance(1e-6, 1e-6), "grad": Tolerance(1e-6, 1e-5)},
-}
-
-
-def _tolerance(expected: torch.Tensor, name: str) -> Tolerance:
-    atol, rtol = TOLERANCES[expected.dtype]["grad" if name.startswith("grad") else "fwd"]
-    finite = expected[expected.isfinite()]
-    scale = finite.abs().max().item() if finite.numel() else 0.0
-    return Tolerance(atol + rtol * scale, 0.0)
+from rnnkit.testing import compare, engine_tolerance
 
 
 def assert_matches_reference(case: ModuleCase, *, seed: int = 0, scale: float = 1.0) -> None:
     """Fused and reference on the same weights (times ``scale``) and inputs agree within
-    :data:`TOLERANCES`; with ``case.dropout`` both train from the same seed."""
+    :data:`rnnkit.testing.ENGINE_TOLERANCES`; with ``case.dropout`` both train from the same seed."""
     _, fused = case.modules("fused")
     with torch.no_grad():
         for p in fused.parameters():
@@ -56,7 +40,7 @@ def assert_matches_reference(case: ModuleCase, *, seed: int = 0, scale: float = 
     assert_same_structure(expected_structure, structure)
     failures = []
     for name, e in expected.items():
-        result = compare(actual[name], e, what=name, tol=_tolerance(e, name))
+        result = compare(actual[name], e, what=name, tol=engine_tolerance(e, name))
         if not result.ok:
             failures.append(str(result))
     assert not failures, "fused differs from reference:\n  " + "\n  ".join(failures)
@@ -232,7 +216,7 @@ def test_non_contiguous_states_and_empty_batch():
     reference.engine = "reference"
     expected, (e_h, e_c) = reference(x, (h0, c0))
     for a, e in ((out, expected), (h_n, e_h), (c_n, e_c)):
-        assert compare(a, e, tol=_tolerance(e, "output")).ok
+        assert compare(a, e, tol=engine_tolerance(e)).ok
     out, (h_n, _) = module(torch.randn(5, 0, 3, dtype=torch.float64))
     assert out.shape == (5, 0, 4) and h_n.shape == (2, 0, 4)
 

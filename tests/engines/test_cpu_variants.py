@@ -19,8 +19,8 @@ from torch.nn.utils.rnn import pack_padded_sequence
 import rnnkit
 from covering import all_pairs
 from grid import SIZES, CaseInputs, ModuleCase
-from parity import assert_same_structure, engine_tolerance
-from rnnkit.testing import compare
+from parity import assert_same_structure
+from rnnkit.testing import compare, engine_tolerance
 
 VARIANTS = {
     "layer_norm": dict(layer_norm=True),
