@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from rnnkit.engines.cpu import fake
+
 __all__ = ["BuildError", "build_error", "kernels"]
 
 _CSRC = Path(__file__).parent / "csrc"
@@ -84,6 +86,7 @@ def _build():
     ops = torch.ops.rnnkit_cpu
     if not ops.blas_available():
         raise BuildError("this torch build exports no BLAS sgemm_/dgemm_ to call")
+    fake.register("rnnkit_cpu")
     return ops
 
 
@@ -104,6 +107,8 @@ def kernels():
     raise BuildError(f"the fused CPU engine's kernels are unavailable ({_error})")
 
 
+# A constant to torch.compile: traced once (building the kernels if needed), never a guard.
+@torch.compiler.assume_constant_result
 def build_error() -> str | None:
     """None when the kernels load (building them if needed), else why they cannot."""
     try:

@@ -291,15 +291,20 @@ std::vector<Tensor> layer_backward(int64_t mode, const Tensor& grad_out, const T
 }  // namespace
 }  // namespace rnnkit
 
+// Schemas here, kernels under the CPU key: a key of their own lets torch.compile and
+// torch.export trace the ops through their fake implementations (fake.py).
 TORCH_LIBRARY(rnnkit_cpu, m) {
   m.def("blas_available() -> bool", &rnnkit::blas_available);
   m.def(
       "layer_forward(int mode, Tensor x, Tensor h0, Tensor? c0, Tensor[] weights, "
-      "int[] batch_sizes, bool has_bias, bool train) -> Tensor[]",
-      &rnnkit::layer_forward);
+      "int[] batch_sizes, bool has_bias, bool train) -> Tensor[]");
   m.def(
       "layer_backward(int mode, Tensor grad_out, Tensor grad_hn, Tensor? grad_cn, Tensor x, "
       "Tensor h0, Tensor? c0, Tensor[] weights, Tensor out, Tensor[] saved, int[] batch_sizes, "
-      "bool has_bias, bool need_dx) -> Tensor[]",
-      &rnnkit::layer_backward);
+      "bool has_bias, bool need_dx) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(rnnkit_cpu, CPU, m) {
+  m.impl("layer_forward", &rnnkit::layer_forward);
+  m.impl("layer_backward", &rnnkit::layer_backward);
 }
