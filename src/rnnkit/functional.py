@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
+from rnnkit.amp import cast_like_torch
 from rnnkit.cells import STEPS, CellParams, State
 from rnnkit.engines.base import CellCall, Engine, RNNCall
 from rnnkit.variants import Variant, make_variant
@@ -238,6 +239,7 @@ def _rnn(
     _check_devices(data, states, weights)
     if batch_sizes is None and data.size(1 if batch_first else 0) == 0:
         raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+    data, states, params = cast_like_torch(mode, data, batch_sizes, states, params, variant)
 
     call = RNNCall(
         mode=mode,

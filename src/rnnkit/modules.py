@@ -15,6 +15,8 @@ from torch.nn.parameter import Parameter
 from torch.nn.utils.rnn import PackedSequence
 
 from rnnkit import functional as RF
+from rnnkit import streaming
+from rnnkit.lengths import run_with_lengths
 from rnnkit.variants import check_keywords, init_parameters, make_variant
 
 _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
@@ -178,6 +180,31 @@ class RNNBase(nn.Module):
         variant = self.variant.describe()
         return f"{s}, {variant}" if variant else s
 
+    def _forward(self, input, hx, lengths):
+        if lengths is None:
+            return self._run(input, hx)
+        name = _NAMES[self.mode]
+        return run_with_lengths(self._run, name, input, hx, lengths, self.batch_first)
+
+    def step(self, input: Tensor, hx=None):
+        """One time step for online inference: ``forward`` on a length-1 sequence.
+
+        ``input`` is ``[N, H_in]`` (``[H_in]`` unbatched) and ``hx`` as ``forward``'s (zeros
+        if omitted); returns ``(output_t, hx)``, ``output_t`` ``[N, H_out]`` (``[H_out]``) and
+        the new state. Unidirectional layers only: a bidirectional one raises ``ValueError``.
+        See :mod:`rnnkit.streaming`.
+
+        Examples::
+
+            >>> gru = rnnkit.GRU(10, 20, num_layers=2)
+            >>> h = None
+            >>> for x_t in torch.randn(5, 3, 10):  # steps as they arrive, [N, H_in] each
+            ...     out_t, h = gru.step(x_t, h)
+            >>> out_t.shape, h.shape
+            (torch.Size([3, 20]), torch.Size([2, 3, 20]))
+        """
+        return streaming.step(self, input, hx)
+
     def _run(self, input, hx):
         """Validate shapes as ``torch.nn`` does, then call the functional layer."""
         name = _NAMES[self.mode]
@@ -240,10 +267,15 @@ def _check_hx_dims(hx, is_lstm: bool, is_batched: bool):
 
 
 _SHAPES_DOC = r"""
-    Inputs: input, hx
+    Inputs: input, hx, lengths
         * **input**: ``[L, H_in]`` unbatched, ``[L, N, H_in]`` (``[N, L, H_in]`` with
           ``batch_first=True``), or a :class:`torch.nn.utils.rnn.PackedSequence`.
         * **hx**: {hx}; zeros when not given. ``batch_first`` does not apply to it.
+        * **lengths** (keyword-only): the length of each sequence of a padded batched
+          ``input``, a 1-D integer tensor (any device) or a list of ``N`` ints in ``[1, L]``.
+          The call then equals packing (``enforce_sorted=False``), the layer and unpacking
+          (``total_length=L``): the output is zero past each length, the final states are
+          each sequence's own (see :mod:`rnnkit.lengths`).
 
     Outputs: output, {out}
         * **output**: ``[L, N, D*H_out]`` (or a ``PackedSequence``), the last layer's h_t.
@@ -281,8 +313,8 @@ class LSTM(RNNBase):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__("LSTM", *args, **kwargs)
 
-    def forward(self, input, hx=None):
-        return self._run(input, hx)
+    def forward(self, input, hx=None, *, lengths=None):
+        return self._forward(input, hx, lengths)
 
 
 LSTM.__doc__ += _SHAPES_DOC.format(
@@ -318,8 +350,8 @@ class GRU(RNNBase):
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
         super().__init__("GRU", *args, **kwargs)
 
-    def forward(self, input, hx=None):
-        return self._run(input, hx)
+    def forward(self, input, hx=None, *, lengths=None):
+        return self._forward(input, hx, lengths)
 
 
 class RNN(RNNBase):
@@ -358,8 +390,8 @@ class RNN(RNNBase):
             )
         super().__init__(mode, *args, **kwargs)
 
-    def forward(self, input, hx=None):
-        return self._run(input, hx)
+    def forward(self, input, hx=None, *, lengths=None):
+        return self._forward(input, hx, lengths)
 
 
 for _cls in (GRU, RNN):
