@@ -52,8 +52,10 @@ def test_matches_reference(case):
 
 
 # Sizes past the covering grid's: a step wide enough for the threaded pointwise pass (N*H >=
-# 16384), H spanning several vectors plus a partial one, a long sequence with N=1, and the
-# batches of a packed sequence shrinking by more than one row at a time.
+# 16384), H spanning several vectors plus a partial one, a long sequence with N=1, the
+# batches of a packed sequence shrinking by more than one row at a time, and sequences of more
+# rows than the backward's blocks of steps hold (128 rows: the Elman dG, the packed-input
+# gather of previous states), down to one step wider than a block.
 EXTRA_CASES = [
     ModuleCase("LSTM", size=(3, 64, 40, 256), dtype=torch.float32),
     ModuleCase("GRU", size=(3, 64, 40, 256), bidirectional=True, dtype=torch.float64),
@@ -62,6 +64,18 @@ EXTRA_CASES = [
     ModuleCase("GRU", size=(5, 9, 8, 33), packed="sorted", bidirectional=True, num_layers=2),
     ModuleCase("RNN_RELU", size=(5, 9, 8, 33), packed="unsorted", num_layers=2),
     ModuleCase("LSTM", size=(200, 1, 8, 24), bidirectional=True, dtype=torch.float64),
+    ModuleCase(
+        "RNN_TANH",
+        size=(45, 7, 5, 9),
+        packed="unsorted",
+        bidirectional=True,
+        h0=True,
+        dtype=torch.float64,
+    ),
+    ModuleCase("RNN_RELU", size=(60, 5, 6, 17), bidirectional=True, num_layers=2),
+    ModuleCase("RNN_TANH", size=(3, 150, 4, 5), bidirectional=True, dtype=torch.float64),
+    ModuleCase("LSTM", size=(45, 7, 5, 9), proj=True, packed="sorted", bidirectional=True),
+    ModuleCase("GRU", size=(45, 7, 5, 9), packed="unsorted", num_layers=2, dtype=torch.float64),
 ]
 
 
@@ -196,14 +210,99 @@ def test_double_backward(mode, kw, packed):
     assert torch.autograd.gradgradcheck(fn, (x, *params), fast_mode=True)
 
 
-def test_backward_twice_with_retain_graph():
-    """The saved buffers survive a first backward: a second gives the same gradients."""
-    module = _layer("GRU", input_size=3, hidden_size=4, bidirectional=True)
-    x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
-    out, _ = module(x)
-    (first,) = torch.autograd.grad(out.sum(), x, retain_graph=True)
-    (second,) = torch.autograd.grad(out.sum(), x)
-    assert torch.equal(first, second)
+@pytest.mark.parametrize(
+    "mode, kw, packed",
+    [
+        pytest.param("LSTM", dict(bidirectional=True), False, id="LSTM-bidir"),
+        pytest.param(
+            "LSTM", dict(bidirectional=True, proj_size=2), True, id="LSTM-bidir-proj2-packed"
+        ),
+        pytest.param("GRU", dict(bidirectional=True), False, id="GRU-bidir"),
+        pytest.param("GRU", dict(num_layers=2), True, id="GRU-l2-packed"),
+        pytest.param("RNN_TANH", dict(bidirectional=True), True, id="RNNtanh-bidir-packed"),
+    ],
+)
+def test_backward_twice_with_retain_graph(mode, kw, packed):
+    """The saved buffers survive a backward with retain_graph=True; the last backward, which
+    writes its gate gradients over them, gives the same gradients, bit for bit."""
+    module = _layer(mode, input_size=3, hidden_size=4, **kw)
+    x = torch.randn(50, 4, 3, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([50, 17, 49, 3])
+    out, _ = module(pack_padded_sequence(x, lengths, enforce_sorted=False) if packed else x)
+    loss = (out.data if packed else out).sum()
+    leaves = [x, *module.parameters()]
+    first = torch.autograd.grad(loss, leaves, retain_graph=True)
+    second = torch.autograd.grad(loss, leaves, retain_graph=True)
+    last = torch.autograd.grad(loss, leaves)
+    for a, b, c in zip(first, second, last, strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+@pytest.mark.parametrize(
+    "mode, kw, packed",
+    [
+        pytest.param("LSTM", dict(bidirectional=True, proj_size=3), False, id="LSTM-bidir-proj3"),
+        pytest.param("GRU", dict(bidirectional=True), True, id="GRU-bidir-packed"),
+        pytest.param("RNN_RELU", dict(num_layers=2), False, id="RNNrelu-l2"),
+    ],
+)
+@pytest.mark.parametrize("loss", ["sum", "mean", "row_broadcast", "transposed"])
+def test_strided_output_gradients(mode, kw, packed, loss):
+    """Output gradients that are not a dense [R, D*H_out] block: the output's sum or mean
+    (stride 0 everywhere), a weight per feature (rows broadcast), a transposed tensor."""
+    module = _layer(mode, input_size=3, hidden_size=5, **kw)
+    reference = copy.deepcopy(module)
+    reference.engine = "reference"
+    x = torch.randn(40, 4, 3, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([40, 17, 39, 3])
+    results = []
+    for m in (reference, module):
+        out, _ = m(pack_padded_sequence(x, lengths, enforce_sorted=False) if packed else x)
+        out = out.data if packed else out
+        leaves = [x, *m.parameters()]
+        if loss == "sum":
+            results.append(torch.autograd.grad(out.sum(), leaves))
+        elif loss == "mean":
+            results.append(torch.autograd.grad(out.mean(), leaves))
+        elif loss == "row_broadcast":
+            w = torch.linspace(-1, 2, out.size(-1), dtype=out.dtype)
+            results.append(torch.autograd.grad(out, leaves, w.expand_as(out)))
+        else:
+            g = torch.randn(out.shape[::-1], generator=torch.Generator().manual_seed(0))
+            g = g.to(out.dtype).permute(*range(g.dim() - 1, -1, -1))
+            results.append(torch.autograd.grad(out, leaves, g))
+    for e, a in zip(*results, strict=True):
+        result = compare(a, e, tol=engine_tolerance(e, "grad"))
+        assert result.ok, str(result)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bidir"])
+@pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN_TANH"])
+def test_training_step_peak_memory_within_torch(mode, bidirectional):
+    """A training step allocates no more than torch.nn's: the gate gradients go over the saved
+    activations, the Elman ones a block of steps at a time. float64, where no weight is packed
+    for MKL, so that the count is this engine's buffers and torch's alone."""
+    from rnnkit.bench.runner import _peak_mb
+
+    L, N, H_in, H = 100, 16, 64, 64
+    x = torch.randn(L, N, H_in, dtype=torch.float64, requires_grad=True)
+    peaks = []
+    for module in (
+        getattr(torch.nn, mode.removesuffix("_TANH"))(
+            H_in, H, bidirectional=bidirectional, dtype=torch.float64
+        ),
+        _layer(mode, input_size=H_in, hidden_size=H, bidirectional=bidirectional),
+    ):
+
+        def step(module=module):
+            out, hidden = module(x)
+            hidden = hidden if isinstance(hidden, tuple) else (hidden,)
+            sum(t.sum() for t in (out, *hidden)).backward()
+
+        step()
+        peaks.append(_peak_mb(step, torch.device("cpu")))
+    expected, actual = peaks
+    assert actual <= expected, f"fused {actual:.3f} MiB, torch.nn {expected:.3f} MiB"
 
 
 def test_non_contiguous_states_and_empty_batch():

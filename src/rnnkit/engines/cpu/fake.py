@@ -38,7 +38,7 @@ def layer_forward(mode, x, h0, c0, weights, batch_sizes, has_bias, train):
 
 
 def layer_backward(mode, grad_out, grad_hn, grad_cn, x, h0, c0, weights, out, saved,
-                   batch_sizes, has_bias, need_dx):  # fmt: skip
+                   batch_sizes, has_bias, need_dx, reuse_saved):  # fmt: skip
     grads = [torch.empty_like(x) if need_dx else _empty(x), torch.empty_like(h0)]
     grads.append(torch.empty_like(c0) if mode == _LSTM else _empty(x))
     return grads + [torch.empty_like(w) for w in weights]

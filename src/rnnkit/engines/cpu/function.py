@@ -73,9 +73,11 @@ class FusedLayer(torch.autograd.Function):
             # create_graph=True: the gradient must itself be differentiable, which the compiled
             # loops are not; recompute the layer as a graph of torch ops and differentiate that.
             return (None, None, None, *_double_backward(ctx, x, h0, c0, weights, grads))
+        reuse_saved = _saved_die_here()
         dx, dh0, dc0, *dweights = kernels().layer_backward(
             ctx.mode, grad_out, grad_hn, grad_cn[0] if grad_cn else None, x, h0, c0,
             list(weights), out, list(saved), ctx.batch_sizes, ctx.has_bias, need[3],
+            reuse_saved,
         )  # fmt: skip
         dweights = [g if n else None for g, n in zip(dweights, need[6:], strict=True)]
         return (
@@ -85,6 +87,17 @@ class FusedLayer(torch.autograd.Function):
             dc0 if ctx.mode == _LSTM and need[5] else None,
             *dweights,
         )  # fmt: skip
+
+
+def _saved_die_here() -> bool:
+    """True when the saved buffers die with this backward call (no ``retain_graph``), as
+    torch's own compiled autograd assumes (``saved_tensors_use_once``): the kernels may then
+    write the gate gradients over them. Under torch.compile, and on a torch without this
+    private query, it says False and the kernels allocate."""
+    if torch.compiler.is_compiling():
+        return False
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return keep_graph is not None and not keep_graph()
 
 
 def _double_backward(ctx, x, h0, c0, weights, grads):

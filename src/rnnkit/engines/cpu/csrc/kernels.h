@@ -29,16 +29,33 @@ struct Plan {
   int64_t N = 0;             // bs of the widest step
   int64_t rows = 0;          // sum of bs
   bool uniform = true;       // padded: every step has N rows
+  bool reverse = false;      // steps run down in time
 
   int64_t steps() const { return static_cast<int64_t>(bs.size()); }
   // Rows of step s whose previous state is the output of step s - 1; the rest read h0.
   int64_t prev_batch(int64_t s) const { return s == 0 ? 0 : bs[s - 1]; }
+  // The rows of steps [s_lo, s_hi) are contiguous in either direction: the first and the count.
+  int64_t first_row(int64_t s_lo, int64_t s_hi) const {
+    return reverse ? off[s_hi - 1] : off[s_lo];
+  }
+  int64_t rows_of(int64_t s_lo, int64_t s_hi) const {
+    const int64_t last = reverse ? s_lo : s_hi - 1;
+    return off[last] + bs[last] - first_row(s_lo, s_hi);
+  }
+  // First step of the block of steps that ends before s_hi: as many as fit in max_rows rows,
+  // and at least one.
+  int64_t block_start(int64_t s_hi, int64_t max_rows) const {
+    int64_t s = s_hi - 1, n = bs[s];
+    while (s > 0 && n + bs[s - 1] <= max_rows) n += bs[--s];
+    return s;
+  }
 };
 
 inline Plan make_plan(c10::ArrayRef<int64_t> batch_sizes, bool reverse) {
   const int64_t T = static_cast<int64_t>(batch_sizes.size());
   std::vector<int64_t> time_off(T);
   Plan p;
+  p.reverse = reverse;
   for (int64_t t = 0; t < T; ++t) {
     time_off[t] = p.rows;
     p.rows += batch_sizes[t];
@@ -66,6 +83,8 @@ inline const T* prev_row(const Plan& p, int64_t s, int64_t j, const T* hist, int
 // (and c [N, H]) hold h0 (c0) on entry and the final state on exit. Backward: dh, dc hold the
 // gradient of the final state on entry and that of h0, c0 on exit; dG [R, ...] receives the
 // gate gradients that layer.cpp turns into weight and input gradients with one GEMM each.
+// When the saved buffers are not needed again (no retain_graph), dG is the saved activation
+// buffer itself: a row's activations are all loaded before its gradients are stored over them.
 
 template <typename T>
 struct LSTMForward {
@@ -89,11 +108,11 @@ struct LSTMBackward {
   const T* c0;       // [N, H]
   const T* w_hh;     // [4H, H_out]
   const T* w_hr;     // [H_out, H] or null
-  const T* gout;     // [R, ld_gout] gradient of the output
+  const T* gout;     // [R, ld_gout] gradient of the output (ld_gout 0: one row for all)
   int64_t ld_gout;
   T* dh;             // [N, H_out]
   T* dc;             // [N, H]
-  T* dG;             // [R, 4H]
+  T* dG;             // [R, 4H], or `gates` itself
   T* dhs;            // [R, H_out] gradient of each projected h (proj only)
   T* dr;             // [N, H] scratch (proj only)
 };
@@ -127,7 +146,7 @@ struct GRUBackward {
   const T* gout;     // [R, ld_gout]
   int64_t ld_gout;
   T* dh;             // [N, H]
-  T* dG;             // [R, 4H] r|z|n (hidden side, r * da_n)|n (input side, da_n)
+  T* dG;             // [R, 4H] r|z|n (hidden side, r * da_n)|n (input side, da_n), or `ws`
 };
 
 template <typename T>
@@ -135,13 +154,15 @@ void gru_forward(const Plan& p, int64_t H, const GRUForward<T>& a);
 template <typename T>
 void gru_backward(const Plan& p, int64_t H, const GRUBackward<T>& a);
 
+// The Elman loops work in place of whole-sequence buffers: the forward turns x W_ih^T into the
+// output where it lies, and the backward runs one block of steps [s_lo, s_hi) per call, so
+// that layer.cpp turns each block's dG into gradients before the next block reuses it.
 template <typename T>
 struct RNNForward {
-  T* gates;          // [R, H] x W_ih^T, overwritten by pre-activations
   const T* bias;     // [H] b_ih + b_hh, or null
   const T* w_hh;     // [H, H]
   T* h;              // [N, H]
-  T* out;            // [R, ld_out]
+  T* out;            // [R, ld_out] x W_ih^T on entry, the output on exit
   int64_t ld_out;
   bool relu;
 };
@@ -150,17 +171,17 @@ template <typename T>
 struct RNNBackward {
   const T* out;      // [R, ld_out] the activations
   int64_t ld_out;
-  const T* w_hh;     // [H, H]
+  const StepGemm<T>* gemm_hh;  // dA W_hh, W_hh [H, H] packed once per direction
   const T* gout;     // [R, ld_gout]
   int64_t ld_gout;
   T* dh;             // [N, H]
-  T* dG;             // [R, H]
+  T* dG;             // [rows_of(s_lo, s_hi), H] the block's rows, from first_row(s_lo, s_hi)
   bool relu;
 };
 
 template <typename T>
 void rnn_forward(const Plan& p, int64_t H, const RNNForward<T>& a);
 template <typename T>
-void rnn_backward(const Plan& p, int64_t H, const RNNBackward<T>& a);
+void rnn_backward(const Plan& p, int64_t s_lo, int64_t s_hi, int64_t H, const RNNBackward<T>& a);
 
 }  // namespace rnnkit

@@ -1,16 +1,20 @@
 // Launchers of the fused CPU engine: one layer (both directions) forward or backward. They
 // allocate every buffer once, run the input projection and the weight and input gradients as
-// one GEMM each over all steps, and hand the recurrent part to the per-cell time loops.
+// one GEMM each over all steps (the Elman backward: over blocks of steps), and hand the
+// recurrent part to the per-cell time loops.
 #include "kernels.h"
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/add.h>
-#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <ATen/ops/sum.h>
+#include <c10/core/ScalarType.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
+#include <memory>
 #include <optional>
 #include <vector>
 
@@ -55,29 +59,124 @@ T* ptr(const Tensor& t) {
 
 Tensor none_like(const Tensor& x) { return at::empty({0}, x.options()); }
 
-// dW_hh = sum over steps of dA_s^T h_{s-1}, one GEMM over all rows. Padded input: the
-// previous states are the output shifted by one time step (and h0 for the first step), two
-// GEMMs on views. Packed input: gather them into [R, H_out] first, since the batch changes.
+// Rows of gate gradients that the Elman backward holds at a time, and of previous states that
+// a packed input gathers at a time: a block of that many rows stays in cache between the time
+// loop and its GEMMs, and is still tall enough for the GEMMs to run at full speed.
+constexpr int64_t kBlockRows = 128;
+
+// dW_hh (+)= sum over the steps [s_lo, s_hi) of dA_s^T h_{s-1}, with dG the rows of those
+// steps (from first_row(s_lo, s_hi)); beta 0 overwrites dw, 1 adds. Padded input: the previous
+// states are the output rows one step back (N rows before in the forward direction, N after
+// in the reverse one), and h0 for step 0: two GEMMs on views. Packed input: the batch changes,
+// so gather them first, kBlockRows rows at a time.
 template <typename T>
-void weight_grad_hh(const Plan& p, int64_t GH, const T* dG, int64_t ldG, const T* h0,
-                    const T* out, int64_t ld_out, int64_t H_out, T* dw) {
-  const int64_t N = p.N, R = p.rows;
+void weight_grad_hh(const Plan& p, int64_t s_lo, int64_t s_hi, int64_t GH, const T* dG,
+                    int64_t ldG, const T* h0, const T* out, int64_t ld_out, int64_t H_out,
+                    T beta, T* dw) {
+  const int64_t r0 = p.first_row(s_lo, s_hi);
   if (p.uniform) {
-    const bool forward = p.off[0] == 0;
-    gemm<T>(true, false, GH, H_out, N, T(1), dG + p.off[0] * ldG, ldG, h0, H_out, T(0), dw, H_out);
-    const T* p_dG = forward ? dG + N * ldG : dG;
-    const T* p_prev = forward ? out : out + N * ld_out;
-    gemm<T>(true, false, GH, H_out, R - N, T(1), p_dG, ldG, p_prev, ld_out, T(1), dw, H_out);
+    int64_t s = s_lo;
+    if (s == 0) {
+      gemm<T>(true, false, GH, H_out, p.N, T(1), dG + (p.off[0] - r0) * ldG, ldG, h0, H_out,
+              beta, dw, H_out);
+      beta = T(1);
+      s = 1;
+    }
+    if (s < s_hi) {
+      const int64_t r = p.first_row(s, s_hi), prev = p.reverse ? r + p.N : r - p.N;
+      gemm<T>(true, false, GH, H_out, p.rows_of(s, s_hi), T(1), dG + (r - r0) * ldG, ldG,
+              out + prev * ld_out, ld_out, beta, dw, H_out);
+    }
     return;
   }
-  std::vector<T> prev(R * H_out);
-  for (int64_t s = 0; s < p.steps(); ++s) {
-    for (int64_t j = 0; j < p.bs[s]; ++j) {
-      const T* src = prev_row(p, s, j, out, ld_out, h0, H_out);
-      std::memcpy(prev.data() + (p.off[s] + j) * H_out, src, H_out * sizeof(T));
+  const int64_t max_rows = std::min(p.rows_of(s_lo, s_hi), std::max(kBlockRows, p.N));
+  const Tensor buffer =
+      at::empty({max_rows, H_out}, at::TensorOptions(c10::CppTypeToScalarType<T>::value));
+  T* prev = ptr<T>(buffer);
+  for (int64_t top = s_hi; top > s_lo;) {
+    const int64_t bottom = std::max(s_lo, p.block_start(top, kBlockRows));
+    const int64_t r = p.first_row(bottom, top);
+    for (int64_t s = bottom; s < top; ++s) {
+      for (int64_t j = 0; j < p.bs[s]; ++j) {
+        const T* src = prev_row(p, s, j, out, ld_out, h0, H_out);
+        std::memcpy(prev + (p.off[s] + j - r) * H_out, src, H_out * sizeof(T));
+      }
+    }
+    gemm<T>(true, false, GH, H_out, p.rows_of(bottom, top), T(1), dG + (r - r0) * ldG, ldG,
+            prev, H_out, beta, dw, H_out);
+    beta = T(1);
+    top = bottom;
+  }
+}
+
+// One direction's gradients that sum over steps, and what they are computed from:
+//   dX = dA W_ih,  dW_ih = dA^T X,  dW_hh = dA^T H_prev,  db_hh = sum_rows dA,
+// with dA the input-side or hidden-side columns of dG (they differ for GRU only, see
+// gru.cpp); db_ih is the input side's sum, which finish_bias copies from db_hh where equal.
+template <typename T>
+struct StepGrads {
+  int64_t mode, H, H_in, H_out;
+  const T* x;        // [R, H_in]
+  const T* w_ih;     // [G*H, H_in]
+  const T* h0;       // [N, H_out]
+  const T* out;      // [R, ld_out] this direction's output columns: the previous states
+  int64_t ld_out;
+  T* dx;             // [R, H_in], or null
+  bool dx_add;       // another direction wrote dx first
+  T* dw_ih;          // [G*H, H_in]
+  T* dw_hh;          // [G*H, H_out]
+  Tensor db_ih, db_hh;  // [G*H] each, or undefined without bias
+};
+
+// dst (+)= the column sums of src: the bias gradient of a block of rows.
+void add_colsum(const Tensor& src, Tensor dst, bool overwrite) {
+  if (overwrite) {
+    at::sum_out(dst, src, 0);
+  } else {
+    dst.add_(src.sum(0));
+  }
+}
+
+// Adds the gradients of the steps [s_lo, s_hi) to g from dG, their rows (from
+// first_row(s_lo, s_hi)); `first`: the direction's first block, which overwrites.
+template <typename T>
+void add_step_grads(const Plan& p, int64_t s_lo, int64_t s_hi, const T* dG, int64_t ldG,
+                    const StepGrads<T>& g, bool first) {
+  const int64_t r0 = p.first_row(s_lo, s_hi), rows = p.rows_of(s_lo, s_hi);
+  const int64_t H = g.H, H_in = g.H_in, GH = gate_blocks(g.mode) * H;
+  const T beta = first ? T(0) : T(1);
+  const T* p_x = g.x + r0 * H_in;
+  // GRU's input side is blocks r, z (columns 0..2H) and n (columns 3H..4H)
+  const int64_t K = g.mode == GRU ? 2 * H : GH;
+  if (g.dx) {
+    T* p_dx = g.dx + r0 * H_in;
+    gemm<T>(false, false, rows, H_in, K, T(1), dG, ldG, g.w_ih, H_in, g.dx_add ? T(1) : T(0),
+            p_dx, H_in);
+    if (g.mode == GRU) {
+      gemm<T>(false, false, rows, H_in, H, T(1), dG + 3 * H, ldG, g.w_ih + 2 * H * H_in, H_in,
+              T(1), p_dx, H_in);
     }
   }
-  gemm<T>(true, false, GH, H_out, R, T(1), dG, ldG, prev.data(), H_out, T(0), dw, H_out);
+  gemm<T>(true, false, K, H_in, rows, T(1), dG, ldG, p_x, H_in, beta, g.dw_ih, H_in);
+  if (g.mode == GRU) {
+    gemm<T>(true, false, H, H_in, rows, T(1), dG + 3 * H, ldG, p_x, H_in, beta,
+            g.dw_ih + 2 * H * H_in, H_in);
+  }
+  weight_grad_hh<T>(p, s_lo, s_hi, GH, dG, ldG, g.h0, g.out, g.ld_out, g.H_out, beta, g.dw_hh);
+  if (g.db_hh.defined()) {
+    const Tensor block =
+        at::from_blob(const_cast<T*>(dG), {rows, ldG}, {ldG, 1}, g.db_hh.options());
+    add_colsum(block.narrow(1, 0, GH), g.db_hh, first);
+    if (g.mode == GRU) add_colsum(block.narrow(1, 3 * H, H), g.db_ih.narrow(0, 2 * H, H), first);
+  }
+}
+
+// db_ih = db_hh but for GRU's n block, which add_step_grads summed on its own.
+template <typename T>
+void finish_bias(const StepGrads<T>& g) {
+  if (!g.db_hh.defined()) return;
+  const int64_t n = g.mode == GRU ? 2 * g.H : g.db_hh.size(0);
+  g.db_ih.narrow(0, 0, n).copy_(g.db_hh.narrow(0, 0, n));
 }
 
 // Returns [out [R, D*H_out], h_n [D, N, H_out], c_n [D, N, H] (LSTM; else empty), then the
@@ -97,14 +196,17 @@ std::vector<Tensor> forward_impl(int64_t mode, const Tensor& x, const Tensor& h0
   Tensor h_n = h0.clone(at::MemoryFormat::Contiguous);
   Tensor c_n = mode == LSTM ? c0->clone(at::MemoryFormat::Contiguous) : none_like(x);
   // A training GRU projects into the first 3H columns of its [R, 4H] saved buffer, which the
-  // step pass then overwrites in place with r|z|n|h_n: no separate [R, 3H] projection.
-  const int64_t ld_gates = mode == GRU && train ? 4 * H : G * H;
+  // step pass then overwrites in place with r|z|n|h_n: no separate [R, 3H] projection. The
+  // Elman cell projects into its output columns, which the step pass turns into h_t.
+  const bool elman = mode == RNN_TANH || mode == RNN_RELU;
+  const int64_t ld_gates = elman ? D * H_out : mode == GRU && train ? 4 * H : G * H;
   std::vector<Tensor> gates(D), bias(D), cs(D), rs(D), hw(D);
   for (int64_t d = 0; d < D; ++d) {
     // [R, G*H] = x W_ih^T for all steps at once; the biases join in the step pass
-    gates[d] = at::empty({R, ld_gates}, x.options());
+    if (!elman) gates[d] = at::empty({R, ld_gates}, x.options());
+    T* p_gates = elman ? ptr<T>(out) + d * H_out : ptr<T>(gates[d]);
     gemm<T>(false, true, R, G * H, H_in, T(1), ptr<T>(x), H_in, ptr<T>(ws[d].w_ih), H_in, T(0),
-            ptr<T>(gates[d]), ld_gates);
+            p_gates, ld_gates);
     if (has_bias && mode != GRU) bias[d] = at::add(ws[d].b_ih, ws[d].b_hh);
     if (mode == LSTM && train) cs[d] = at::empty({R, H}, x.options());
     if (mode == LSTM && proj) rs[d] = at::empty({train ? R : N, H}, x.options());
@@ -128,8 +230,8 @@ std::vector<Tensor> forward_impl(int64_t mode, const Tensor& x, const Tensor& h0
                       train ? ptr<T>(gates[d]) : nullptr};
       gru_forward<T>(p, H, a);
     } else {
-      RNNForward<T> a{ptr<T>(gates[d]), ptr<T>(bias[d]), ptr<T>(ws[d].w_hh), p_h, p_out,
-                      D * H_out, mode == RNN_RELU};
+      RNNForward<T> a{ptr<T>(bias[d]), ptr<T>(ws[d].w_hh), p_h, p_out, D * H_out,
+                      mode == RNN_RELU};
       rnn_forward<T>(p, H, a);
     }
   }
@@ -147,14 +249,15 @@ std::vector<Tensor> forward_impl(int64_t mode, const Tensor& x, const Tensor& h0
 }
 
 // Returns [dx (empty unless need_dx), dh0, dc0 (LSTM; else empty), then the gradients of
-// `weights` in their order].
+// `weights` in their order]. `reuse_saved`: the saved buffers are not needed after this call
+// (no retain_graph), so the LSTM and GRU time loops write their gate gradients over them.
 template <typename T>
 std::vector<Tensor> backward_impl(int64_t mode, const Tensor& grad_out, const Tensor& grad_hn,
                                   const std::optional<Tensor>& grad_cn, const Tensor& x,
                                   const Tensor& h0, const std::optional<Tensor>& c0,
                                   at::TensorList weights, const Tensor& out,
                                   at::TensorList saved, at::IntArrayRef batch_sizes,
-                                  bool has_bias, bool need_dx) {
+                                  bool has_bias, bool need_dx, bool reuse_saved) {
   const int64_t D = h0.size(0), N = h0.size(1), H_out = h0.size(2);
   const int64_t R = x.size(0), H_in = x.size(1);
   const std::vector<Weights> ws = split_weights(weights, D, has_bias);
@@ -162,24 +265,86 @@ std::vector<Tensor> backward_impl(int64_t mode, const Tensor& grad_out, const Te
   const bool proj = ws[0].w_hr.defined();
   // GRU keeps the input-side n gradient as a fourth block, see gru.cpp
   const int64_t ldG = mode == GRU ? 4 * H : G * H;
+  const int64_t per_dir = mode == LSTM ? 3 : mode == GRU ? 1 : 0;
+  TORCH_CHECK(static_cast<int64_t>(saved.size()) == per_dir * D,
+              "rnnkit fused engine: backward without the saved forward buffers");
+  TORCH_CHECK(!batch_sizes.empty(), "rnnkit fused engine: backward of an empty sequence");
 
-  const Tensor gout = grad_out.contiguous();
+  // The kernels read grad_out by rows of unit column stride, at any row stride: a gradient
+  // broadcast over the rows (as the output's sum or mean gives) is read as its one row, and a
+  // copy is made only of gradients strided otherwise.
+  Tensor gout = grad_out;
+  if (gout.stride(1) != 1) {
+    gout = R > 0 && gout.stride(0) == 0 ? gout.narrow(0, 0, 1).contiguous().expand_as(gout)
+                                        : gout.contiguous();
+  }
+  const int64_t ld_gout = gout.stride(0);
   Tensor dh = grad_hn.clone(at::MemoryFormat::Contiguous);
   Tensor dc = mode == LSTM ? grad_cn->clone(at::MemoryFormat::Contiguous) : none_like(x);
+  std::vector<Plan> plans(D);
+  for (int64_t d = 0; d < D; ++d) plans[d] = make_plan(batch_sizes, d == 1);
+  // allocated where first written: the LSTM and GRU time loops run without it
+  Tensor dx = none_like(x);
+  std::vector<Tensor> result{dx, dh, dc};
+  auto allocate_dx = [&] {
+    if (need_dx) result[0] = dx = at::empty({R, H_in}, x.options());
+  };
+
+  // The gradient tensors of direction d, appended to `result` in the order of `weights`
+  // (but for W_hr, which comes last and which the LSTM branch appends itself).
+  auto step_grads = [&](int64_t d) {
+    StepGrads<T> g{mode, H, H_in, H_out, ptr<T>(x), ptr<T>(ws[d].w_ih),
+                   ptr<T>(h0) + d * N * H_out, ptr<T>(out) + d * H_out, D * H_out,
+                   need_dx ? ptr<T>(dx) : nullptr, d > 0};
+    const Tensor dw_ih = at::empty({G * H, H_in}, x.options());
+    const Tensor dw_hh = at::empty({G * H, H_out}, x.options());
+    g.dw_ih = ptr<T>(dw_ih);
+    g.dw_hh = ptr<T>(dw_hh);
+    result.insert(result.end(), {dw_ih, dw_hh});
+    if (has_bias) {
+      g.db_ih = at::empty({G * H}, x.options());
+      g.db_hh = at::empty({G * H}, x.options());
+      result.insert(result.end(), {g.db_ih, g.db_hh});
+    }
+    return g;
+  };
+
+  if (mode == RNN_TANH || mode == RNN_RELU) {
+    // A block of steps at a time: its dA rows become weight and input gradients before the
+    // next block overwrites them, so dG never spans the sequence.
+    const Tensor dG = at::empty({std::min(R, std::max(kBlockRows, N)), H}, x.options());
+    allocate_dx();
+    for (int64_t d = 0; d < D; ++d) {
+      const Plan& p = plans[d];
+      const StepGrads<T> g = step_grads(d);
+      // packed once for all blocks, with the thread count of rnn_backward's loop, as MKL
+      // advises (the blocks' gradient GEMMs between them keep every thread)
+      const auto gemm_hh = [&] {
+        const SingleThreadBlas blas(small_step_gemm(p.N * H * H));
+        return std::make_unique<StepGemm<T>>(ptr<T>(ws[d].w_hh), H, false, H, H, p.N);
+      }();
+      RNNBackward<T> a{ptr<T>(out) + d * H_out, D * H_out, gemm_hh.get(),
+                       ptr<T>(gout) + d * H_out, ld_gout, ptr<T>(dh) + d * N * H_out,
+                       ptr<T>(dG), mode == RNN_RELU};
+      for (int64_t s_hi = p.steps(); s_hi > 0;) {
+        const int64_t s_lo = p.block_start(s_hi, kBlockRows);
+        rnn_backward<T>(p, s_lo, s_hi, H, a);
+        add_step_grads<T>(p, s_lo, s_hi, ptr<T>(dG), ldG, g, s_hi == p.steps());
+        s_hi = s_lo;
+      }
+      finish_bias(g);
+    }
+    return result;
+  }
+
   std::vector<Tensor> dG(D), dhs(D), dr(D);
   for (int64_t d = 0; d < D; ++d) {
-    dG[d] = at::empty({R, ldG}, x.options());
+    dG[d] = reuse_saved ? saved[per_dir * d] : at::empty({R, ldG}, x.options());
     if (proj) {
       dhs[d] = at::empty({R, H_out}, x.options());
       dr[d] = at::empty({N, H}, x.options());
     }
   }
-  std::vector<Plan> plans(D);
-  for (int64_t d = 0; d < D; ++d) plans[d] = make_plan(batch_sizes, d == 1);
-  const int64_t per_dir = mode == LSTM ? 3 : mode == GRU ? 1 : 0;
-  TORCH_CHECK(static_cast<int64_t>(saved.size()) == per_dir * D,
-              "rnnkit fused engine: backward without the saved forward buffers");
-
   for (int64_t d = 0; d < D; ++d) {
     const Plan& p = plans[d];
     const T* p_gout = ptr<T>(gout) + d * H_out;
@@ -187,61 +352,23 @@ std::vector<Tensor> backward_impl(int64_t mode, const Tensor& grad_out, const Te
     if (mode == LSTM) {
       LSTMBackward<T> a{ptr<T>(saved[3 * d]), ptr<T>(saved[3 * d + 1]),
                         ptr<T>(*c0) + d * N * H, ptr<T>(ws[d].w_hh), ptr<T>(ws[d].w_hr),
-                        p_gout, D * H_out, p_dh, ptr<T>(dc) + d * N * H, ptr<T>(dG[d]),
+                        p_gout, ld_gout, p_dh, ptr<T>(dc) + d * N * H, ptr<T>(dG[d]),
                         ptr<T>(dhs[d]), ptr<T>(dr[d])};
       lstm_backward<T>(p, H, H_out, a);
-    } else if (mode == GRU) {
+    } else {
       GRUBackward<T> a{ptr<T>(saved[d]), ptr<T>(out) + d * H_out, D * H_out,
-                       ptr<T>(h0) + d * N * H, ptr<T>(ws[d].w_hh), p_gout, D * H_out, p_dh,
+                       ptr<T>(h0) + d * N * H, ptr<T>(ws[d].w_hh), p_gout, ld_gout, p_dh,
                        ptr<T>(dG[d])};
       gru_backward<T>(p, H, a);
-    } else {
-      RNNBackward<T> a{ptr<T>(out) + d * H_out, D * H_out, ptr<T>(ws[d].w_hh), p_gout,
-                       D * H_out, p_dh, ptr<T>(dG[d]), mode == RNN_RELU};
-      rnn_backward<T>(p, H, a);
     }
   }
 
-  Tensor dx = need_dx ? at::empty({R, H_in}, x.options()) : none_like(x);
-  std::vector<Tensor> result{dx, dh, dc};
+  // after the time loops, whose packed weights are freed by now
+  allocate_dx();
   for (int64_t d = 0; d < D; ++d) {
-    const T* p_dG = ptr<T>(dG[d]);
-    const T* p_wih = ptr<T>(ws[d].w_ih);
-    const T beta = d == 0 ? T(0) : T(1);
-    Tensor dw_ih = at::empty({G * H, H_in}, x.options());
-    if (mode == GRU) {
-      // input side: blocks r, z (columns 0..2H) and n (columns 3H..4H)
-      if (need_dx) {
-        gemm<T>(false, false, R, H_in, 2 * H, T(1), p_dG, ldG, p_wih, H_in, beta, ptr<T>(dx), H_in);
-        gemm<T>(false, false, R, H_in, H, T(1), p_dG + 3 * H, ldG, p_wih + 2 * H * H_in, H_in,
-                T(1), ptr<T>(dx), H_in);
-      }
-      gemm<T>(true, false, 2 * H, H_in, R, T(1), p_dG, ldG, ptr<T>(x), H_in, T(0),
-              ptr<T>(dw_ih), H_in);
-      gemm<T>(true, false, H, H_in, R, T(1), p_dG + 3 * H, ldG, ptr<T>(x), H_in, T(0),
-              ptr<T>(dw_ih) + 2 * H * H_in, H_in);
-    } else {
-      if (need_dx) {
-        gemm<T>(false, false, R, H_in, G * H, T(1), p_dG, ldG, p_wih, H_in, beta, ptr<T>(dx), H_in);
-      }
-      gemm<T>(true, false, G * H, H_in, R, T(1), p_dG, ldG, ptr<T>(x), H_in, T(0),
-              ptr<T>(dw_ih), H_in);
-    }
-    Tensor dw_hh = at::empty({G * H, H_out}, x.options());
-    weight_grad_hh<T>(plans[d], G * H, p_dG, ldG, ptr<T>(h0) + d * N * H_out,
-                      ptr<T>(out) + d * H_out, D * H_out, H_out, ptr<T>(dw_hh));
-    result.push_back(dw_ih);
-    result.push_back(dw_hh);
-    if (has_bias) {
-      const Tensor colsum = dG[d].sum(0);
-      if (mode == GRU) {
-        result.push_back(at::cat({colsum.narrow(0, 0, 2 * H), colsum.narrow(0, 3 * H, H)}));
-        result.push_back(colsum.narrow(0, 0, 3 * H).clone());
-      } else {
-        result.push_back(colsum);
-        result.push_back(colsum.clone());
-      }
-    }
+    const StepGrads<T> g = step_grads(d);
+    add_step_grads<T>(plans[d], 0, plans[d].steps(), ptr<T>(dG[d]), ldG, g, true);
+    finish_bias(g);
     if (proj) {
       // dW_hr = sum_t dh_t^T r_t
       Tensor dw_hr = at::empty({H_out, H}, x.options());
@@ -249,7 +376,8 @@ std::vector<Tensor> backward_impl(int64_t mode, const Tensor& grad_out, const Te
               T(0), ptr<T>(dw_hr), H);
       result.push_back(dw_hr);
     }
-    // this direction's gate gradients are spent: free them before the next one's GEMMs
+    // this direction's gate gradients are spent: free them before the next one's GEMMs (as
+    // the saved buffers reused, they go with the autograd node instead)
     dG[d] = Tensor();
     dhs[d] = Tensor();
   }
@@ -277,22 +405,24 @@ std::vector<Tensor> layer_backward(int64_t mode, const Tensor& grad_out, const T
                                    const Tensor& h0, const std::optional<Tensor>& c0,
                                    at::TensorList weights, const Tensor& out,
                                    at::TensorList saved, at::IntArrayRef batch_sizes,
-                                   bool has_bias, bool need_dx) {
+                                   bool has_bias, bool need_dx, bool reuse_saved) {
   check_dtype(x);
   const Tensor xc = x.contiguous();
   if (x.scalar_type() == at::kFloat) {
     return backward_impl<float>(mode, grad_out, grad_hn, grad_cn, xc, h0, c0, weights, out,
-                                saved, batch_sizes, has_bias, need_dx);
+                                saved, batch_sizes, has_bias, need_dx, reuse_saved);
   }
   return backward_impl<double>(mode, grad_out, grad_hn, grad_cn, xc, h0, c0, weights, out,
-                               saved, batch_sizes, has_bias, need_dx);
+                               saved, batch_sizes, has_bias, need_dx, reuse_saved);
 }
 
 }  // namespace
 }  // namespace rnnkit
 
 // Schemas here, kernels under the CPU key: a key of their own lets torch.compile and
-// torch.export trace the ops through their fake implementations (fake.py).
+// torch.export trace the ops through their fake implementations (fake.py). layer_backward
+// writes over `saved` only with reuse_saved, which eager autograd passes when the buffers die
+// with the call and a traced graph never does (function.py): the schema declares no mutation.
 TORCH_LIBRARY(rnnkit_cpu, m) {
   m.def("blas_available() -> bool", &rnnkit::blas_available);
   m.def(
@@ -301,7 +431,7 @@ TORCH_LIBRARY(rnnkit_cpu, m) {
   m.def(
       "layer_backward(int mode, Tensor grad_out, Tensor grad_hn, Tensor? grad_cn, Tensor x, "
       "Tensor h0, Tensor? c0, Tensor[] weights, Tensor out, Tensor[] saved, int[] batch_sizes, "
-      "bool has_bias, bool need_dx) -> Tensor[]");
+      "bool has_bias, bool need_dx, bool reuse_saved) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(rnnkit_cpu, CPU, m) {

@@ -3,8 +3,9 @@
 
 namespace rnnkit {
 
-// Per step: a = x W_ih^T + h_{t-1} W_hh^T (one GEMM accumulating into the projection) + b,
-// h_t = act(a). The output is the activation itself, so training saves nothing more.
+// Per step: a = x W_ih^T + h_{t-1} W_hh^T (one GEMM accumulating into the projection, which
+// sits in the output rows) + b, h_t = act(a) over a in place. The output is the activation
+// itself, so training saves nothing more.
 template <typename T>
 void rnn_forward(const Plan& p, int64_t H, const RNNForward<T>& a) {
   // pack with the thread count that computes, as MKL advises
@@ -12,15 +13,13 @@ void rnn_forward(const Plan& p, int64_t H, const RNNForward<T>& a) {
   const StepGemm<T> gemm_hh(a.w_hh, H, true, H, H, p.N);
   for (int64_t s = 0; s < p.steps(); ++s) {
     const int64_t o = p.off[s], b = p.bs[s];
-    T* p_gates = a.gates + o * H;
-    gemm_hh(b, a.h, H, T(1), p_gates, H);
+    gemm_hh(b, a.h, H, T(1), a.out + o * a.ld_out, a.ld_out);
     for (int64_t j = 0; j < b; ++j) {
-      const T* p_a = p_gates + j * H;
       T* p_h = a.h + j * H;
       T* p_out = a.out + (o + j) * a.ld_out;
       const Vec<T> zero(T(0));
       for_vec<T>(0, H, [&](int64_t u, int64_t n) {
-        Vec<T> b_a = load(p_a + u, n);
+        Vec<T> b_a = load(p_out + u, n);
         if (a.bias) b_a = b_a + load(a.bias + u, n);
         const Vec<T> b_h = a.relu ? at::vec::clamp_min(b_a, zero) : vtanh(b_a);
         store(p_h + u, b_h, n);
@@ -30,21 +29,21 @@ void rnn_forward(const Plan& p, int64_t H, const RNNForward<T>& a) {
   }
 }
 
-// Backward through time, from the saved activations h_t alone:
+// Backward through time over the steps [s_lo, s_hi), from the saved activations h_t alone:
 //   tanh:  dA = dh_t (1 - h_t^2)      relu:  dA = dh_t [h_t > 0]
-//   dh_{t-1} = dA W_hh  (one GEMM per step); weight and input gradients in layer.cpp.
+//   dh_{t-1} = dA W_hh  (one GEMM per step, W_hh packed once by the caller for all blocks);
+// weight and input gradients of the block in layer.cpp.
 template <typename T>
-void rnn_backward(const Plan& p, int64_t H, const RNNBackward<T>& a) {
-  // pack with the thread count that computes, as MKL advises
+void rnn_backward(const Plan& p, int64_t s_lo, int64_t s_hi, int64_t H, const RNNBackward<T>& a) {
   const SingleThreadBlas blas(small_step_gemm(p.N * H * H));
-  const StepGemm<T> gemm_hh(a.w_hh, H, false, H, H, p.N);
-  for (int64_t s = p.steps() - 1; s >= 0; --s) {
+  const int64_t r0 = p.first_row(s_lo, s_hi);
+  for (int64_t s = s_hi - 1; s >= s_lo; --s) {
     const int64_t o = p.off[s], b = p.bs[s];
     for (int64_t j = 0; j < b; ++j) {
       const T* p_h = a.out + (o + j) * a.ld_out;
       const T* p_go = a.gout + (o + j) * a.ld_gout;
       const T* p_dh = a.dh + j * H;
-      T* p_dG = a.dG + (o + j) * H;
+      T* p_dG = a.dG + (o + j - r0) * H;
       const Vec<T> zero(T(0)), one(T(1));
       for_vec<T>(0, H, [&](int64_t u, int64_t n) {
         const Vec<T> b_dh = load(p_dh + u, n) + load(p_go + u, n);
@@ -54,13 +53,15 @@ void rnn_backward(const Plan& p, int64_t H, const RNNBackward<T>& a) {
         store(p_dG + u, b_da, n);
       });
     }
-    gemm_hh(b, a.dG + o * H, H, T(0), a.dh, H);
+    (*a.gemm_hh)(b, a.dG + (o - r0) * H, H, T(0), a.dh, H);
   }
 }
 
 template void rnn_forward<float>(const Plan&, int64_t, const RNNForward<float>&);
 template void rnn_forward<double>(const Plan&, int64_t, const RNNForward<double>&);
-template void rnn_backward<float>(const Plan&, int64_t, const RNNBackward<float>&);
-template void rnn_backward<double>(const Plan&, int64_t, const RNNBackward<double>&);
+template void rnn_backward<float>(const Plan&, int64_t, int64_t, int64_t,
+                                  const RNNBackward<float>&);
+template void rnn_backward<double>(const Plan&, int64_t, int64_t, int64_t,
+                                   const RNNBackward<double>&);
 
 }  // namespace rnnkit
