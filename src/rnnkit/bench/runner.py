@@ -23,7 +23,8 @@ before it (weights, input), in one extra run of each workload: on CUDA from the 
 allocator's statistics (``torch.cuda.max_memory_allocated``), on CPU from the allocation and
 free events that ``torch.profiler`` records with ``profile_memory=True`` for torch's CPU
 allocator. Memory a library allocates past torch's allocator (oneDNN's or MKL's internal
-scratch space) is not seen on CPU.
+scratch space) is not seen on CPU, nor the fused engine's packed copy of each W_hh in float32
+(MKL's layout, in mapped pages: about the weight's own size resident, see ``csrc/blas.h``).
 """
 
 from __future__ import annotations
