@@ -40,6 +40,14 @@ def test_compare_nan_shape_dtype_and_missing():
     assert compare(None, None).ok
 
 
+def test_compare_infinities():
+    e = torch.tensor([1.0, float("inf"), float("-inf")])
+    assert compare(e.clone(), e, tol=EXACT).ok
+    assert compare(e.clone(), e).ok
+    assert not compare(torch.tensor([1.0, float("inf"), 3.0]), e).ok
+    assert not compare(torch.tensor([1.0, float("-inf"), float("-inf")]), e, tol=EXACT).ok
+
+
 def test_gradients_get_the_grad_row():
     e = torch.ones(4)
     a = e + 1e-5

@@ -7,6 +7,12 @@ from torch import Tensor, nn
 from torch.nn.parameter import Parameter
 
 from rnnkit import functional as RF
+from rnnkit.validation import (
+    CELL_INPUT_LAYOUTS,
+    check_cell_parameters,
+    expect_dense,
+    expect_tensor,
+)
 from rnnkit.variants import check_keywords, init_parameters, make_variant
 
 _MODES = {1: "RNN_TANH", 3: "GRU", 4: "LSTM"}
@@ -81,6 +87,17 @@ class RNNCellBase(nn.Module):
 
     def _step(self, fn, input: Tensor, hx, name: str, n_states: int):
         """torch.nn's unbatched handling and zero state around one functional step."""
+        expect_tensor(f"{name}: input", input)
+        expect_dense(f"{name}: input", input, CELL_INPUT_LAYOUTS)
+        if hx is not None and n_states == 1:
+            expect_tensor(f"{name}: hx", hx)
+        if hx is not None and n_states == 2:
+            if not isinstance(hx, (tuple, list)):
+                raise TypeError(
+                    f"{name}: hx must be a tuple (h, c) of Tensors, got {type(hx).__name__}"
+                )
+            for idx, value in enumerate(hx):
+                expect_tensor(f"{name}: hx[{idx}]", value)
         if input.dim() not in (1, 2):
             raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
         if hx is not None and n_states == 1 and hx.dim() not in (1, 2):
@@ -103,6 +120,7 @@ class RNNCellBase(nn.Module):
             hx = hx.unsqueeze(0) if n_states == 1 else tuple(h.unsqueeze(0) for h in hx)
         if fn is None:
             raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
+        check_cell_parameters(self, name)
         out = fn(
             input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
             engine=self.engine, variant=self.variant, train=self.training,

@@ -212,15 +212,17 @@ def make_prepare(mode: str, variant, training: bool) -> Prepare:
         keep_h = keep_c = None
         if training:
             H_out = p.w_hh.size(1)
+            # dense masks whatever the layout of x (a cell's input may be sparse)
+            dense = dict(dtype=x.dtype, device=x.device)
             if variant.weight_dropout > 0:
                 p = p._replace(w_hh=F.dropout(p.w_hh, variant.weight_dropout, training=True))
             if variant.recurrent_dropout > 0:
-                ones = x.new_ones(N, H_out)
+                ones = torch.ones(N, H_out, **dense)
                 p = p._replace(rec_mask=F.dropout(ones, variant.recurrent_dropout, True))
             if zh_p > 0:
-                keep_h = x.new_empty(*x.shape[:-1], H_out).bernoulli_(zh_p)
+                keep_h = torch.empty(*x.shape[:-1], H_out, **dense).bernoulli_(zh_p)
             if zc_p > 0 and mode == "LSTM":
-                keep_c = x.new_empty(*x.shape[:-1], p.w_hh.size(0) // 4).bernoulli_(zc_p)
+                keep_c = torch.empty(*x.shape[:-1], p.w_hh.size(0) // 4, **dense).bernoulli_(zc_p)
         return (gates_x, keep_h, keep_c), p
 
     return prepare

@@ -7,6 +7,7 @@ import warnings
 from torch import nn
 
 from rnnkit.cell_modules import GRUCell, LSTMCell, RNNCell
+from rnnkit.functional import check_engine_name
 from rnnkit.modules import GRU, LSTM, RNN
 
 _TO_RNNKIT: dict[type[nn.Module], type[nn.Module]] = {
@@ -43,10 +44,13 @@ def _config(m: nn.Module) -> dict:
     return {k: getattr(m, k) for k in keys}
 
 
-def _swap(m: nn.Module, cls: type[nn.Module], extra: dict) -> nn.Module:
+def _check_revertible(m: nn.Module) -> None:
     variant = getattr(m, "variant", None)
-    if variant is not None and not variant.is_plain:
+    if type(m) in _TO_TORCH and variant is not None and not variant.is_plain:
         raise ValueError(f"torch.nn has no layer for {type(m).__name__}({variant.describe()})")
+
+
+def _swap(m: nn.Module, cls: type[nn.Module], extra: dict) -> nn.Module:
     dtype = next(m.parameters()).dtype
     # Built on the meta device so that no memory is allocated and no random numbers are drawn.
     with warnings.catch_warnings():
@@ -60,6 +64,11 @@ def _swap(m: nn.Module, cls: type[nn.Module], extra: dict) -> nn.Module:
         if hasattr(m, attr) and hasattr(new, attr):
             getattr(new, attr).update(getattr(m, attr))
     return new.train(m.training)
+
+
+def _check_model(fn: str, model: object) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{fn}() expects a torch.nn.Module, got {type(model).__name__}")
 
 
 def _replace(model: nn.Module, mapping: dict, extra: dict, memo: dict) -> nn.Module:
@@ -94,9 +103,15 @@ def convert(model: nn.Module, *, engine: str = "auto") -> nn.Module:
         >>> type(model[0])
         <class 'rnnkit.modules.LSTM'>
     """
+    # checked before anything is swapped, so that a bad call leaves the model as it was
+    _check_model("convert", model)
+    check_engine_name(engine)
     return _replace(model, _TO_RNNKIT, {"engine": engine}, {})
 
 
 def revert(model: nn.Module) -> nn.Module:
     """The inverse of :func:`convert`: rnnkit layers back to ``torch.nn``'s."""
+    _check_model("revert", model)
+    for m in model.modules():
+        _check_revertible(m)
     return _replace(model, _TO_TORCH, {}, {})

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
+from rnnkit import validation as V
 from rnnkit.amp import cast_like_torch
 from rnnkit.cells import STEPS, CellParams, State
 from rnnkit.engines.base import CellCall, Engine, RNNCall
@@ -86,36 +87,6 @@ def select_engine(engine: str, call: RNNCall | CellCall) -> Engine:
     raise RuntimeError(f"no rnnkit engine can run this call ({'; '.join(reasons)})")
 
 
-def _check_devices(input: Tensor, hiddens: Sequence[Tensor], weights: Sequence[Tensor]) -> None:
-    # torch's check_attributes, same messages
-    for name, tensors in (("hidden", hiddens), ("parameter", weights)):
-        for t in tensors:
-            if t.device != input.device:
-                raise RuntimeError(
-                    f"Input and {name} tensors are not at the same device, found input tensor "
-                    f"at {input.device} and {name} tensor at {t.device}"
-                )
-
-
-def _check_batch_sizes(data: Tensor, batch_sizes: Tensor) -> None:
-    if not isinstance(batch_sizes, Tensor):
-        raise TypeError(f"batch_sizes must be a Tensor, got {type(batch_sizes).__name__}")
-    if batch_sizes.dim() != 1 or batch_sizes.dtype != torch.int64 or batch_sizes.is_cuda:
-        raise ValueError(
-            "batch_sizes must be a 1-D int64 CPU tensor, got a "
-            f"{batch_sizes.dim()}-D {batch_sizes.dtype} tensor on {batch_sizes.device}"
-        )
-    if batch_sizes.numel() == 0:
-        raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
-    sizes = batch_sizes.tolist()
-    if sizes[-1] <= 0 or any(a < b for a, b in zip(sizes, sizes[1:], strict=False)):
-        raise ValueError(f"batch_sizes must be positive and non-increasing, got {sizes}")
-    if sum(sizes) != data.size(0):
-        raise ValueError(
-            f"batch_sizes sum to {sum(sizes)} but the packed data has {data.size(0)} rows"
-        )
-
-
 _EXTRA_FIELDS = {
     "peephole": "peephole",
     "layer_norm_ih": "ln_ih",
@@ -136,8 +107,10 @@ def gather_params(
     """Split the flat weight list into one CellParams per layer and direction.
 
     Per layer and direction the list holds ``w_ih, w_hh[, b_ih, b_hh][, w_hr]`` as in
-    ``torch.nn``, then the variant's parameters in ``Variant.extra_param_roles`` order.
+    ``torch.nn``, then the variant's parameters in ``Variant.extra_param_roles`` order. Every
+    weight must have the shape of ``torch.nn``'s parameter in its place.
     """
+    weights = V.expect_weight_list(weights)
     extras = variant.extra_param_roles(mode)
     n = len(weights) // (num_layers * D)
     has_proj = mode == "LSTM" and n - len(extras) == (5 if has_biases else 3)
@@ -147,6 +120,9 @@ def gather_params(
             f"got an incorrect number of RNN parameters: expected {expected} per layer and "
             f"direction for {num_layers} layer(s) and {D} direction(s), got {len(weights)}"
         )
+    roles = ["weight_ih", "weight_hh"] + ["bias_ih", "bias_hh"] * has_biases
+    V.expect_weight_tensors(weights, roles + ["weight_hr"] * has_proj + extras, D)
+    V.check_layer_weights(mode, weights, num_layers, D, bool(has_biases), has_proj, variant)
     params = []
     for k in range(num_layers * D):
         w = list(weights[k * n : (k + 1) * n])
@@ -189,6 +165,7 @@ def _rnn(
     variants: dict,
 ):
     check_engine_name(engine)
+    V.check_layer_options(num_layers, dropout)
     variant = _variant(mode, variants)
     D = 2 if bidirectional else 1
     params = gather_params(mode, weights, has_biases, num_layers, D, variant)
@@ -198,9 +175,13 @@ def _rnn(
         data, batch_sizes, sorted_indices, unsorted_indices = input
     else:
         data = input
+    if not isinstance(data, Tensor):
+        raise TypeError(f"input must be a Tensor or PackedSequence, got {type(data).__name__}")
+    V.expect_dense("input", data)
     # torch.nn's order: dtype, rank, feature size, hidden shapes; then ATen's empty sequence
-    if not torch.is_autocast_enabled(data.device.type) and data.dtype != params[0].w_ih.dtype:
-        w_dtype = params[0].w_ih.dtype
+    autocast = V.autocast_on()
+    w_dtype = params[0].w_ih.dtype
+    if not autocast and data.dtype != w_dtype:
         raise ValueError(
             f"RNN input dtype ({data.dtype}) does not match weight dtype ({w_dtype}). "
             f"Convert input: input.to({w_dtype}), or convert model: model.to({data.dtype})"
@@ -214,8 +195,7 @@ def _rnn(
             f"input.size(-1) must be equal to input_size. Expected {H_in}, got {data.size(-1)}"
         )
     if batch_sizes is not None:
-        _check_batch_sizes(data, batch_sizes)
-        N = int(batch_sizes[0])
+        N = V.check_packed(data, batch_sizes, sorted_indices, unsorted_indices)
     else:
         N = data.size(0 if batch_first else 1)
     H = params[0].w_hh.size(0) // STEPS[mode][1]
@@ -223,22 +203,24 @@ def _rnn(
 
     if hx is None:
         zeros = dict(dtype=data.dtype, device=data.device)
-        h0 = torch.zeros(num_layers * D, N, H_out, **zeros)
-        hx = (h0, torch.zeros(num_layers * D, N, H, **zeros)) if mode == "LSTM" else h0
-    elif sorted_indices is not None:
-        hx = _permute(hx, sorted_indices)
-    if mode == "LSTM" and (not isinstance(hx, (tuple, list)) or len(hx) != 2):
-        raise RuntimeError("lstm expects two hidden states")
-    states = list(hx) if mode == "LSTM" else [hx]
-    for i, (state, size) in enumerate(zip(states, (H_out, H), strict=False)):
-        expected = (num_layers * D, N, size)
-        if not isinstance(state, Tensor) or tuple(state.shape) != expected:
-            got = list(state.shape) if isinstance(state, Tensor) else type(state).__name__
-            which = f"[{i}]" if mode == "LSTM" else ""
-            raise RuntimeError(f"Expected hidden{which} size {expected}, got {got}")
-    _check_devices(data, states, weights)
+        states = [torch.zeros(num_layers * D, N, H_out, **zeros)]
+        if mode == "LSTM":
+            states.append(torch.zeros(num_layers * D, N, H, **zeros))
+    else:
+        # checked before the permutation to the sorted order, which would hide a state with
+        # more batch rows than the input (torch.nn takes the first N)
+        shapes = [(num_layers * D, N, H_out), (num_layers * D, N, H)]
+        states = V.check_states(mode, hx, shapes)
+    V.check_devices(data, states, [w for p in params for w in p if w is not None])
     if batch_sizes is None and data.size(1 if batch_first else 0) == 0:
         raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+    if not autocast:
+        for name, state in zip(
+            ("hx[0]", "hx[1]") if mode == "LSTM" else ("hx",), states, strict=False
+        ):
+            V.expect_dtype(name, state, data.dtype, "input")
+    if hx is not None and sorted_indices is not None:
+        states = [s.index_select(1, sorted_indices) for s in states]
     data, states, params = cast_like_torch(mode, data, batch_sizes, states, params, variant)
 
     call = RNNCall(
@@ -260,12 +242,6 @@ def _rnn(
         if unsorted_indices is not None:
             hidden = [h.index_select(1, unsorted_indices) for h in hidden]
     return (output, *hidden)
-
-
-def _permute(hx, indices: Tensor):
-    if isinstance(hx, (tuple, list)):
-        return tuple(h.index_select(1, indices) for h in hx)
-    return hx.index_select(1, indices)
 
 
 _RNN_DOC = """
@@ -367,9 +343,20 @@ def _cell(
             f"({', '.join(roles) or 'none'}), got {len(extra_weights)}"
         )
     G = STEPS[mode][1]
-    states = list(hx) if mode == "LSTM" else [hx]
-    if mode == "LSTM" and len(states) != 2:
-        raise RuntimeError("lstm_cell expects two hidden states")
+    V.expect_tensor("input", input)
+    V.expect_dense("input", input, V.CELL_INPUT_LAYOUTS)
+    if mode == "LSTM":
+        if not isinstance(hx, (tuple, list)):
+            raise TypeError(f"hx must be a tuple (h, c) of Tensors, got {type(hx).__name__}")
+        states, names = list(hx), ("hx[0]", "hx[1]")
+        if len(states) != 2:
+            raise RuntimeError("lstm_cell expects two hidden states")
+    else:
+        states, names = [hx], ("hx",)
+    for name, h in zip(names, states, strict=True):
+        V.expect_tensor(name, h)
+        V.expect_dense(name, h)
+    V.check_cell_matrices(w_ih, w_hh)
     H = w_hh.size(1)
 
     def check_input() -> None:
@@ -407,7 +394,28 @@ def _cell(
     }.get(mode, (check_weights, check_input, check_hidden))
     for check in order:
         check()
-    _check_devices(input, states, [w for w in (w_ih, w_hh, b_ih, b_hh) if w is not None])
+    shapes = {"bias_ih": (G * H,), "bias_hh": (G * H,), **variant.extra_param_shapes(mode, H)}
+    named_weights = [
+        (name, b) for name, b in (("bias_ih", b_ih), ("bias_hh", b_hh)) if b is not None
+    ]
+    named_weights += list(zip(roles, extra_weights, strict=True))
+    for name, w in named_weights:
+        V.expect_tensor(name, w)
+        V.expect_dense(name, w)
+        if tuple(w.shape) != shapes[name]:
+            raise RuntimeError(f"{name} must have shape {shapes[name]}, got {tuple(w.shape)}")
+    V.check_devices(input, states, [w_ih, w_hh, *(w for _, w in named_weights)])
+    if not V.autocast_on():
+        # ATen's message where torch's cells fail in a matrix product; its cells would promote
+        # a c of another dtype, which rnnkit's layers refuse as well
+        if input.dtype != w_ih.dtype:
+            raise RuntimeError(V.aten_dtype_mismatch(input, w_ih))
+        for name, w in [("weight_hh", w_hh), *named_weights]:
+            V.expect_dtype(name, w, w_ih.dtype, "weight_ih")
+        if states[0].dtype != w_hh.dtype:
+            raise RuntimeError(V.aten_dtype_mismatch(states[0], w_hh))
+        if mode == "LSTM":
+            V.expect_dtype("hx[1]", states[1], input.dtype, "input")
     state = tuple(states) if mode == "LSTM" else hx
     named = {_EXTRA_FIELDS[role]: t for role, t in zip(roles, extra_weights, strict=True)}
     params = CellParams(w_ih, w_hh, b_ih, b_hh, **named)

@@ -17,6 +17,7 @@ from torch.nn.utils.rnn import PackedSequence
 from rnnkit import functional as RF
 from rnnkit import streaming
 from rnnkit.lengths import run_with_lengths
+from rnnkit.validation import check_layer_parameters, expect_dense, expect_tensor
 from rnnkit.variants import check_keywords, init_parameters, make_variant
 
 _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
@@ -216,6 +217,7 @@ class RNNBase(nn.Module):
                 raise TypeError(
                     f"{name}: input must be a Tensor or PackedSequence, got {type(input).__name__}"
                 )
+            expect_dense(f"{name}: input", input)
             if input.dim() not in (2, 3):
                 tensor = " tensor" if self.mode.startswith("RNN") else ""
                 raise ValueError(
@@ -225,10 +227,12 @@ class RNNBase(nn.Module):
             if not is_batched:
                 input = input.unsqueeze(batch_dim)
             if hx is not None:
-                hx = _check_hx_dims(hx, is_lstm, is_batched)
+                hx = _check_hx_dims(name, hx, is_lstm, is_batched)
+        weights = self._flat_weights
+        check_layer_parameters(self, weights)
         output, *hidden = _FUNCTIONS[self.mode](
             input,
-            self._flat_weights,
+            weights,
             hx,
             has_biases=self.bias,
             num_layers=self.num_layers,
@@ -245,7 +249,7 @@ class RNNBase(nn.Module):
         return output, tuple(hidden) if is_lstm else hidden[0]
 
 
-def _check_hx_dims(hx, is_lstm: bool, is_batched: bool):
+def _check_hx_dims(name: str, hx, is_lstm: bool, is_batched: bool):
     """torch.nn's batched/unbatched checks on ``hx``; unbatched states get a batch dim."""
     want = 3 if is_batched else 2
     kind = "batched 3-D" if is_batched else "unbatched 2-D"
@@ -253,12 +257,15 @@ def _check_hx_dims(hx, is_lstm: bool, is_batched: bool):
         if not isinstance(hx, (tuple, list)) or len(hx) != 2:
             got = type(hx).__name__ if not isinstance(hx, (tuple, list)) else f"{len(hx)} items"
             raise RuntimeError(f"LSTM expects hx to be a tuple (h_0, c_0), got {got}")
+        expect_tensor(f"{name}: hx[0]", hx[0])
+        expect_tensor(f"{name}: hx[1]", hx[1])
         if hx[0].dim() != want or hx[1].dim() != want:
             raise RuntimeError(
                 f"For {kind} input, hx and cx should also be {want}-D but got "
                 f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors"
             )
         return hx if is_batched else (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+    expect_tensor(f"{name}: hx", hx)
     if hx.dim() != want:
         raise RuntimeError(
             f"For {kind} input, hx should also be {want}-D but got {hx.dim()}-D tensor"

@@ -181,7 +181,8 @@ def compare(
     max_rel = max_abs / max(scale.max().item(), _TINY) if max_abs not in (0.0, _INF) else max_abs
     # rtol * inf would excuse any value where torch has an infinity: those must be equal
     inf_mismatch = bool(((a.isinf() | e.isinf()) & (a != e))[finite].any())
-    within = bool((diff <= tol.atol + tol.rtol * scale).all()) and not inf_mismatch
+    # equal entries match whatever the tolerance (0 * inf would make an infinity's bound NaN)
+    within = bool(((diff == 0) | (diff <= tol.atol + tol.rtol * scale)).all()) and not inf_mismatch
     return Result(what, max_abs, max_rel, *tol, ok=within and not nan, nan=nan)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import torch
@@ -70,6 +71,19 @@ def _count(minimum: int):
     return parse
 
 
+def _output_path(text: str) -> str:
+    # checked before the run, which would otherwise end in a traceback after all its timings
+    folder = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"no such directory: {folder}")
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} is a directory, not a file")
+    return text
+
+
+_output_path.__name__ = "path"
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "bench",
@@ -116,9 +130,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         action="store_true",
         help=f"tiny shapes, {_QUICK_REPEATS} repeats, {_QUICK_WARMUP} warm-up (a smoke test)",
     )
-    p.add_argument("--json", metavar="PATH", help="write every number and the machine here")
     p.add_argument(
-        "--plot", metavar="PATH", help="bar chart of the ratios to torch.nn (needs matplotlib)"
+        "--json",
+        metavar="PATH",
+        type=_output_path,
+        help="write every number and the machine here",
+    )
+    p.add_argument(
+        "--plot",
+        metavar="PATH",
+        type=_output_path,
+        help="bar chart of the ratios to torch.nn (needs matplotlib)",
     )
     progress.add_argument(p)
     return p

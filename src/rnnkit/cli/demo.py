@@ -11,6 +11,7 @@ model can reach without remembering the first marked value across at least ``T/2
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -180,8 +181,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add(
         "--engine",
         default=defaults.engine,
-        help="rnnkit engine of the LSTM: 'auto' or a name from rnnkit.functional.ENGINES "
-        "(default: %(default)s)",
+        choices=["auto", *rnnkit.functional.available_engines()],
+        help="rnnkit engine of the LSTM (default: %(default)s)",
     )
     add(
         "--variant",
@@ -191,7 +192,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     add(
         "--seed",
-        type=int,
+        type=_seed,
         default=defaults.seed,
         help="seed of the init and the training data (default: %(default)s)",
     )
@@ -207,7 +208,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default=defaults.batch_size,
         help="sequences per step (default: %(default)s)",
     )
-    add("--lr", type=float, default=defaults.lr, help="Adam's learning rate (default: %(default)s)")
+    add(
+        "--lr",
+        type=_positive_float,
+        default=defaults.lr,
+        help="Adam's learning rate (default: %(default)s)",
+    )
     # The demo's matrices (64 sequences of 64 units) are too small for intra-op threads to
     # pay for their synchronisation; on a busy machine, threads waiting on each other make
     # each step several times slower. One thread is the fast and steady default.
@@ -267,3 +273,24 @@ def _at_least(minimum: int) -> Callable[[str], int]:
     # argparse names the type in its message for a non-number: "invalid int value"
     parse.__name__ = "int"
     return parse
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    return value
+
+
+_positive_float.__name__ = "float"
+
+
+def _seed(text: str) -> int:
+    value = int(text)
+    # what torch.manual_seed accepts
+    if not -(2**63) <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"must be in [-2**63, 2**64), got {value}")
+    return value
+
+
+_seed.__name__ = "int"

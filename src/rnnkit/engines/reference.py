@@ -5,7 +5,10 @@ Autograd does the backward. The driver repeats the structure of ATen's CPU imple
 ``apply_layer_stack`` in ``aten/src/ATen/native/RNN.cpp``): the input projection of a whole
 layer is one GEMM, each step adds the recurrent GEMM, and the autograd graph is built in the
 same order, so forward values and every gradient equal torch's ATen path bit for bit. Every
-fast engine is tested against this one.
+fast engine is tested against this one. A call that records no autograd graph (``no_grad``,
+inference, nothing requiring grad) writes each step's output in place into the layer's output
+instead of keeping a list of them: the same values, in memory that does not grow with L beyond
+the output and the input projection.
 """
 
 from __future__ import annotations
@@ -62,23 +65,76 @@ def _scan(step: Step, steps_x: list, state: State, p: CellParams):
     return outputs, state
 
 
-def _full_layer(step: Step, prepare: Prepare, x: Tensor, state: State, p: CellParams):
-    """One direction over a padded sequence ``x`` ``[L, N, H_in]``."""
+def _select(seq, t: int):
+    if isinstance(seq, tuple):
+        return tuple(None if s is None else s.select(0, t) for s in seq)
+    return seq.select(0, t)
+
+
+class _Rows:
+    """A layer's output rows ``[R, D*H_out]``, written in place as the steps run.
+
+    For a call that records no autograd graph: the layer then holds its output and a constant
+    more, whatever L, where per-step outputs kept in a list and joined at the end hold L tensor
+    objects and the output twice. The rows are copies of the same steps' outputs, so the values
+    are the same bits. With a graph the driver keeps ATen's list and ``torch.stack``/``cat``,
+    so that the graph and every gradient bit stay ATen's.
+    """
+
+    def __init__(self, rows: int, D: int):
+        self.rows, self.D = rows, D
+        self.data: Tensor | None = None
+
+    def put(self, d: int, row: int, h: Tensor) -> None:
+        """Direction ``d``'s output ``h`` ``[n, H_out]`` as rows ``row:row+n``."""
+        H_out = h.size(1)
+        if self.data is None:
+            # allocated at the first step: its dtype is the step's (autocast may lower it)
+            self.data = h.new_empty(self.rows, self.D * H_out)
+        rows = self.data.narrow(0, row, h.size(0))
+        (rows if self.D == 1 else rows.narrow(1, d * H_out, H_out)).copy_(h)
+
+
+def _full_layer(
+    step: Step,
+    prepare: Prepare,
+    x: Tensor,
+    state: State,
+    p: CellParams,
+    rows: _Rows | None = None,
+    d: int = 0,
+    reverse: bool = False,
+):
+    """One direction over a padded sequence ``x`` ``[L, N, H_in]``: its output ``[L, N,
+    H_out]`` (None when written into ``rows``) and final state."""
     seq, p = prepare(x, p, x.size(1))
-    outputs, state = _scan(step, _unbind(seq), state, p)
-    return torch.stack(outputs, 0), state  # [L, N, H_out]
+    if rows is None:
+        steps = _unbind(seq)
+        outputs, state = _scan(step, steps[::-1] if reverse else steps, state, p)
+        return torch.stack(outputs[::-1] if reverse else outputs, 0), state
+    L, N = x.shape[:2]
+    for t in reversed(range(L)) if reverse else range(L):
+        state = step(_select(seq, t), state, p)
+        rows.put(d, t * N, _as_output(state))
+    return None, state
 
 
-def _full_bidirectional_layer(step: Step, prepare: Prepare, x: Tensor, states, ps):
-    fw_out, fw_state = _full_layer(step, prepare, x, states[0], ps[0])
-    seq, p = prepare(x, ps[1], x.size(1))
-    rev_outputs, rev_state = _scan(step, _unbind(seq)[::-1], states[1], p)
-    rev_out = torch.stack(rev_outputs[::-1], 0)
-    return torch.cat([fw_out, rev_out], fw_out.dim() - 1), (fw_state, rev_state)
+def _full_bidirectional_layer(step: Step, prepare: Prepare, x: Tensor, states, ps, rows=None):
+    fw_out, fw_state = _full_layer(step, prepare, x, states[0], ps[0], rows, 0)
+    rev_out, rev_state = _full_layer(step, prepare, x, states[1], ps[1], rows, 1, reverse=True)
+    out = None if rows is not None else torch.cat([fw_out, rev_out], fw_out.dim() - 1)
+    return out, (fw_state, rev_state)
 
 
 def _packed_layer(
-    step: Step, prepare: Prepare, data: Tensor, batch_sizes: list[int], state: State, p
+    step: Step,
+    prepare: Prepare,
+    data: Tensor,
+    batch_sizes: list[int],
+    state: State,
+    p,
+    rows: _Rows | None = None,
+    d: int = 0,
 ):
     """One direction over packed ``data`` ``[sum(batch_sizes), H_in]``: the batch shrinks."""
     seq, p = prepare(data, p, batch_sizes[0])
@@ -86,20 +142,31 @@ def _packed_layer(
     offset, last = 0, batch_sizes[0]
     for batch in batch_sizes:
         gates_x = _narrow(seq, offset, batch)
-        offset += batch
         if batch < last:
             # Sequences that ended keep their final state; the rest go on.
             finished.append(_slice(state, batch, last))
             state = _slice(state, 0, batch)
         last = batch
         state = step(gates_x, state, p)
-        outputs.append(_as_output(state))
+        if rows is None:
+            outputs.append(_as_output(state))
+        else:
+            rows.put(d, offset, _as_output(state))
+        offset += batch
     finished.append(state)
-    return torch.cat(outputs, 0), _concat(finished[::-1])
+    out = torch.cat(outputs, 0) if rows is None else None
+    return out, _concat(finished[::-1])
 
 
 def _reversed_packed_layer(
-    step: Step, prepare: Prepare, data: Tensor, batch_sizes: list[int], state: State, p
+    step: Step,
+    prepare: Prepare,
+    data: Tensor,
+    batch_sizes: list[int],
+    state: State,
+    p,
+    rows: _Rows | None = None,
+    d: int = 0,
 ):
     """The reverse direction over packed data: the batch grows as time runs backwards."""
     seq, p = prepare(data, p, batch_sizes[0])
@@ -110,18 +177,35 @@ def _reversed_packed_layer(
     for batch in reversed(batch_sizes):
         if batch > last:
             state = _concat([state, _slice(initial, last, batch)])
-        gates_x = _narrow(seq, offset - batch, batch)
         offset -= batch
+        gates_x = _narrow(seq, offset, batch)
         last = batch
         state = step(gates_x, state, p)
-        outputs.append(_as_output(state))
-    return torch.cat(outputs[::-1], 0), state
+        if rows is None:
+            outputs.append(_as_output(state))
+        else:
+            rows.put(d, offset, _as_output(state))
+    out = torch.cat(outputs[::-1], 0) if rows is None else None
+    return out, state
 
 
-def _packed_bidirectional_layer(step: Step, prepare: Prepare, data, batch_sizes, states, ps):
-    fw_out, fw_state = _packed_layer(step, prepare, data, batch_sizes, states[0], ps[0])
-    rev_out, rev_state = _reversed_packed_layer(step, prepare, data, batch_sizes, states[1], ps[1])
-    return torch.cat([fw_out, rev_out], -1), (fw_state, rev_state)
+def _packed_bidirectional_layer(
+    step: Step, prepare: Prepare, data, batch_sizes, states, ps, rows=None
+):
+    fw_out, fw_state = _packed_layer(step, prepare, data, batch_sizes, states[0], ps[0], rows, 0)
+    rev_out, rev_state = _reversed_packed_layer(
+        step, prepare, data, batch_sizes, states[1], ps[1], rows, 1
+    )
+    out = None if rows is not None else torch.cat([fw_out, rev_out], -1)
+    return out, (fw_state, rev_state)
+
+
+def _records_graph(call: RNNCall) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    hx = call.hx if isinstance(call.hx, tuple) else (call.hx,)
+    tensors = [call.input, *hx, *(t for p in call.params for t in p if t is not None)]
+    return any(t.requires_grad for t in tensors)
 
 
 def run_rnn(call: RNNCall) -> RNNResult:
@@ -141,18 +225,25 @@ def run_rnn(call: RNNCall) -> RNNResult:
     elif call.batch_first:
         x = x.transpose(0, 1)
 
+    graph = _records_graph(call)
     finals: list[State] = []
     for layer in range(call.num_layers):
         ps = call.params[layer * D : (layer + 1) * D]
         layer_states = states[layer * D : (layer + 1) * D]
+        # [R, H_in] packed or [L, N, H_in]: the output takes its leading dims
+        lead = x.shape[:-1]
+        rows = None if graph else _Rows(lead.numel(), D)
         if packed and D == 2:
-            x, final = _packed_bidirectional_layer(step, prepare, x, batch_sizes, layer_states, ps)
+            out, final = _packed_bidirectional_layer(
+                step, prepare, x, batch_sizes, layer_states, ps, rows
+            )
         elif packed:
-            x, final = _packed_layer(step, prepare, x, batch_sizes, layer_states[0], ps[0])
+            out, final = _packed_layer(step, prepare, x, batch_sizes, layer_states[0], ps[0], rows)
         elif D == 2:
-            x, final = _full_bidirectional_layer(step, prepare, x, layer_states, ps)
+            out, final = _full_bidirectional_layer(step, prepare, x, layer_states, ps, rows)
         else:
-            x, final = _full_layer(step, prepare, x, layer_states[0], ps[0])
+            out, final = _full_layer(step, prepare, x, layer_states[0], ps[0], rows)
+        x = out if rows is None else rows.data.view(*lead, rows.data.size(-1))
         finals.extend(final if D == 2 else [final])
         if call.dropout != 0 and call.train and layer < call.num_layers - 1:
             x = F.dropout(x, call.dropout, training=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -36,6 +37,7 @@ class BuildError(RuntimeError):
 
 _ops = None
 _error: str | None = None
+_lock = threading.Lock()
 
 
 def _flags() -> tuple[str, list[str]]:
@@ -98,12 +100,15 @@ def kernels():
     global _ops, _error
     if _ops is not None:
         return _ops
-    if _error is None:
-        try:
-            _ops = _build()
-            return _ops
-        except Exception as e:  # the compiler's or loader's reason, kept for every caller
-            _error = f"{type(e).__name__}: {e}".strip()
+    # one build and one load per process, however many threads make their first call at once
+    with _lock:
+        if _ops is None and _error is None:
+            try:
+                _ops = _build()
+            except Exception as e:  # the compiler's or loader's reason, kept for every caller
+                _error = f"{type(e).__name__}: {e}".strip()
+    if _ops is not None:
+        return _ops
     raise BuildError(f"the fused CPU engine's kernels are unavailable ({_error})")
 
 

@@ -30,7 +30,8 @@ void rnn_forward(const Plan& p, int64_t H, const RNNForward<T>& a) {
 }
 
 // Backward through time over the steps [s_lo, s_hi), from the saved activations h_t alone:
-//   tanh:  dA = dh_t (1 - h_t^2)      relu:  dA = dh_t [h_t > 0]
+//   tanh:  dA = dh_t (1 - h_t^2)      relu:  dA = dh_t [not h_t <= 0] (torch's
+//   threshold_backward: a NaN output passes its gradient)
 //   dh_{t-1} = dA W_hh  (one GEMM per step, W_hh packed once by the caller for all blocks);
 // weight and input gradients of the block in layer.cpp.
 template <typename T>
@@ -48,7 +49,7 @@ void rnn_backward(const Plan& p, int64_t s_lo, int64_t s_hi, int64_t H, const RN
       for_vec<T>(0, H, [&](int64_t u, int64_t n) {
         const Vec<T> b_dh = load(p_dh + u, n) + load(p_go + u, n);
         const Vec<T> b_h = load(p_h + u, n);
-        const Vec<T> b_da = a.relu ? Vec<T>::blendv(zero, b_dh, b_h > zero)
+        const Vec<T> b_da = a.relu ? Vec<T>::blendv(b_dh, zero, b_h <= zero)
                                    : b_dh * (one - b_h * b_h);
         store(p_dG + u, b_da, n);
       });
