@@ -39,6 +39,8 @@ NAN_CASES = [
     if where != "c0" or mode == "LSTM"
     if index[0] < (4 if kw.get("num_layers") else 1) or where == "x"
 ]
+
+
 def _nan_params(fused: bool):
     return [
         pytest.param(

@@ -20,6 +20,8 @@ running the same variant.
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import gc
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
@@ -61,14 +63,10 @@ def check_parity(shape: BenchShape, engine: str, config: BenchConfig) -> list[Re
     short = shape.with_length(min(shape.L, config.parity_max_L))
     case = short.case(config.dtype)
     leaves = case.inputs(config.device, config.seed)
-    train, inference = {}, {}
+    train, inference, modules = {}, {}, {}
     for impl in (REFERENCE, engine):
-        _, module = short.modules(impl, config.dtype, config.device, config.seed)
-        with _seeded(config):
-            train[impl] = run(case, module.train(), leaves, config.seed)
-        with torch.no_grad():
-            output, (h_n, c_n) = module.eval()(leaves["input"])
-        inference[impl] = {"output": output, "h_n": h_n, "c_n": c_n}
+        _, module = modules[impl] = short.modules(impl, config.dtype, config.device, config.seed)
+        train[impl], inference[impl] = _runs(case, module, leaves, config)
     results = [
         compare(train[engine].get(name), expected, what=name, tol=engine_tolerance(expected, name))
         for name, expected in train[REFERENCE].items()
@@ -76,7 +74,49 @@ def check_parity(shape: BenchShape, engine: str, config: BenchConfig) -> list[Re
     for name, expected in inference[REFERENCE].items():
         tol = engine_tolerance(expected, name)
         results.append(compare(inference[engine][name], expected, what=f"eval_{name}", tol=tol))
+    if config.dtype == torch.float32 and not all(r.ok for r in results):
+        results = _against_float64(results, case, modules[REFERENCE][1], leaves, config,
+                                   {**train[engine], **_eval(inference[engine])},
+                                   {**train[REFERENCE], **_eval(inference[REFERENCE])})  # fmt: skip
     return results
+
+
+def _runs(case, module, leaves, config: BenchConfig) -> tuple[dict, dict]:
+    with _seeded(config):
+        train = run(case, module.train(), leaves, config.seed)
+    with torch.no_grad():
+        output, (h_n, c_n) = module.eval()(leaves["input"])
+    return train, {"output": output, "h_n": h_n, "c_n": c_n}
+
+
+def _eval(named: dict) -> dict:
+    return {f"eval_{k}": v for k, v in named.items()}
+
+
+def _against_float64(results, case, reference, leaves, config, actual, expected):
+    """A float32 result off the reference's by more than the engine tolerance still passes if
+    it is about as accurate as the reference's own float32 result, both measured against the
+    reference run in float64 on the same values: LayerNorm over nearly equal units divides by
+    a deviation near sqrt(eps), which grows float32 rounding in every implementation (either
+    engine can come out up to ~10x closer to float64 than the other), while a bug is off by
+    far more."""
+    wide = copy.deepcopy(reference).double()
+    wide_leaves = {
+        k: v.detach().double().requires_grad_(v.requires_grad) for k, v in leaves.items()
+    }
+    train, inference = _runs(
+        dataclasses.replace(case, dtype=torch.float64), wide, wide_leaves, config
+    )
+    truth = {**train, **_eval(inference)}
+    checked = []
+    for r in results:
+        if not r.ok and r.what in truth and r.what in actual:
+            error = (actual[r.what].double() - truth[r.what]).abs().max().item()
+            own = (expected[r.what].double() - truth[r.what]).abs().max().item()
+            if error <= 16 * own:
+                r = dataclasses.replace(r, ok=True, what=f"{r.what} (as accurate as the reference)")
+        checked.append(r)
+    return checked
 
 
 def _no_check(shape: BenchShape, engine: str, config: BenchConfig) -> list[Result]:
