@@ -157,3 +157,32 @@ def assert_same_structure(expected: Mapping[str, object], actual: Mapping[str, o
         else:
             same = e == a
         assert same, f"{name}: torch gives {e!r}, rnnkit {a!r}"
+
+
+def randomize_variant_parameters(module: torch.nn.Module) -> torch.nn.Module:
+    """Non-trivial variant parameters (rnnkit's init makes peepholes 0 and LayerNorm gains 1),
+    so that a wrong use of one shows: peepholes and the cell LayerNorm's shift in
+    ``[-0.5, 0.5]``, the LayerNorm gains in ``[0.5, 1.5]``. Draws from the global generator."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.startswith(("peephole", "layer_norm_c_bias")):
+                p.uniform_(-0.5, 0.5)
+            elif name.startswith("layer_norm"):
+                p.uniform_(0.5, 1.5)
+    return module
+
+
+def engines_picked(monkeypatch) -> list[str]:
+    """The names of the engines ``rnnkit.functional`` selects from now on, appended per call."""
+    from rnnkit import functional
+
+    picked: list[str] = []
+    select = functional.select_engine
+
+    def spy(engine, call):
+        chosen = select(engine, call)
+        picked.append(chosen.name)
+        return chosen
+
+    monkeypatch.setattr(functional, "select_engine", spy)
+    return picked

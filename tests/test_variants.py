@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import rnnkit
+from parity import randomize_variant_parameters
 from rnnkit.variants import ACTIVATIONS
 
 ACT = {
@@ -196,14 +197,7 @@ CASES = [pytest.param("LSTM", kw, id=f"LSTM-{name}") for name, kw in LSTM_CASES.
 def _module(cls, kw, engine="auto", **extra):
     torch.manual_seed(0)
     m = getattr(rnnkit, cls)(5, 7, **kw, **extra, engine=engine, dtype=torch.float64)
-    with torch.no_grad():
-        # non-trivial variant parameters, so that a wrong use of one shows
-        for name, p in m.named_parameters():
-            if name.startswith(("peephole", "layer_norm_c_bias")):
-                p.uniform_(-0.5, 0.5)
-            elif name.startswith("layer_norm"):
-                p.uniform_(0.5, 1.5)
-    return m
+    return randomize_variant_parameters(m)
 
 
 # The reference, and what auto picks (the fused engine for most LSTM variants).

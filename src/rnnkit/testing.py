@@ -30,11 +30,13 @@ import rnnkit
 __all__ = [
     "ENGINE_TOLERANCES",
     "EXACT",
+    "FLOAT64_ACCURACY_FACTOR",
     "MODULES",
     "TOLERANCES",
     "Case",
     "Result",
     "Tolerance",
+    "as_accurate",
     "aten_path",
     "compare",
     "compare_all",
@@ -102,6 +104,23 @@ def engine_tolerance(expected: Tensor, what: str = "output") -> Tolerance:
     finite = expected.detach()[expected.isfinite()]
     scale = finite.abs().max().item() if finite.numel() else 0.0
     return Tolerance(atol + rtol * scale, 0.0)
+
+
+# A fast engine's float32 result that misses the engine tolerance may still be right: where
+# LayerNorm normalizes a few nearly equal units, it divides by a deviation near sqrt(eps) and
+# float32 rounding grows in every implementation (either engine comes out up to ~10x closer to
+# float64 than the other, depending on the case). It passes if it is about as accurate as the
+# reference's own float32 result, both measured against the reference run in float64 on the
+# same values; a bug is off by far more.
+FLOAT64_ACCURACY_FACTOR = 16
+
+
+def as_accurate(actual: Tensor, expected: Tensor, truth: Tensor) -> tuple[bool, float, float]:
+    """Whether ``actual`` is within :data:`FLOAT64_ACCURACY_FACTOR` times ``expected``'s own
+    error of ``truth`` (a float64 run), with both max-abs errors."""
+    error = (actual.detach().double() - truth).abs().max().item()
+    own = (expected.detach().double() - truth).abs().max().item()
+    return error <= FLOAT64_ACCURACY_FACTOR * own, error, own
 
 
 @dataclass(frozen=True)

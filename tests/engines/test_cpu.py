@@ -16,7 +16,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import rnnkit
 from grid import ModuleCase, module_params
-from parity import assert_same_structure
+from parity import assert_same_structure, engines_picked
 from rnnkit.engines import cpu as fused_engine
 from rnnkit.engines.cpu import build
 from rnnkit.testing import compare, engine_tolerance
@@ -347,16 +347,7 @@ def test_variants_go_to_the_reference():
 
 
 def test_auto_picks_fused_on_cpu(monkeypatch):
-    from rnnkit import functional
-
-    picked = []
-    select = functional.select_engine
-
-    def spy(engine, call):
-        picked.append(select(engine, call).name)
-        return select(engine, call)
-
-    monkeypatch.setattr(functional, "select_engine", spy)
+    picked = engines_picked(monkeypatch)
     rnnkit.GRU(4, 5)(torch.randn(3, 2, 4))
     rnnkit.LSTM(4, 5, dtype=torch.float16)(torch.randn(3, 2, 4, dtype=torch.float16))
     assert picked == ["fused", "reference"]

@@ -42,7 +42,7 @@ from rnnkit.bench.runner import (
     with_ratios,
 )
 from rnnkit.bench.shapes import VARIANTS, BenchShape
-from rnnkit.testing import Result, compare, engine_tolerance, run
+from rnnkit.testing import Result, as_accurate, compare, engine_tolerance, run
 
 __all__ = ["check_parity", "run_variant_bench", "run_variant_shape", "steps_per_variant_shape"]
 
@@ -95,11 +95,8 @@ def _eval(named: dict) -> dict:
 
 def _against_float64(results, case, reference, leaves, config, actual, expected):
     """A float32 result off the reference's by more than the engine tolerance still passes if
-    it is about as accurate as the reference's own float32 result, both measured against the
-    reference run in float64 on the same values: LayerNorm over nearly equal units divides by
-    a deviation near sqrt(eps), which grows float32 rounding in every implementation (either
-    engine can come out up to ~10x closer to float64 than the other), while a bug is off by
-    far more."""
+    it is about as accurate as the reference's own against a float64 run of the reference on
+    the same values (:func:`rnnkit.testing.as_accurate`)."""
     wide = copy.deepcopy(reference).double()
     wide_leaves = {
         k: v.detach().double().requires_grad_(v.requires_grad) for k, v in leaves.items()
@@ -111,9 +108,7 @@ def _against_float64(results, case, reference, leaves, config, actual, expected)
     checked = []
     for r in results:
         if not r.ok and r.what in truth and r.what in actual:
-            error = (actual[r.what].double() - truth[r.what]).abs().max().item()
-            own = (expected[r.what].double() - truth[r.what]).abs().max().item()
-            if error <= 16 * own:
+            if as_accurate(actual[r.what], expected[r.what], truth[r.what])[0]:
                 r = dataclasses.replace(r, ok=True, what=f"{r.what} (as accurate as the reference)")
         checked.append(r)
     return checked
