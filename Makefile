@@ -23,15 +23,16 @@ all: test
 venv: $(STAMP)
 
 # torch first, pinned: rnnkit asks for torch>=2.1, which the pinned build then satisfies, so
-# pip never resolves (and downloads) a different torch.
+# pip never resolves (and downloads) a different torch. The triton extra (Linux only) lets the
+# Triton engine's tests run in Triton's interpreter on CPU.
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(PIP) install "torch==$(TORCH_VERSION)"
-	$(PIP) install -e ".[test]"
+	$(PIP) install -e ".[test,triton]"
 	touch $@
 
 $(BENCH_STAMP): $(STAMP)
-	$(PIP) install -e ".[test,bench]"
+	$(PIP) install -e ".[test,triton,bench]"
 	touch $@
 
 demo: $(STAMP)

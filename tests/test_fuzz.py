@@ -1,10 +1,12 @@
-"""Property-based: malformed inputs to every entry point raise a clean error on every CPU engine.
+"""Property-based: malformed inputs to every entry point raise a clean error on every engine.
 
 ``malformed.py`` draws the cases (every category of every module family, see its docstring)
 and checks each; here it runs in a subprocess per engine, so that a crash of a compiled engine
 (a segfault gives a negative return code) or a hang (the timeout) fails the test instead of
 killing pytest. The counts it reports are printed (``pytest -s`` shows them).
-``RNNKIT_FUZZ_EXAMPLES`` sets the cases per engine (default: 10 per category, 390 in all).
+The Triton engine runs in Triton's interpreter on CPU tensors, as its other tests do where there
+is no GPU. ``RNNKIT_FUZZ_EXAMPLES`` sets the cases per engine (default: 10 per category, 390 in
+all).
 """
 
 import json
@@ -14,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import malformed
 
@@ -21,10 +24,14 @@ HERE = Path(__file__).parent
 EXAMPLES = int(os.environ.get("RNNKIT_FUZZ_EXAMPLES", 10 * malformed.N_GROUPS))
 
 
-@pytest.mark.parametrize("engine", ["reference", "fused", "auto"])
+@pytest.mark.parametrize("engine", ["reference", "fused", "triton", "auto"])
 def test_malformed_inputs_raise_clean_errors(engine):
     # the subprocess imports what this process imports
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    if engine == "triton":
+        pytest.importorskip("triton")
+        if not torch.cuda.is_available():
+            env["TRITON_INTERPRET"] = "1"
     command = [sys.executable, str(HERE / "malformed.py"), "--engine", engine]
     proc = subprocess.run(
         [*command, "--examples", str(EXAMPLES)],
@@ -48,8 +55,6 @@ def test_malformed_inputs_raise_clean_errors(engine):
 
 def test_raised_by_checks_tells_checks_from_kernels():
     """The fuzz's criterion can fail: an error from a torch op is not from rnnkit's checks."""
-    import torch
-
     import rnnkit
 
     with pytest.raises(RuntimeError) as from_torch:

@@ -49,11 +49,20 @@ def _reference() -> Engine:
     return REFERENCE
 
 
+def _triton() -> Engine:
+    from rnnkit.engines.triton import TRITON
+
+    return TRITON
+
+
 # The dispatch table: engine name -> loader, in the order ``engine="auto"`` tries them. An
 # engine decides by its ``*_unsupported`` predicates which (device, dtype, options) it runs.
+# "triton" comes after the reference, which runs every call, so "auto" never picks it: it
+# moves up once GPU measurements show where it beats the alternatives.
 ENGINES: dict[str, Callable[[], Engine]] = {
     "fused": _fused,
     "reference": _reference,
+    "triton": _triton,
 }
 
 
