@@ -133,3 +133,23 @@ def test_training_calls_do_not_leak(engine, variant):
     # one call's output alone is 10 KiB, its graph several times that: a leak of either per
     # call would pass 10 MiB
     assert grown < 4 * MiB, f"grew {grown / MiB:.1f} MiB over {calls} calls"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_triton_long_sequence_no_grad_memory_is_output_plus_a_constant():
+    """The Triton engine at L = 100,000 (on a GPU: the interpreter takes ~12 ms a step)."""
+    pytest.importorskip("triton")
+    L, H_in, H = 100_000, 16, 64
+    module = rnnkit.LSTM(H_in, H, engine="triton").cuda()
+    x = torch.randn(L, 1, H_in, device="cuda")
+    with torch.no_grad():
+        module(x[:64])
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        out, _ = module(x)
+        peak = torch.cuda.max_memory_allocated() - before
+    projection = L * 4 * H * 4
+    extra = peak - out.numel() * out.element_size() - projection
+    print(f"\ntriton: L={L}: peak {peak / MiB:.1f} MiB, {extra / MiB:.1f} MiB above output + proj")
+    assert extra < 16 * MiB, f"{extra / MiB:.1f} MiB above output and input projection"

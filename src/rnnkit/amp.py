@@ -18,8 +18,18 @@ autocast's lower-precision list: its input, states and weights are cast to the a
 and the output and both final states come out in it. :func:`cast_like_torch` applies that same
 rule to a call before an engine runs it, so rnnkit's outputs have torch's dtypes either way.
 
+On CUDA, ``torch.nn``'s layers run cuDNN wherever ``cudnn_is_acceptable`` holds (cuDNN
+enabled, a float16/32/64 non-empty input), and cuDNN's autocast wrapper (``_cudnn_rnn`` in
+``aten/src/ATen/cudnn/AutocastRNN.cpp``) casts input, states and weights to float16 — float16
+whatever dtype autocast was given — for LSTM, GRU and RNN, packed or not, with or without
+``proj_size``. :func:`cast_like_torch` applies that rule too. The cells' ops (``lstm_cell``,
+``gru_cell``, ``rnn_tanh_cell``, ``rnn_relu_cell``) are in CUDA autocast's lower-precision list
+(not CPU's): on CUDA a cell's input, state and weights go to the autocast dtype, which
+:func:`cast_cell_like_torch` applies.
+
 The fused CPU engine does not run under autocast; ``engine="auto"`` gives those calls to the
-reference engine.
+reference engine. The Triton engine runs a call that was cast whole (its tensors all in the
+dtype torch's kernel would use), with autocast off inside.
 """
 
 from __future__ import annotations
@@ -32,7 +42,7 @@ from torch import Tensor
 from rnnkit.cells import CellParams
 from rnnkit.variants import Variant
 
-__all__ = ["cast_like_torch", "torch_casts_lstm"]
+__all__ = ["cast_cell_like_torch", "cast_like_torch", "torch_casts_layer"]
 
 
 def _onednn_takes(data: Tensor, tensors: Sequence[Tensor]) -> bool:
@@ -50,7 +60,16 @@ def _onednn_takes(data: Tensor, tensors: Sequence[Tensor]) -> bool:
     return False
 
 
-def torch_casts_lstm(
+def _cudnn_takes(data: Tensor, tensors: Sequence[Tensor]) -> bool:
+    """ATen's ``cudnn_is_acceptable`` on the input, with everything on CUDA: cuDNN runs it."""
+    if not (torch.backends.cudnn.is_available() and torch.backends.cudnn.enabled):
+        return False
+    if any(t.device.type != "cuda" for t in (data, *tensors)) or data.numel() == 0:
+        return False
+    return data.dtype in (torch.float16, torch.float32, torch.float64)
+
+
+def torch_casts_layer(
     mode: str,
     data: Tensor,
     batch_sizes: Tensor | None,
@@ -58,16 +77,23 @@ def torch_casts_lstm(
     params: Sequence[CellParams],
     variant: Variant,
 ) -> torch.dtype | None:
-    """The dtype that ``torch.nn`` casts a whole layer call to under CPU autocast, or None.
+    """The dtype that ``torch.nn`` casts a whole layer call to under autocast, or None.
 
-    Only plain LSTM without projections on padded CPU input taken by oneDNN (see the module
-    docstring); the variants have no ``torch.nn`` counterpart and keep the per-op rule.
+    On CPU only plain LSTM without projections on padded input taken by oneDNN; on CUDA every
+    plain layer that cuDNN takes (see the module docstring). The variants have no ``torch.nn``
+    counterpart and keep the per-op rule.
     """
-    if mode != "LSTM" or batch_sizes is not None or not variant.is_plain:
+    if not variant.is_plain:
+        return None
+    weights = [t for p in params for t in p if t is not None]
+    if data.device.type == "cuda":
+        if torch.is_autocast_enabled("cuda") and _cudnn_takes(data, [*states, *weights]):
+            return torch.float16
+        return None
+    if mode != "LSTM" or batch_sizes is not None:
         return None
     if params[0].w_hr is not None or not torch.is_autocast_enabled("cpu"):
         return None
-    weights = [t for p in params for t in p if t is not None]
     if not _onednn_takes(data, [*states, *weights]):
         return None
     return torch.get_autocast_dtype("cpu")
@@ -89,10 +115,25 @@ def cast_like_torch(
     variant: Variant,
 ) -> tuple[Tensor, list[Tensor], tuple[CellParams, ...]]:
     """``data``, ``states`` and ``params`` as ``torch.nn`` would hand them to its kernel under
-    autocast: cast to the autocast dtype where :func:`torch_casts_lstm` says so, else as given.
+    autocast: cast whole where :func:`torch_casts_layer` says so, else as given.
     The casts are autograd ops, so gradients reach the float32 tensors in float32."""
-    dtype = torch_casts_lstm(mode, data, batch_sizes, states, params, variant)
+    dtype = torch_casts_layer(mode, data, batch_sizes, states, params, variant)
     if dtype is None:
         return data, states, params
     params = tuple(CellParams(*(_cast(t, dtype) for t in p)) for p in params)
     return _cast(data, dtype), [_cast(s, dtype) for s in states], params
+
+
+def cast_cell_like_torch(
+    input: Tensor, states: list[Tensor], params: CellParams, variant: Variant
+) -> tuple[Tensor, list[Tensor], CellParams]:
+    """A cell's tensors as CUDA autocast hands them to ``torch.nn``'s cell ops: in the autocast
+    dtype when autocast is on for CUDA and the cell is plain and on CUDA, else as given."""
+    tensors = [input, *states, *(t for t in params if t is not None)]
+    if not variant.is_plain or any(t.device.type != "cuda" for t in tensors):
+        return input, states, params
+    if not torch.is_autocast_enabled("cuda"):
+        return input, states, params
+    dtype = torch.get_autocast_dtype("cuda")
+    params = CellParams(*(_cast(t, dtype) for t in params))
+    return _cast(input, dtype), [_cast(s, dtype) for s in states], params

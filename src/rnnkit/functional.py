@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
 from rnnkit import validation as V
-from rnnkit.amp import cast_like_torch
+from rnnkit.amp import cast_cell_like_torch, cast_like_torch
 from rnnkit.cells import STEPS, CellParams, State
 from rnnkit.engines.base import CellCall, Engine, RNNCall
 from rnnkit.variants import Variant, make_variant
@@ -425,9 +425,10 @@ def _cell(
             raise RuntimeError(V.aten_dtype_mismatch(states[0], w_hh))
         if mode == "LSTM":
             V.expect_dtype("hx[1]", states[1], input.dtype, "input")
-    state = tuple(states) if mode == "LSTM" else hx
     named = {_EXTRA_FIELDS[role]: t for role, t in zip(roles, extra_weights, strict=True)}
     params = CellParams(w_ih, w_hh, b_ih, b_hh, **named)
+    input, states, params = cast_cell_like_torch(input, list(states), params, variant)
+    state = tuple(states) if mode == "LSTM" else states[0]
     call = CellCall(mode, input, state, params, variant=variant, train=bool(train))
     return select_engine(engine, call).run_cell(call)
 

@@ -208,12 +208,16 @@ def _layer(mode: str, **kw) -> torch.nn.Module:
     cls = {"RNN_TANH": "RNN", "RNN_RELU": "RNN"}.get(mode, mode)
     if mode.startswith("RNN_"):
         kw["nonlinearity"] = mode[4:].lower()
-    module = getattr(rnnkit, cls)(engine="triton", dtype=torch.float64, **kw)
+    module = getattr(rnnkit, cls)(engine="triton", **{"dtype": torch.float64, **kw})
     return module.to(DEVICE)
 
 
 def _f64(*shape):
     return torch.randn(*shape, dtype=torch.float64, device=DEVICE, requires_grad=True)
+
+
+def _f32(*shape):
+    return torch.randn(*shape, device=DEVICE, requires_grad=True)
 
 
 @pytest.mark.parametrize(
@@ -323,6 +327,35 @@ def test_non_contiguous_states_and_empty_batch():
         assert compare(a, e, tol=engine_tolerance(e)).ok
     out, (h_n, _) = module(_f64(5, 0, 3))
     assert out.shape == (5, 0, 4) and h_n.shape == (2, 0, 4)
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_autocast_runs_what_torch_casts_whole(mode):
+    """Under autocast the engine takes the layers torch.nn casts whole (CPU: oneDNN's LSTM;
+    CUDA: cuDNN's, every layer), in the cast dtype with autocast off inside: the reference's
+    dtypes and values within the cast dtype's tolerance, gradients reaching float32 leaves.
+    Other calls it leaves to the reference engine."""
+    if not CUDA and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("no bfloat16 oneDNN on this CPU")
+    if not CUDA and mode != "LSTM":
+        with pytest.raises(RuntimeError, match="triton: under autocast runs only"):
+            with torch.autocast(DEVICE, dtype=torch.bfloat16):
+                _layer(mode, input_size=3, hidden_size=4, dtype=torch.float32)(_f32(5, 2, 3))
+        return
+    module = _layer(mode, input_size=3, hidden_size=4, num_layers=2, dtype=torch.float32)
+    reference = copy.deepcopy(module)
+    reference.engine = "reference"
+    x = _f32(5, 2, 3)
+    runs = []
+    for m in (reference, module):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            out, state = m(x)
+        state = list(state) if isinstance(state, tuple) else [state]
+        grads = torch.autograd.grad(out.float().square().sum(), [x, *m.parameters()])
+        runs.append([out, *state, *grads])
+    for e, a in zip(*runs, strict=True):
+        assert a.dtype == e.dtype
+        assert compare(a.float(), e.float(), tol=tolerance(torch.bfloat16, "grad")).ok
 
 
 def test_what_it_leaves_to_other_engines():

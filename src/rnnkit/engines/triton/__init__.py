@@ -70,7 +70,13 @@ def rnn_unsupported(call: RNNCall) -> str | None:
     if any(t.dtype != dtype for t in tensors):
         return "needs input, states and weights of one dtype"
     if torch.is_autocast_enabled(call.input.device.type):
-        return "autocast not supported"
+        from rnnkit.amp import torch_casts_layer
+
+        cast = torch_casts_layer(
+            call.mode, call.input, call.batch_sizes, _tensors(call)[1:], call.params, call.variant
+        )
+        if cast != dtype:
+            return "under autocast runs only the layers torch.nn casts whole (cuDNN's, oneDNN's)"
     if not call.variant.is_plain:
         from rnnkit.engines.triton import variant
 
@@ -83,7 +89,9 @@ def run_rnn(call: RNNCall) -> RNNResult:
         from rnnkit.engines.triton.function import run_rnn as run
     else:
         from rnnkit.engines.triton.variant import run_rnn as run
-    return run(call)
+    # under autocast the call arrives cast whole, in the dtype torch's kernel runs it in
+    with torch.autocast(call.input.device.type, enabled=False):
+        return run(call)
 
 
 def cell_unsupported(call: CellCall) -> str | None:
