@@ -15,7 +15,7 @@ import torch
 from rnnkit import functional as RF
 from rnnkit.bench import runner
 from rnnkit.bench.runner import TORCH_NN, BenchConfig
-from rnnkit.bench.shapes import QUICK_SHAPES, SHAPES, BenchShape, resolve_shapes
+from rnnkit.bench.shapes import GPU_SHAPES, QUICK_SHAPES, SHAPES, BenchShape, resolve_shapes
 from rnnkit.cli.bench import format_table
 from rnnkit.cli.main import main
 
@@ -196,6 +196,8 @@ def test_registry():
         assert (s.mode, s.L, s.N, s.H_in, s.H, s.num_layers, s.bidirectional) == config
     assert resolve_shapes(None) == list(SHAPES.values())
     assert resolve_shapes(None, quick=True) == list(QUICK_SHAPES.values())
+    assert resolve_shapes(None, device="cuda") == list(GPU_SHAPES.values())
+    assert resolve_shapes(["lstm-L1024-N16-H768"])[0] is GPU_SHAPES["lstm-L1024-N16-H768"]
     assert resolve_shapes([TINY, "gru-L100-N32-H256"])[1] is SHAPES["gru-L100-N32-H256"]
     with pytest.raises(ValueError, match="unknown shape"):
         resolve_shapes(["lstm-L1-N1-H1"])

@@ -104,6 +104,76 @@ def test_matches_reference_packed_and_long(case):
     assert_matches_reference(case)
 
 
+PERSISTENT_CASES = [
+    ModuleCase("LSTM", size=(6, 3, 5, 7), num_layers=2, bidirectional=True, h0=True),
+    ModuleCase("LSTM", size=(4, 70, 3, 20), dtype=torch.float64, batch_first=True),
+    ModuleCase("LSTM", size=(5, 1, 3, 6), packed="unsorted", bidirectional=True),  # one length
+    ModuleCase("RNN_TANH", size=(6, 3, 5, 7), bidirectional=True, h0=True, dropout=0.3),
+    ModuleCase("RNN_RELU", size=(6, 3, 5, 7), num_layers=2, dtype=torch.float64),
+]
+
+
+def _spy_persistent(monkeypatch) -> list[str]:
+    from rnnkit.engines.triton import persistent
+
+    ran = []
+    for name in ("forward", "backward"):
+        real = getattr(persistent, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            ran.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(persistent, name, spy)
+    return ran
+
+
+@pytest.mark.parametrize("kernels", ["persistent", "per-step"])
+@pytest.mark.parametrize("case", module_params(PERSISTENT_CASES))
+def test_persistent_and_per_step_kernels(case, kernels, monkeypatch):
+    """LSTM and RNN without projection on equal lengths run the whole loop in one launch (two
+    batch tiles at N = 70), unless ``RNNKIT_TRITON_PERSISTENT=0``; both match the reference."""
+    monkeypatch.setenv("RNNKIT_TRITON_PERSISTENT", "1" if kernels == "persistent" else "0")
+    ran = _spy_persistent(monkeypatch)
+    assert_matches_reference(case)
+    if kernels == "persistent":
+        assert "forward" in ran and "backward" in ran
+    else:
+        assert not ran
+
+
+@pytest.mark.parametrize("forward_kernels", ["persistent", "per-step"])
+def test_either_backward_after_either_forward(forward_kernels, monkeypatch):
+    """The persistent and per-step loops save the same buffers."""
+    module = _layer("LSTM", input_size=3, hidden_size=5, bidirectional=True)
+    reference = copy.deepcopy(module)
+    reference.engine = "reference"
+    x = _f64(4, 2, 3)
+    env = {"persistent": "1", "per-step": "0"}
+    runs = []
+    for m in (reference, module):
+        monkeypatch.setenv("RNNKIT_TRITON_PERSISTENT", env[forward_kernels])
+        out, (h, c) = m(x)
+        monkeypatch.setenv("RNNKIT_TRITON_PERSISTENT", "0" if env[forward_kernels] == "1" else "1")
+        runs.append(torch.autograd.grad(out.sin().sum() + h.sum() + c.sum(), [x, *m.parameters()]))
+    for e, a in zip(*runs, strict=True):
+        assert compare(a, e, tol=engine_tolerance(e, "grad")).ok
+
+
+def test_persistent_launches_fit_the_gpu(monkeypatch):
+    """Every program of a launch must be resident: larger grids go to the per-step kernels."""
+    from rnnkit.engines.triton import persistent
+
+    monkeypatch.setattr(persistent, "_multiprocessors", lambda device: 2)
+    x = torch.empty(0)
+    assert persistent.takes("LSTM", x, 64, 64, False, True)
+    assert not persistent.takes("LSTM", x, 200, 64, False, True)
+    assert not persistent.takes("LSTM", x, 4, persistent.MAX_H + 1, False, True)
+    assert not persistent.takes("LSTM", x, 4, 8, True, True)
+    assert not persistent.takes("GRU", x, 4, 8, False, True)
+    assert not persistent.takes("LSTM", x, 4, 8, False, False)
+
+
 @pytest.mark.parametrize(
     "case",
     module_params(
@@ -416,21 +486,23 @@ import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from rnnkit.engines.triton import kernels, variant_kernels
+from rnnkit.engines.triton import kernels, persistent, variant_kernels
 
 assert not kernels.INTERPRETED
-fns = [getattr(m, n) for m in (kernels, variant_kernels) for n in dir(m) if n.endswith("_kernel")]
+modules = (kernels, variant_kernels, persistent)
+fns = [getattr(m, n) for m in modules for n in dir(m) if n.endswith("_kernel")]
 for fn in fns:
     params = list(inspect.signature(fn.fn).parameters)
     for io, flag in (("bf16", True), ("fp64", False)):
         signature, constexprs = {}, {}
         for p in params:
             if p.startswith("p_"):
-                signature[p] = "*" + io
+                signature[p] = "*i32" if p == "p_sync" else "*" + io
             elif p.isupper() or p.startswith("BLOCK"):
                 signature[p] = "constexpr"
                 constexprs[p] = {"ACC": tl.float64 if io == "fp64" else tl.float32,
-                                 "BLOCK_N": 16, "BLOCK_H": 64,
+                                 "BLOCK_N": 16, "BLOCK_H": 64, "BLOCK_K": 64,
+                                 "MODE": 0 if flag else 2, "TILES_H": 2 if flag else 1,
                                  "ZH": 1 if flag else 2, "ZC": 2 if flag else 1}.get(p, flag)
             else:
                 signature[p] = "i32"
@@ -452,4 +524,4 @@ def test_kernels_compile_for_gpus(tmp_path):
         [sys.executable, "-c", COMPILE], env=env, capture_output=True, text=True, timeout=600
     )
     assert run.returncode == 0, run.stderr[-4000:]
-    assert int(run.stdout.split()[-1]) == 8
+    assert int(run.stdout.split()[-1]) == 10

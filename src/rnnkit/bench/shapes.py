@@ -20,6 +20,7 @@ from rnnkit.testing import Case
 from rnnkit.variants import make_variant
 
 __all__ = [
+    "GPU_SHAPES",
     "QUICK_SHAPES",
     "SHAPES",
     "VARIANTS",
@@ -167,6 +168,19 @@ SHAPES: dict[str, BenchShape] = _registry(
     BenchShape("rnn-tanh-L100-N32-H256", "RNN_TANH", L=100, N=32, H_in=256, H=256),
 )
 
+# The default set with ``--device cuda``: the Triton engine's targets against cuDNN, FlashRNN's
+# published shape (N=16, L=1024, H_in=H=768) and small batches and hidden sizes, where the
+# persistent kernels save a launch per step.
+GPU_SHAPES: dict[str, BenchShape] = _registry(
+    BenchShape("lstm-L1024-N16-H768", "LSTM", L=1024, N=16, H_in=768, H=768),
+    BenchShape("lstm-L1024-N16-H256", "LSTM", L=1024, N=16, H_in=256, H=256),
+    BenchShape("lstm-L1024-N8-H128", "LSTM", L=1024, N=8, H_in=128, H=128),
+    BenchShape("lstm-L1024-N1-H64", "LSTM", L=1024, N=1, H_in=64, H=64),
+    BenchShape("gru-L1024-N16-H256", "GRU", L=1024, N=16, H_in=256, H=256),
+    BenchShape("rnn-tanh-L1024-N16-H256", "RNN_TANH", L=1024, N=16, H_in=256, H=256),
+    BenchShape("lstm-L200-N64-H512", "LSTM", L=200, N=64, H_in=512, H=512),
+)
+
 # Tiny shapes for ``--quick``: every mode and option once, seconds in all.
 QUICK_SHAPES: dict[str, BenchShape] = _registry(
     BenchShape("lstm-L8-N2-H16", "LSTM", L=8, N=2, H_in=16, H=16),
@@ -213,11 +227,16 @@ def resolve_variants(names: list[str] | None) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def resolve_shapes(names: list[str] | None, quick: bool = False) -> list[BenchShape]:
-    """The shapes to run: ``names`` from either registry, else the quick or the default set."""
+def resolve_shapes(
+    names: list[str] | None, quick: bool = False, device: str = "cpu"
+) -> list[BenchShape]:
+    """The shapes to run: ``names`` from any registry, else the quick set, or the default set
+    of the device (:data:`GPU_SHAPES` on CUDA)."""
     if not names:
-        return list((QUICK_SHAPES if quick else SHAPES).values())
-    known = {**SHAPES, **QUICK_SHAPES}
+        if quick:
+            return list(QUICK_SHAPES.values())
+        return list((GPU_SHAPES if device.startswith("cuda") else SHAPES).values())
+    known = {**SHAPES, **GPU_SHAPES, **QUICK_SHAPES}
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ValueError(f"unknown shape(s) {', '.join(unknown)}; registered: {', '.join(known)}")

@@ -20,7 +20,14 @@ import torch
 from rnnkit import functional as RF
 from rnnkit.bench import runner, variants
 from rnnkit.bench.runner import TORCH_NN, BenchConfig
-from rnnkit.bench.shapes import QUICK_SHAPES, SHAPES, VARIANTS, resolve_shapes, resolve_variants
+from rnnkit.bench.shapes import (
+    GPU_SHAPES,
+    QUICK_SHAPES,
+    SHAPES,
+    VARIANTS,
+    resolve_shapes,
+    resolve_variants,
+)
 from rnnkit.cli import progress
 
 DTYPES = {
@@ -92,7 +99,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "step (fwd+bwd), on the shape registry. Every engine first passes a parity check "
         "against torch.nn on each shape; one that fails gets FAILED PARITY instead of timings "
         "and the command exits 1. What is timed and measured: rnnkit.bench.runner. "
-        f"Registered shapes: {', '.join(SHAPES)}; with --quick: {', '.join(QUICK_SHAPES)}.",
+        f"Registered shapes: {', '.join(SHAPES)}; with --device cuda: {', '.join(GPU_SHAPES)};"
+        f" with --quick: {', '.join(QUICK_SHAPES)}.",
     )
     p.add_argument(
         "--engines",
@@ -169,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
         repeats=default_repeats if args.repeats is None else args.repeats,
         warmup=default_warmup if args.warmup is None else args.warmup,
     )
-    shapes = resolve_shapes(args.shapes, quick=args.quick)
+    shapes = resolve_shapes(args.shapes, quick=args.quick, device=args.device)
     if args.variants is not None:
         if args.shapes:
             others = [s.name for s in shapes if s.mode != "LSTM"]

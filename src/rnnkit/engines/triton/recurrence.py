@@ -1,7 +1,8 @@
 """The time loops of one layer (one or both directions), forward and backward.
 
-Per step a torch GEMM (cuBLAS on a GPU) on the rows of the active batch and one pointwise
-kernel (``launch.py``). Everything that does not feed the next step runs once over all steps:
+Where the persistent kernels take a direction (``persistent.takes``), one launch runs its whole
+loop. Otherwise, per step a torch GEMM (cuBLAS on a GPU) on the rows of the active batch and
+one pointwise kernel (``launch.py``). Everything that does not feed the next step runs once over all steps:
 the input projection ``x W_ih^T`` before the forward loop; ``dW_ih``, ``dW_hh``, ``dX``, the
 bias gradients (and ``dW_hr``) after the backward loop, as one GEMM or sum each.
 
@@ -19,7 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from rnnkit.engines.triton import launch
+from rnnkit.engines.triton import launch, persistent
 
 GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 
@@ -107,6 +108,12 @@ def forward_direction(mode, x, h0, c0, w: Weights, plan: Plan, out_d, train: boo
         gates = _linear(x, w.w_ih, bias)  # [R, 4H]; activations after the loop when train
         c = c0.to(acc, copy=True, memory_format=torch.contiguous_format)
         cs = x.new_empty(plan.rows, H, dtype=acc) if train else None
+        if persistent.takes(mode, x, N, H, w.w_hr is not None, plan.uniform):
+            h_n = torch.empty_like(h)
+            persistent.forward(
+                mode, gates, w.w_hh, h, c, cs, out_d, h_n, len(plan.bs), plan.reverse
+            )
+            return h_n, c.to(x.dtype), [gates, cs] if train else []
         rs = None if w.w_hr is None else x.new_empty(plan.rows if train else N, H)
         for o, b in zip(plan.off, plan.bs, strict=True):
             pre = gates[o : o + b].addmm_(h[:b], w_hh_t)
@@ -138,6 +145,12 @@ def forward_direction(mode, x, h0, c0, w: Weights, plan: Plan, out_d, train: boo
         return h_acc.to(x.dtype), None, [ws] if train else []
     bias = None if w.b_ih is None else w.b_ih + w.b_hh
     gates = _linear(x, w.w_ih, bias)  # [R, H]
+    if persistent.takes(mode, x, N, H, False, plan.uniform):
+        h_n = torch.empty_like(h)
+        persistent.forward(
+            mode, gates, w.w_hh, h, None, None, out_d, h_n, len(plan.bs), plan.reverse
+        )
+        return h_n, None, []
     for o, b in zip(plan.off, plan.bs, strict=True):
         pre = gates[o : o + b].addmm_(h[:b], w_hh_t)
         launch.rnn_forward(pre, h, out_d[o : o + b], b, H, mode == "RNN_RELU")
@@ -154,6 +167,17 @@ def backward_direction(mode, gout_d, dh, dc, h0, c0, w: Weights, plan: Plan, out
     R = plan.rows
     dhs = None
     steps = reversed(range(len(plan.bs)))
+    if persistent.takes(mode, gout_d, plan.N, H, w.w_hr is not None, plan.uniform):
+        # the saved buffers are the per-step forward's, whichever forward ran
+        dG = gout_d.new_empty(R, G * H)
+        act, cs = saved[:2] if mode == "LSTM" else (None, None)
+        c0 = None if c0 is None else c0.contiguous()
+        persistent.backward(
+            mode, act, cs, c0, out_d, gout_d, w.w_hh, dh, dc, dG, len(plan.bs), plan.reverse
+        )
+        first = plan.off[0]  # dh_0 = dG W_hh of the rows that read h_0
+        torch.mm(dG[first : first + plan.N], w.w_hh, out=dh)
+        return dG, None
     if mode == "LSTM":
         act, cs = saved[:2]
         dG = gout_d.new_empty(R, 4 * H)

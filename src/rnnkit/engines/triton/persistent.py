@@ -1,0 +1,316 @@
+"""The persistent kernels: a direction's whole time loop in one launch, ``W_hh`` kept on chip.
+
+The per-step engine (``recurrence.py``) launches a GEMM and a pointwise kernel every step; at
+small batch and hidden sizes those launches, not the arithmetic, set the time. Here one launch
+runs every step of one direction of an LSTM or Elman RNN without projection on a padded (or
+equal-length packed) batch, forward and backward.
+
+The grid is ``[batch tiles, unit tiles]``. A program owns the rows ``BLOCK_N`` and units
+``BLOCK_H`` of its tile: it loads its slice of ``W_hh`` once, before the loop, and keeps it
+(registers, or shared memory where the compiler puts it), keeps its part of the LSTM cell state
+in registers, and per step reads the whole previous ``h`` of its rows (every unit tile wrote a
+part) from global memory. The unit tiles of one batch tile meet at a barrier after each step:
+an atomic counter per batch tile, release on arrival and acquire while waiting, which needs all
+programs resident at once; the launcher keeps the grid within the GPU's multiprocessors.
+Backward holds the columns of ``W_hh`` of its units and runs the steps in reverse, writing the
+gate gradients ``dG`` of every row, from which ``recurrence.weight_grads`` takes the weight and
+input gradients as one GEMM each, as for the per-step engine.
+
+Triton's interpreter runs a launch's programs one after another, so a program waiting for
+another would wait forever; interpreted, one unit tile covers all units and the counter is
+never waited on. The buffers saved for backward are the per-step engine's, so either backward
+runs after either forward.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from rnnkit.engines.triton import kernels
+from rnnkit.engines.triton.kernels import _COMPILED, _sigmoid, _tanh
+
+MODES = {"LSTM": 0, "RNN_TANH": 1, "RNN_RELU": 2}
+# The largest hidden size whose whole previous h a program reads into one dot operand, and
+# the most elements of W_hh a program keeps (starting points for tuning on a GPU).
+MAX_H = 256
+_W_TILE = 16384
+
+
+@triton.jit
+def _step_barrier(p_sync, target, TILES_H: tl.constexpr):
+    """Every program of this batch tile has stored its part of this step (``target`` arrivals
+    in all): from here on, their stores are visible to this program's loads."""
+    tl.debug_barrier()
+    if TILES_H > 1:
+        arrived = tl.atomic_add(p_sync, 1, sem="release", scope="gpu") + 1
+        while arrived < target:
+            arrived = tl.atomic_add(p_sync, 0, sem="acquire", scope="gpu")
+    tl.debug_barrier()
+
+
+@triton.jit
+def _dot(a, b, ACC: tl.constexpr):
+    # full-precision float32 products, as cuBLAS's default (no TF32). The interpreter's dot
+    # gets half-precision operands wrong; their products are exact in float32 anyway.
+    if not _COMPILED:
+        a = a.to(ACC)
+        b = b.to(ACC)
+    return tl.dot(a, b, input_precision="ieee", out_dtype=ACC)
+
+
+@triton.jit
+def persistent_forward_kernel(
+    p_gx,  # [R, G*H] x W_ih^T + biases per row; LSTM: the activations i|f|g|o on exit (SAVE)
+    p_w,  # [G*H, H] W_hh
+    p_h0,  # [N, H]
+    p_c,  # [N, H] c_0 on entry, c_n on exit (ACC; LSTM)
+    p_cs,  # [R, H] saved c_t (SAVE; LSTM)
+    p_out,  # [R, *] h_t of every row (row stride s_out)
+    p_hn,  # [N, H] h_n
+    p_sync,  # [batch tiles] int32 zeros
+    N,
+    H,
+    steps,
+    s_out,
+    ACC: tl.constexpr,
+    MODE: tl.constexpr,
+    SAVE: tl.constexpr,
+    REVERSE: tl.constexpr,
+    TILES_H: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # LSTM: i, f, o = sigmoid(.), g = tanh(.), c_t = f c_{t-1} + i g, h_t = o tanh(c_t);
+    # RNN: h_t = tanh(.) or relu(.); (.) = x_t W_ih^T + b + h_{t-1} W_hh^T
+    G: tl.constexpr = 4 if MODE == 0 else 1
+    o_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    o_k = tl.arange(0, BLOCK_K)
+    rows = o_n.to(tl.int64)[:, None]
+    m_n = o_n[:, None] < N
+    mask = m_n & (o_h[None, :] < H)
+    m_prev = m_n & (o_k[None, :] < H)
+    # this program's W_hh^T columns per gate, [BLOCK_K, BLOCK_H], for the whole loop
+    m_w = (o_k[:, None] < H) & (o_h[None, :] < H)
+    p_wt = p_w + o_h[None, :].to(tl.int64) * H + o_k[:, None]
+    w_0 = tl.load(p_wt, mask=m_w, other=0.0)
+    if MODE == 0:
+        w_1 = tl.load(p_wt + H * H, mask=m_w, other=0.0)
+        w_2 = tl.load(p_wt + 2 * H * H, mask=m_w, other=0.0)
+        w_3 = tl.load(p_wt + 3 * H * H, mask=m_w, other=0.0)
+        b_c = tl.load(p_c + rows * H + o_h[None, :], mask=mask, other=0.0).to(ACC)
+    b_h = tl.zeros([BLOCK_N, BLOCK_H], ACC)
+    p_sync += tl.program_id(0)
+    for s in range(steps):
+        t = steps - 1 - s if REVERSE else s
+        t_prev = t + 1 if REVERSE else t - 1
+        # h_{t-1} of this tile's rows, all units: h_0, or what every unit tile stored last step
+        first = (rows * 0 + s) == 0  # the step that reads h_0, as a [BLOCK_N, 1] mask
+        prev = tl.load(p_h0 + rows * H + o_k[None, :], mask=m_prev & first, other=0.0)
+        p_prev = p_out + (t_prev * N + rows) * s_out + o_k[None, :]
+        prev += tl.load(p_prev, mask=m_prev & ~first, other=0.0, cache_modifier=".cg")
+        p_g = p_gx + (t * N + rows) * G * H + o_h[None, :]
+        a_0 = _dot(prev, w_0, ACC) + tl.load(p_g, mask=mask, other=0.0).to(ACC)
+        if MODE == 0:
+            b_i = _sigmoid(a_0)
+            b_f = _sigmoid(_dot(prev, w_1, ACC) + tl.load(p_g + H, mask=mask, other=0.0).to(ACC))
+            b_g = _tanh(_dot(prev, w_2, ACC) + tl.load(p_g + 2 * H, mask=mask, other=0.0).to(ACC))
+            b_o = _sigmoid(
+                _dot(prev, w_3, ACC) + tl.load(p_g + 3 * H, mask=mask, other=0.0).to(ACC)
+            )
+            b_c = b_f * b_c + b_i * b_g
+            b_h = b_o * _tanh(b_c)
+            if SAVE:
+                ty = p_gx.dtype.element_ty
+                tl.store(p_cs + (t * N + rows) * H + o_h[None, :], b_c.to(ty), mask=mask)
+                tl.store(p_g, b_i.to(ty), mask=mask)
+                tl.store(p_g + H, b_f.to(ty), mask=mask)
+                tl.store(p_g + 2 * H, b_g.to(ty), mask=mask)
+                tl.store(p_g + 3 * H, b_o.to(ty), mask=mask)
+        elif MODE == 1:
+            b_h = _tanh(a_0)
+        else:
+            b_h = tl.maximum(a_0, 0.0)
+        tl.store(
+            p_out + (t * N + rows) * s_out + o_h[None, :],
+            b_h.to(p_out.dtype.element_ty),
+            mask=mask,
+        )
+        _step_barrier(p_sync, (s + 1) * TILES_H, TILES_H)
+    tl.store(p_hn + rows * H + o_h[None, :], b_h.to(p_hn.dtype.element_ty), mask=mask)
+    if MODE == 0:
+        tl.store(p_c + rows * H + o_h[None, :], b_c.to(p_c.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def persistent_backward_kernel(
+    p_act,  # [R, G*H] LSTM: saved activations i|f|g|o
+    p_cs,  # [R, H] LSTM: saved c_t
+    p_c0,  # [N, H] LSTM: c_0
+    p_out,  # [R, *] h_t of every row (row stride s_out)
+    p_go,  # [R, *] dL/dh_t from the output rows (row stride s_go)
+    p_w,  # [G*H, H] W_hh
+    p_dh,  # [N, H] dL/dh_n (ACC or the layer's dtype)
+    p_dc,  # [N, H] LSTM: dL/dc_n on entry, dL/dc_0 on exit (ACC)
+    p_dG,  # [R, G*H] gradient of every row's pre-activations
+    p_sync,  # [batch tiles] int32 zeros
+    N,
+    H,
+    steps,
+    s_out,
+    s_go,
+    ACC: tl.constexpr,
+    MODE: tl.constexpr,
+    REVERSE: tl.constexpr,
+    TILES_H: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # dh_t = dL/dh_t (output row) + dG_{t+1} W_hh (the later step), then as the per-step
+    # kernels (kernels.py): LSTM dr = dh_t, do = dr tanh(c_t), dc_t += dr o (1 - tanh^2 c_t),
+    # di = dc_t g, df = dc_t c_{t-1}, dg = dc_t i, dc_{t-1} = dc_t f, through the activations'
+    # derivatives; RNN dG = dh_t (1 - h_t^2) or dh_t [h_t > 0]. dh_0 = dG_1 W_hh is left to
+    # the caller (one GEMM).
+    G: tl.constexpr = 4 if MODE == 0 else 1
+    o_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    o_k = tl.arange(0, BLOCK_K)
+    rows = o_n.to(tl.int64)[:, None]
+    m_n = o_n[:, None] < N
+    mask = m_n & (o_h[None, :] < H)
+    m_next = m_n & (o_k[None, :] < H)
+    # this program's columns of W_hh per gate, [BLOCK_K, BLOCK_H]: dh[:, units] = dG_k W_k
+    m_w = (o_k[:, None] < H) & (o_h[None, :] < H)
+    p_wk = p_w + o_k[:, None].to(tl.int64) * H + o_h[None, :]
+    w_0 = tl.load(p_wk, mask=m_w, other=0.0)
+    if MODE == 0:
+        w_1 = tl.load(p_wk + H * H, mask=m_w, other=0.0)
+        w_2 = tl.load(p_wk + 2 * H * H, mask=m_w, other=0.0)
+        w_3 = tl.load(p_wk + 3 * H * H, mask=m_w, other=0.0)
+        b_dc = tl.load(p_dc + rows * H + o_h[None, :], mask=mask, other=0.0).to(ACC)
+    p_sync += tl.program_id(0)
+    ty = p_dG.dtype.element_ty
+    for s in range(steps):
+        # processing order: backward in the direction's time
+        t = s if REVERSE else steps - 1 - s
+        t_next = t - 1 if REVERSE else t + 1
+        t_prev = t + 1 if REVERSE else t - 1
+        b_dh = tl.load(p_go + (t * N + rows) * s_go + o_h[None, :], mask=mask).to(ACC)
+        if s == 0:
+            b_dh += tl.load(p_dh + rows * H + o_h[None, :], mask=mask).to(ACC)
+        else:
+            p_n = p_dG + (t_next * N + rows) * G * H + o_k[None, :]
+            b_dh += _dot(tl.load(p_n, mask=m_next, other=0.0, cache_modifier=".cg"), w_0, ACC)
+            if MODE == 0:
+                b_dh += _dot(
+                    tl.load(p_n + H, mask=m_next, other=0.0, cache_modifier=".cg"), w_1, ACC
+                )
+                b_dh += _dot(
+                    tl.load(p_n + 2 * H, mask=m_next, other=0.0, cache_modifier=".cg"), w_2, ACC
+                )
+                b_dh += _dot(
+                    tl.load(p_n + 3 * H, mask=m_next, other=0.0, cache_modifier=".cg"), w_3, ACC
+                )
+        p_d = p_dG + (t * N + rows) * G * H + o_h[None, :]
+        if MODE == 0:
+            p_a = p_act + (t * N + rows) * 4 * H + o_h[None, :]
+            b_i = tl.load(p_a, mask=mask).to(ACC)
+            b_f = tl.load(p_a + H, mask=mask).to(ACC)
+            b_g = tl.load(p_a + 2 * H, mask=mask).to(ACC)
+            b_o = tl.load(p_a + 3 * H, mask=mask).to(ACC)
+            b_tc = _tanh(tl.load(p_cs + (t * N + rows) * H + o_h[None, :], mask=mask).to(ACC))
+            last = (rows * 0 + s) == steps - 1  # the step that reads c_0, as a [BLOCK_N, 1] mask
+            b_cp = tl.load(p_c0 + rows * H + o_h[None, :], mask=mask & last, other=0.0).to(ACC)
+            p_cp = p_cs + (t_prev * N + rows) * H + o_h[None, :]
+            b_cp += tl.load(p_cp, mask=mask & ~last, other=0.0).to(ACC)
+            b_dc = b_dc + b_dh * b_o * (1.0 - b_tc * b_tc)
+            tl.store(p_d, (b_dc * b_g * b_i * (1.0 - b_i)).to(ty), mask=mask)
+            tl.store(p_d + H, (b_dc * b_cp * b_f * (1.0 - b_f)).to(ty), mask=mask)
+            tl.store(p_d + 2 * H, (b_dc * b_i * (1.0 - b_g * b_g)).to(ty), mask=mask)
+            tl.store(p_d + 3 * H, (b_dh * b_tc * b_o * (1.0 - b_o)).to(ty), mask=mask)
+            b_dc = b_dc * b_f
+        else:
+            b_h = tl.load(p_out + (t * N + rows) * s_out + o_h[None, :], mask=mask).to(ACC)
+            if MODE == 1:
+                b_d = b_dh * (1.0 - b_h * b_h)
+            else:
+                b_d = tl.where(b_h > 0, b_dh, 0.0)
+            tl.store(p_d, b_d.to(ty), mask=mask)
+        _step_barrier(p_sync, (s + 1) * TILES_H, TILES_H)
+    if MODE == 0:
+        tl.store(p_dc + rows * H + o_h[None, :], b_dc.to(p_dc.dtype.element_ty), mask=mask)
+
+
+def _acc(t: Tensor):
+    return tl.float64 if t.dtype == torch.float64 else tl.float32
+
+
+def _multiprocessors(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1 << 30
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def tiling(mode: str, N: int, H: int, device: torch.device) -> dict | None:
+    """Block sizes and grid of a persistent launch, or None where it does not fit: ``H`` over
+    :data:`MAX_H`, or more programs than multiprocessors to keep them all resident."""
+    if H > MAX_H:
+        return None
+    G = 4 if mode == "LSTM" else 1
+    block_k = max(16, triton.next_power_of_2(H))
+    if kernels.INTERPRETED:
+        block_h = block_k  # one unit tile: an interpreted program never waits
+    else:
+        block_h = max(16, min(block_k, triton.next_power_of_2(_W_TILE // (G * block_k))))
+    block_n = max(16, min(64, triton.next_power_of_2(N)))
+    grid = (triton.cdiv(N, block_n), triton.cdiv(H, block_h))
+    if grid[0] * grid[1] > _multiprocessors(device):
+        return None
+    return dict(grid=grid, BLOCK_N=block_n, BLOCK_H=block_h, BLOCK_K=block_k)
+
+
+def takes(mode: str, x: Tensor, N: int, H: int, has_proj: bool, uniform: bool) -> bool:
+    """Whether the persistent kernels run this direction. ``RNNKIT_TRITON_PERSISTENT=0``
+    turns them off (the per-step kernels run everything), ``=1`` uses them wherever they
+    fit, as does the default."""
+    if os.environ.get("RNNKIT_TRITON_PERSISTENT", "1") == "0":
+        return False
+    if mode not in MODES or has_proj or not uniform or N == 0:
+        return False
+    return tiling(mode, N, H, x.device) is not None
+
+
+def forward(mode, gx, w_hh, h0, c, cs, out_d, h_n, steps, reverse: bool) -> None:
+    """One direction in one launch: ``gx`` [R, G*H] pre-activations from the input side
+    (LSTM activations on exit when ``cs`` is given), ``c`` [N, H] (LSTM, compute dtype)
+    c_0 on entry and c_n on exit, ``out_d`` [R, *] receives h_t, ``h_n`` [N, H]."""
+    N, H = h0.shape
+    t = tiling(mode, N, H, gx.device)
+    grid = t.pop("grid")
+    sync = torch.zeros(grid[0], dtype=torch.int32, device=gx.device)
+    persistent_forward_kernel[grid](
+        gx, w_hh, h0, c, cs, out_d, h_n, sync, N, H, steps, out_d.stride(0),
+        ACC=_acc(h_n if c is None else c), MODE=MODES[mode], SAVE=cs is not None,
+        REVERSE=reverse, TILES_H=grid[1], enable_fp_fusion=True, **t,
+    )  # fmt: skip
+
+
+def backward(mode, act, cs, c0, out_d, gout_d, w_hh, dh, dc, dG, steps, reverse: bool) -> None:
+    """One direction back in one launch: ``dh`` [N, H] dL/dh_n, ``dc`` [N, H] (LSTM)
+    dL/dc_n on entry and dL/dc_0 on exit; writes ``dG`` [R, G*H] of every row."""
+    N, H = dh.shape
+    t = tiling(mode, N, H, dG.device)
+    grid = t.pop("grid")
+    sync = torch.zeros(grid[0], dtype=torch.int32, device=dG.device)
+    persistent_backward_kernel[grid](
+        act, cs, c0, out_d, gout_d, w_hh, dh, dc, dG, sync, N, H, steps,
+        out_d.stride(0), gout_d.stride(0), ACC=_acc(dh if dc is None else dc),
+        MODE=MODES[mode], REVERSE=reverse, TILES_H=grid[1], enable_fp_fusion=True, **t,
+    )  # fmt: skip
