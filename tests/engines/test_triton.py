@@ -110,6 +110,8 @@ PERSISTENT_CASES = [
     ModuleCase("LSTM", size=(5, 1, 3, 6), packed="unsorted", bidirectional=True),  # one length
     ModuleCase("RNN_TANH", size=(6, 3, 5, 7), bidirectional=True, h0=True, dropout=0.3),
     ModuleCase("RNN_RELU", size=(6, 3, 5, 7), num_layers=2, dtype=torch.float64),
+    ModuleCase("GRU", size=(6, 3, 5, 7), num_layers=2, bidirectional=True, h0=True),
+    ModuleCase("GRU", size=(4, 70, 3, 20), dtype=torch.float64, bias=False),
 ]
 
 
@@ -131,7 +133,7 @@ def _spy_persistent(monkeypatch) -> list[str]:
 @pytest.mark.parametrize("kernels", ["persistent", "per-step"])
 @pytest.mark.parametrize("case", module_params(PERSISTENT_CASES))
 def test_persistent_and_per_step_kernels(case, kernels, monkeypatch):
-    """LSTM and RNN without projection on equal lengths run the whole loop in one launch (two
+    """Layers without projection on equal lengths run the whole loop in one launch (two
     batch tiles at N = 70), unless ``RNNKIT_TRITON_PERSISTENT=0``; both match the reference."""
     monkeypatch.setenv("RNNKIT_TRITON_PERSISTENT", "1" if kernels == "persistent" else "0")
     ran = _spy_persistent(monkeypatch)
@@ -142,10 +144,11 @@ def test_persistent_and_per_step_kernels(case, kernels, monkeypatch):
         assert not ran
 
 
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
 @pytest.mark.parametrize("forward_kernels", ["persistent", "per-step"])
-def test_either_backward_after_either_forward(forward_kernels, monkeypatch):
+def test_either_backward_after_either_forward(forward_kernels, mode, monkeypatch):
     """The persistent and per-step loops save the same buffers."""
-    module = _layer("LSTM", input_size=3, hidden_size=5, bidirectional=True)
+    module = _layer(mode, input_size=3, hidden_size=5, bidirectional=True)
     reference = copy.deepcopy(module)
     reference.engine = "reference"
     x = _f64(4, 2, 3)
@@ -153,9 +156,10 @@ def test_either_backward_after_either_forward(forward_kernels, monkeypatch):
     runs = []
     for m in (reference, module):
         monkeypatch.setenv("RNNKIT_TRITON_PERSISTENT", env[forward_kernels])
-        out, (h, c) = m(x)
+        out, state = m(x)
         monkeypatch.setenv("RNNKIT_TRITON_PERSISTENT", "0" if env[forward_kernels] == "1" else "1")
-        runs.append(torch.autograd.grad(out.sin().sum() + h.sum() + c.sum(), [x, *m.parameters()]))
+        loss = out.sin().sum() + sum(t.sum() for t in (state if mode == "LSTM" else [state]))
+        runs.append(torch.autograd.grad(loss, [x, *m.parameters()]))
     for e, a in zip(*runs, strict=True):
         assert compare(a, e, tol=engine_tolerance(e, "grad")).ok
 
@@ -170,7 +174,7 @@ def test_persistent_launches_fit_the_gpu(monkeypatch):
     assert not persistent.takes("LSTM", x, 200, 64, False, True)
     assert not persistent.takes("LSTM", x, 4, persistent.MAX_H + 1, False, True)
     assert not persistent.takes("LSTM", x, 4, 8, True, True)
-    assert not persistent.takes("GRU", x, 4, 8, False, True)
+    assert persistent.takes("GRU", x, 4, 8, False, True)
     assert not persistent.takes("LSTM", x, 4, 8, False, False)
 
 

@@ -2,8 +2,8 @@
 
 Runs every mode and option of :class:`~rnnkit.engines.base.RNNCall` (``proj_size``,
 bidirectional, stacked layers, packed input, inter-layer dropout) on CUDA tensors of float32,
-float64, float16 or bfloat16, with a hand-written backward through time. LSTM and RNN
-directions without projection on equal lengths and H <= 256 run their whole time loop in one
+float64, float16 or bfloat16, with a hand-written backward through time. Directions without
+projection on equal lengths and H <= 256 run their whole time loop in one
 launch (``persistent.py``); the rest run per step, one GEMM ``h_{t-1} W_hh^T`` (torch, i.e.
 cuBLAS) on the active rows and one Triton kernel for the gates and the state update
 (``kernels.py``). Half-precision layers keep their state and the pointwise math in float32.

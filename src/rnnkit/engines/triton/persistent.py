@@ -2,8 +2,8 @@
 
 The per-step engine (``recurrence.py``) launches a GEMM and a pointwise kernel every step; at
 small batch and hidden sizes those launches, not the arithmetic, set the time. Here one launch
-runs every step of one direction of an LSTM or Elman RNN without projection on a padded (or
-equal-length packed) batch, forward and backward.
+runs every step of one direction of an LSTM, GRU or Elman RNN without projection on a padded
+(or equal-length packed) batch, forward and backward.
 
 The grid is ``[batch tiles, unit tiles]``. A program owns the rows ``BLOCK_N`` and units
 ``BLOCK_H`` of its tile: it loads its slice of ``W_hh`` once, before the loop, and keeps it
@@ -34,7 +34,7 @@ from torch import Tensor
 from rnnkit.engines.triton import kernels
 from rnnkit.engines.triton.kernels import _COMPILED, _sigmoid, _tanh
 
-MODES = {"LSTM": 0, "RNN_TANH": 1, "RNN_RELU": 2}
+MODES = {"LSTM": 0, "RNN_TANH": 1, "RNN_RELU": 2, "GRU": 3}
 # The largest hidden size whose whole previous h a program reads into one dot operand, and
 # the most elements of W_hh a program keeps (starting points for tuning on a GPU).
 MAX_H = 256
@@ -64,12 +64,25 @@ def _dot(a, b, ACC: tl.constexpr):
 
 
 @triton.jit
+def _w_slice(p_w, o_k, o_h, H, gate, ROWS_K: tl.constexpr):
+    """Gate ``gate``'s block of ``W_hh`` [G*H, H] for this program's units, ``[BLOCK_K,
+    BLOCK_H]``: ``W_g^T`` (rows of the units, forward) or ``W_g`` (columns, backward)."""
+    m_w = (o_k[:, None] < H) & (o_h[None, :] < H)
+    if ROWS_K:
+        p = p_w + (gate * H + o_k[:, None]).to(tl.int64) * H + o_h[None, :]
+    else:
+        p = p_w + (gate * H + o_h[None, :]).to(tl.int64) * H + o_k[:, None]
+    return tl.load(p, mask=m_w, other=0.0)
+
+
+@triton.jit
 def persistent_forward_kernel(
-    p_gx,  # [R, G*H] x W_ih^T + biases per row; LSTM: the activations i|f|g|o on exit (SAVE)
+    p_gx,  # [R, G*H] x W_ih^T + biases per row (GRU: b_ih only); LSTM: activations on exit
     p_w,  # [G*H, H] W_hh
+    p_bhh,  # [G*H] GRU: b_hh (HAS_BHH)
     p_h0,  # [N, H]
-    p_c,  # [N, H] c_0 on entry, c_n on exit (ACC; LSTM)
-    p_cs,  # [R, H] saved c_t (SAVE; LSTM)
+    p_c,  # [N, H] LSTM: c_0 on entry, c_n on exit (ACC)
+    p_keep,  # saved when SAVE: LSTM c_t [R, H]; GRU r|z|n|h_n [R, 4H]
     p_out,  # [R, *] h_t of every row (row stride s_out)
     p_hn,  # [N, H] h_n
     p_sync,  # [batch tiles] int32 zeros
@@ -79,6 +92,7 @@ def persistent_forward_kernel(
     s_out,
     ACC: tl.constexpr,
     MODE: tl.constexpr,
+    HAS_BHH: tl.constexpr,
     SAVE: tl.constexpr,
     REVERSE: tl.constexpr,
     TILES_H: tl.constexpr,
@@ -87,8 +101,10 @@ def persistent_forward_kernel(
     BLOCK_K: tl.constexpr,
 ):
     # LSTM: i, f, o = sigmoid(.), g = tanh(.), c_t = f c_{t-1} + i g, h_t = o tanh(c_t);
-    # RNN: h_t = tanh(.) or relu(.); (.) = x_t W_ih^T + b + h_{t-1} W_hh^T
-    G: tl.constexpr = 4 if MODE == 0 else 1
+    # RNN: h_t = tanh(.) or relu(.), (.) = x_t W_ih^T + b + h_{t-1} W_hh^T;
+    # GRU: r, z = sigmoid(x_r + h_r), sigmoid(x_z + h_z), n = tanh(x_n + r h_n),
+    #      h_t = (h_{t-1} - n) z + n, with h_* = h_{t-1} W_h*^T + b_h*
+    G: tl.constexpr = 4 if MODE == 0 else 3 if MODE == 3 else 1
     o_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     o_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     o_k = tl.arange(0, BLOCK_K)
@@ -96,16 +112,24 @@ def persistent_forward_kernel(
     m_n = o_n[:, None] < N
     mask = m_n & (o_h[None, :] < H)
     m_prev = m_n & (o_k[None, :] < H)
+    o_s = rows * H + o_h[None, :]  # this tile in an [N, H] state
     # this program's W_hh^T columns per gate, [BLOCK_K, BLOCK_H], for the whole loop
-    m_w = (o_k[:, None] < H) & (o_h[None, :] < H)
-    p_wt = p_w + o_h[None, :].to(tl.int64) * H + o_k[:, None]
-    w_0 = tl.load(p_wt, mask=m_w, other=0.0)
-    if MODE == 0:
-        w_1 = tl.load(p_wt + H * H, mask=m_w, other=0.0)
-        w_2 = tl.load(p_wt + 2 * H * H, mask=m_w, other=0.0)
-        w_3 = tl.load(p_wt + 3 * H * H, mask=m_w, other=0.0)
-        b_c = tl.load(p_c + rows * H + o_h[None, :], mask=mask, other=0.0).to(ACC)
-    b_h = tl.zeros([BLOCK_N, BLOCK_H], ACC)
+    w_0 = _w_slice(p_w, o_k, o_h, H, 0, False)
+    if G > 1:
+        w_1 = _w_slice(p_w, o_k, o_h, H, 1, False)
+        w_2 = _w_slice(p_w, o_k, o_h, H, 2, False)
+    if G == 4:
+        w_3 = _w_slice(p_w, o_k, o_h, H, 3, False)
+        b_c = tl.load(p_c + o_s, mask=mask, other=0.0).to(ACC)
+    if MODE == 3:
+        b_h = tl.load(p_h0 + o_s, mask=mask, other=0.0).to(ACC)  # the state, in ACC
+        if HAS_BHH:
+            m_b = o_h[None, :] < H
+            b_br = tl.load(p_bhh + o_h[None, :], mask=m_b, other=0.0).to(ACC)
+            b_bz = tl.load(p_bhh + H + o_h[None, :], mask=m_b, other=0.0).to(ACC)
+            b_bn = tl.load(p_bhh + 2 * H + o_h[None, :], mask=m_b, other=0.0).to(ACC)
+    else:
+        b_h = tl.zeros([BLOCK_N, BLOCK_H], ACC)
     p_sync += tl.program_id(0)
     for s in range(steps):
         t = steps - 1 - s if REVERSE else s
@@ -116,9 +140,9 @@ def persistent_forward_kernel(
         p_prev = p_out + (t_prev * N + rows) * s_out + o_k[None, :]
         prev += tl.load(p_prev, mask=m_prev & ~first, other=0.0, cache_modifier=".cg")
         p_g = p_gx + (t * N + rows) * G * H + o_h[None, :]
-        a_0 = _dot(prev, w_0, ACC) + tl.load(p_g, mask=mask, other=0.0).to(ACC)
+        x_0 = tl.load(p_g, mask=mask, other=0.0).to(ACC)
         if MODE == 0:
-            b_i = _sigmoid(a_0)
+            b_i = _sigmoid(_dot(prev, w_0, ACC) + x_0)
             b_f = _sigmoid(_dot(prev, w_1, ACC) + tl.load(p_g + H, mask=mask, other=0.0).to(ACC))
             b_g = _tanh(_dot(prev, w_2, ACC) + tl.load(p_g + 2 * H, mask=mask, other=0.0).to(ACC))
             b_o = _sigmoid(
@@ -128,37 +152,56 @@ def persistent_forward_kernel(
             b_h = b_o * _tanh(b_c)
             if SAVE:
                 ty = p_gx.dtype.element_ty
-                tl.store(p_cs + (t * N + rows) * H + o_h[None, :], b_c.to(ty), mask=mask)
+                tl.store(p_keep + (t * N + rows) * H + o_h[None, :], b_c.to(ty), mask=mask)
                 tl.store(p_g, b_i.to(ty), mask=mask)
                 tl.store(p_g + H, b_f.to(ty), mask=mask)
                 tl.store(p_g + 2 * H, b_g.to(ty), mask=mask)
                 tl.store(p_g + 3 * H, b_o.to(ty), mask=mask)
+        elif MODE == 3:
+            h_r = _dot(prev, w_0, ACC)
+            h_z = _dot(prev, w_1, ACC)
+            h_n = _dot(prev, w_2, ACC)
+            if HAS_BHH:
+                h_r += b_br
+                h_z += b_bz
+                h_n += b_bn
+            b_r = _sigmoid(h_r + x_0)
+            b_z = _sigmoid(h_z + tl.load(p_g + H, mask=mask, other=0.0).to(ACC))
+            b_n = _tanh(tl.load(p_g + 2 * H, mask=mask, other=0.0).to(ACC) + h_n * b_r)
+            b_h = (b_h - b_n) * b_z + b_n
+            if SAVE:
+                ty = p_keep.dtype.element_ty
+                p_w4 = p_keep + (t * N + rows) * 4 * H + o_h[None, :]
+                tl.store(p_w4, b_r.to(ty), mask=mask)
+                tl.store(p_w4 + H, b_z.to(ty), mask=mask)
+                tl.store(p_w4 + 2 * H, b_n.to(ty), mask=mask)
+                tl.store(p_w4 + 3 * H, h_n.to(ty), mask=mask)
         elif MODE == 1:
-            b_h = _tanh(a_0)
+            b_h = _tanh(_dot(prev, w_0, ACC) + x_0)
         else:
-            b_h = tl.maximum(a_0, 0.0)
+            b_h = tl.maximum(_dot(prev, w_0, ACC) + x_0, 0.0)
         tl.store(
             p_out + (t * N + rows) * s_out + o_h[None, :],
             b_h.to(p_out.dtype.element_ty),
             mask=mask,
         )
         _step_barrier(p_sync, (s + 1) * TILES_H, TILES_H)
-    tl.store(p_hn + rows * H + o_h[None, :], b_h.to(p_hn.dtype.element_ty), mask=mask)
+    tl.store(p_hn + o_s, b_h.to(p_hn.dtype.element_ty), mask=mask)
     if MODE == 0:
-        tl.store(p_c + rows * H + o_h[None, :], b_c.to(p_c.dtype.element_ty), mask=mask)
+        tl.store(p_c + o_s, b_c.to(p_c.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def persistent_backward_kernel(
-    p_act,  # [R, G*H] LSTM: saved activations i|f|g|o
+    p_act,  # saved per row: LSTM activations i|f|g|o [R, 4H]; GRU r|z|n|h_n [R, 4H]
     p_cs,  # [R, H] LSTM: saved c_t
-    p_c0,  # [N, H] LSTM: c_0
+    p_s0,  # [N, H] LSTM: c_0; GRU: h_0
     p_out,  # [R, *] h_t of every row (row stride s_out)
     p_go,  # [R, *] dL/dh_t from the output rows (row stride s_go)
     p_w,  # [G*H, H] W_hh
-    p_dh,  # [N, H] dL/dh_n (ACC or the layer's dtype)
+    p_dh,  # [N, H] dL/dh_n; GRU: on exit dh_1 z_1, dh_0's direct part
     p_dc,  # [N, H] LSTM: dL/dc_n on entry, dL/dc_0 on exit (ACC)
-    p_dG,  # [R, G*H] gradient of every row's pre-activations
+    p_dG,  # [R, GS*H] gradient of every row's pre-activations (GRU: see kernels.py)
     p_sync,  # [batch tiles] int32 zeros
     N,
     H,
@@ -173,12 +216,11 @@ def persistent_backward_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    # dh_t = dL/dh_t (output row) + dG_{t+1} W_hh (the later step), then as the per-step
-    # kernels (kernels.py): LSTM dr = dh_t, do = dr tanh(c_t), dc_t += dr o (1 - tanh^2 c_t),
-    # di = dc_t g, df = dc_t c_{t-1}, dg = dc_t i, dc_{t-1} = dc_t f, through the activations'
-    # derivatives; RNN dG = dh_t (1 - h_t^2) or dh_t [h_t > 0]. dh_0 = dG_1 W_hh is left to
-    # the caller (one GEMM).
-    G: tl.constexpr = 4 if MODE == 0 else 1
+    # dh_t = dL/dh_t (output row) + dG_{t+1}[:, :G*H] W_hh (+ GRU's direct dh_{t+1} z_{t+1}),
+    # then the per-step kernels' formulas (kernels.py) for dG_t. dh_0's GEMM part,
+    # dG_1[:, :G*H] W_hh, is left to the caller.
+    G: tl.constexpr = 4 if MODE == 0 else 3 if MODE == 3 else 1
+    GS: tl.constexpr = 1 if G == 1 else 4  # dG's row width in units of H
     o_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     o_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     o_k = tl.arange(0, BLOCK_K)
@@ -186,15 +228,17 @@ def persistent_backward_kernel(
     m_n = o_n[:, None] < N
     mask = m_n & (o_h[None, :] < H)
     m_next = m_n & (o_k[None, :] < H)
-    # this program's columns of W_hh per gate, [BLOCK_K, BLOCK_H]: dh[:, units] = dG_k W_k
-    m_w = (o_k[:, None] < H) & (o_h[None, :] < H)
-    p_wk = p_w + o_k[:, None].to(tl.int64) * H + o_h[None, :]
-    w_0 = tl.load(p_wk, mask=m_w, other=0.0)
-    if MODE == 0:
-        w_1 = tl.load(p_wk + H * H, mask=m_w, other=0.0)
-        w_2 = tl.load(p_wk + 2 * H * H, mask=m_w, other=0.0)
-        w_3 = tl.load(p_wk + 3 * H * H, mask=m_w, other=0.0)
-        b_dc = tl.load(p_dc + rows * H + o_h[None, :], mask=mask, other=0.0).to(ACC)
+    o_s = rows * H + o_h[None, :]
+    # this program's columns of W_hh per gate, [BLOCK_K, BLOCK_H]: dh[:, units] = dG_g W_g
+    w_0 = _w_slice(p_w, o_k, o_h, H, 0, True)
+    if G > 1:
+        w_1 = _w_slice(p_w, o_k, o_h, H, 1, True)
+        w_2 = _w_slice(p_w, o_k, o_h, H, 2, True)
+    if G == 4:
+        w_3 = _w_slice(p_w, o_k, o_h, H, 3, True)
+        b_dc = tl.load(p_dc + o_s, mask=mask, other=0.0).to(ACC)
+    if MODE == 3:
+        b_dd = tl.zeros([BLOCK_N, BLOCK_H], ACC)  # dh_{t+1} z_{t+1}
     p_sync += tl.program_id(0)
     ty = p_dG.dtype.element_ty
     for s in range(steps):
@@ -204,21 +248,25 @@ def persistent_backward_kernel(
         t_prev = t + 1 if REVERSE else t - 1
         b_dh = tl.load(p_go + (t * N + rows) * s_go + o_h[None, :], mask=mask).to(ACC)
         if s == 0:
-            b_dh += tl.load(p_dh + rows * H + o_h[None, :], mask=mask).to(ACC)
+            b_dh += tl.load(p_dh + o_s, mask=mask).to(ACC)
         else:
-            p_n = p_dG + (t_next * N + rows) * G * H + o_k[None, :]
+            p_n = p_dG + (t_next * N + rows) * GS * H + o_k[None, :]
             b_dh += _dot(tl.load(p_n, mask=m_next, other=0.0, cache_modifier=".cg"), w_0, ACC)
-            if MODE == 0:
+            if G > 1:
                 b_dh += _dot(
                     tl.load(p_n + H, mask=m_next, other=0.0, cache_modifier=".cg"), w_1, ACC
                 )
                 b_dh += _dot(
                     tl.load(p_n + 2 * H, mask=m_next, other=0.0, cache_modifier=".cg"), w_2, ACC
                 )
+            if G == 4:
                 b_dh += _dot(
                     tl.load(p_n + 3 * H, mask=m_next, other=0.0, cache_modifier=".cg"), w_3, ACC
                 )
-        p_d = p_dG + (t * N + rows) * G * H + o_h[None, :]
+            if MODE == 3:
+                b_dh += b_dd
+        p_d = p_dG + (t * N + rows) * GS * H + o_h[None, :]
+        last = (rows * 0 + s) == steps - 1  # the step that reads the initial state
         if MODE == 0:
             p_a = p_act + (t * N + rows) * 4 * H + o_h[None, :]
             b_i = tl.load(p_a, mask=mask).to(ACC)
@@ -226,8 +274,7 @@ def persistent_backward_kernel(
             b_g = tl.load(p_a + 2 * H, mask=mask).to(ACC)
             b_o = tl.load(p_a + 3 * H, mask=mask).to(ACC)
             b_tc = _tanh(tl.load(p_cs + (t * N + rows) * H + o_h[None, :], mask=mask).to(ACC))
-            last = (rows * 0 + s) == steps - 1  # the step that reads c_0, as a [BLOCK_N, 1] mask
-            b_cp = tl.load(p_c0 + rows * H + o_h[None, :], mask=mask & last, other=0.0).to(ACC)
+            b_cp = tl.load(p_s0 + o_s, mask=mask & last, other=0.0).to(ACC)
             p_cp = p_cs + (t_prev * N + rows) * H + o_h[None, :]
             b_cp += tl.load(p_cp, mask=mask & ~last, other=0.0).to(ACC)
             b_dc = b_dc + b_dh * b_o * (1.0 - b_tc * b_tc)
@@ -236,6 +283,21 @@ def persistent_backward_kernel(
             tl.store(p_d + 2 * H, (b_dc * b_i * (1.0 - b_g * b_g)).to(ty), mask=mask)
             tl.store(p_d + 3 * H, (b_dh * b_tc * b_o * (1.0 - b_o)).to(ty), mask=mask)
             b_dc = b_dc * b_f
+        elif MODE == 3:
+            p_a = p_act + (t * N + rows) * 4 * H + o_h[None, :]
+            b_r = tl.load(p_a, mask=mask).to(ACC)
+            b_z = tl.load(p_a + H, mask=mask).to(ACC)
+            b_n = tl.load(p_a + 2 * H, mask=mask).to(ACC)
+            b_hn = tl.load(p_a + 3 * H, mask=mask).to(ACC)
+            b_hp = tl.load(p_s0 + o_s, mask=mask & last, other=0.0).to(ACC)
+            p_hp = p_out + (t_prev * N + rows) * s_out + o_h[None, :]
+            b_hp += tl.load(p_hp, mask=mask & ~last, other=0.0).to(ACC)
+            b_dan = b_dh * (1.0 - b_z) * (1.0 - b_n * b_n)
+            tl.store(p_d, (b_dan * b_hn * b_r * (1.0 - b_r)).to(ty), mask=mask)
+            tl.store(p_d + H, (b_dh * (b_hp - b_n) * b_z * (1.0 - b_z)).to(ty), mask=mask)
+            tl.store(p_d + 2 * H, (b_dan * b_r).to(ty), mask=mask)
+            tl.store(p_d + 3 * H, b_dan.to(ty), mask=mask)
+            b_dd = b_dh * b_z
         else:
             b_h = tl.load(p_out + (t * N + rows) * s_out + o_h[None, :], mask=mask).to(ACC)
             if MODE == 1:
@@ -245,7 +307,9 @@ def persistent_backward_kernel(
             tl.store(p_d, b_d.to(ty), mask=mask)
         _step_barrier(p_sync, (s + 1) * TILES_H, TILES_H)
     if MODE == 0:
-        tl.store(p_dc + rows * H + o_h[None, :], b_dc.to(p_dc.dtype.element_ty), mask=mask)
+        tl.store(p_dc + o_s, b_dc.to(p_dc.dtype.element_ty), mask=mask)
+    if MODE == 3:
+        tl.store(p_dh + o_s, b_dd.to(p_dh.dtype.element_ty), mask=mask)
 
 
 def _acc(t: Tensor):
@@ -263,7 +327,7 @@ def tiling(mode: str, N: int, H: int, device: torch.device) -> dict | None:
     :data:`MAX_H`, or more programs than multiprocessors to keep them all resident."""
     if H > MAX_H:
         return None
-    G = 4 if mode == "LSTM" else 1
+    G = {"LSTM": 4, "GRU": 3}.get(mode, 1)
     block_k = max(16, triton.next_power_of_2(H))
     if kernels.INTERPRETED:
         block_h = block_k  # one unit tile: an interpreted program never waits
@@ -287,30 +351,34 @@ def takes(mode: str, x: Tensor, N: int, H: int, has_proj: bool, uniform: bool) -
     return tiling(mode, N, H, x.device) is not None
 
 
-def forward(mode, gx, w_hh, h0, c, cs, out_d, h_n, steps, reverse: bool) -> None:
+def forward(mode, gx, w_hh, b_hh, h0, c, keep, out_d, h_n, steps, reverse: bool) -> None:
     """One direction in one launch: ``gx`` [R, G*H] pre-activations from the input side
-    (LSTM activations on exit when ``cs`` is given), ``c`` [N, H] (LSTM, compute dtype)
-    c_0 on entry and c_n on exit, ``out_d`` [R, *] receives h_t, ``h_n`` [N, H]."""
+    (LSTM activations on exit when saving), ``b_hh`` GRU's hidden bias or None, ``h0`` [N, H]
+    contiguous, ``c`` [N, H] (LSTM, compute dtype) c_0 on entry and c_n on exit, ``keep`` what
+    backward needs (LSTM c_t [R, H], GRU [R, 4H]) or None, ``out_d`` [R, *] receives h_t,
+    ``h_n`` [N, H]."""
     N, H = h0.shape
     t = tiling(mode, N, H, gx.device)
     grid = t.pop("grid")
     sync = torch.zeros(grid[0], dtype=torch.int32, device=gx.device)
     persistent_forward_kernel[grid](
-        gx, w_hh, h0, c, cs, out_d, h_n, sync, N, H, steps, out_d.stride(0),
-        ACC=_acc(h_n if c is None else c), MODE=MODES[mode], SAVE=cs is not None,
-        REVERSE=reverse, TILES_H=grid[1], enable_fp_fusion=True, **t,
+        gx, w_hh, b_hh, h0, c, keep, out_d, h_n, sync, N, H, steps, out_d.stride(0),
+        ACC=_acc(h_n if c is None else c), MODE=MODES[mode], HAS_BHH=b_hh is not None,
+        SAVE=keep is not None, REVERSE=reverse, TILES_H=grid[1], enable_fp_fusion=True, **t,
     )  # fmt: skip
 
 
-def backward(mode, act, cs, c0, out_d, gout_d, w_hh, dh, dc, dG, steps, reverse: bool) -> None:
-    """One direction back in one launch: ``dh`` [N, H] dL/dh_n, ``dc`` [N, H] (LSTM)
-    dL/dc_n on entry and dL/dc_0 on exit; writes ``dG`` [R, G*H] of every row."""
+def backward(mode, act, cs, s0, out_d, gout_d, w_hh, dh, dc, dG, steps, reverse: bool) -> None:
+    """One direction back in one launch: ``act``/``cs`` the saved buffers, ``s0`` the initial
+    state the first step read (LSTM c_0, GRU h_0), ``dh`` [N, H] dL/dh_n (GRU: its direct part
+    of dh_0 on exit), ``dc`` [N, H] (LSTM) dL/dc_n on entry and dL/dc_0 on exit; writes ``dG``
+    of every row. dh_0 still lacks ``dG[first rows, :G*H] W_hh``."""
     N, H = dh.shape
     t = tiling(mode, N, H, dG.device)
     grid = t.pop("grid")
     sync = torch.zeros(grid[0], dtype=torch.int32, device=dG.device)
     persistent_backward_kernel[grid](
-        act, cs, c0, out_d, gout_d, w_hh, dh, dc, dG, sync, N, H, steps,
+        act, cs, s0, out_d, gout_d, w_hh, dh, dc, dG, sync, N, H, steps,
         out_d.stride(0), gout_d.stride(0), ACC=_acc(dh if dc is None else dc),
         MODE=MODES[mode], REVERSE=reverse, TILES_H=grid[1], enable_fp_fusion=True, **t,
     )  # fmt: skip

@@ -110,9 +110,8 @@ def forward_direction(mode, x, h0, c0, w: Weights, plan: Plan, out_d, train: boo
         cs = x.new_empty(plan.rows, H, dtype=acc) if train else None
         if persistent.takes(mode, x, N, H, w.w_hr is not None, plan.uniform):
             h_n = torch.empty_like(h)
-            persistent.forward(
-                mode, gates, w.w_hh, h, c, cs, out_d, h_n, len(plan.bs), plan.reverse
-            )
+            steps = len(plan.bs)
+            persistent.forward(mode, gates, w.w_hh, None, h, c, cs, out_d, h_n, steps, plan.reverse)
             return h_n, c.to(x.dtype), [gates, cs] if train else []
         rs = None if w.w_hr is None else x.new_empty(plan.rows if train else N, H)
         for o, b in zip(plan.off, plan.bs, strict=True):
@@ -130,6 +129,14 @@ def forward_direction(mode, x, h0, c0, w: Weights, plan: Plan, out_d, train: boo
         return h, c.to(x.dtype), saved
     if mode == "GRU":
         gx = _linear(x, w.w_ih, w.b_ih)  # [R, 3H]
+        if persistent.takes(mode, x, N, H, False, plan.uniform):
+            h_n = torch.empty_like(h)
+            ws = x.new_empty(plan.rows, 4 * H) if train else None
+            steps = len(plan.bs)
+            persistent.forward(
+                mode, gx, w.w_hh, w.b_hh, h, None, ws, out_d, h_n, steps, plan.reverse
+            )
+            return h_n, None, [ws] if train else []
         hw = x.new_empty(N, 3 * H)
         # the state in the compute dtype, and its copy in the layer's dtype for the GEMM
         h_acc = h if acc == x.dtype else h.to(acc)
@@ -147,8 +154,9 @@ def forward_direction(mode, x, h0, c0, w: Weights, plan: Plan, out_d, train: boo
     gates = _linear(x, w.w_ih, bias)  # [R, H]
     if persistent.takes(mode, x, N, H, False, plan.uniform):
         h_n = torch.empty_like(h)
+        steps = len(plan.bs)
         persistent.forward(
-            mode, gates, w.w_hh, h, None, None, out_d, h_n, len(plan.bs), plan.reverse
+            mode, gates, w.w_hh, None, h, None, None, out_d, h_n, steps, plan.reverse
         )
         return h_n, None, []
     for o, b in zip(plan.off, plan.bs, strict=True):
@@ -169,14 +177,22 @@ def backward_direction(mode, gout_d, dh, dc, h0, c0, w: Weights, plan: Plan, out
     steps = reversed(range(len(plan.bs)))
     if persistent.takes(mode, gout_d, plan.N, H, w.w_hr is not None, plan.uniform):
         # the saved buffers are the per-step forward's, whichever forward ran
-        dG = gout_d.new_empty(R, G * H)
-        act, cs = saved[:2] if mode == "LSTM" else (None, None)
-        c0 = None if c0 is None else c0.contiguous()
+        dG = gout_d.new_empty(R, (4 if G > 1 else 1) * H)
+        act, cs, s0 = None, None, None
+        if mode == "LSTM":
+            act, cs, s0 = saved[0], saved[1], c0
+        elif mode == "GRU":
+            act, s0 = saved[0], h0
+        s0 = None if s0 is None else s0.contiguous()
         persistent.backward(
-            mode, act, cs, c0, out_d, gout_d, w.w_hh, dh, dc, dG, len(plan.bs), plan.reverse
+            mode, act, cs, s0, out_d, gout_d, w.w_hh, dh, dc, dG, len(plan.bs), plan.reverse
         )
-        first = plan.off[0]  # dh_0 = dG W_hh of the rows that read h_0
-        torch.mm(dG[first : first + plan.N], w.w_hh, out=dh)
+        # dh_0 gets dG W_hh of the rows that read h_0 (GRU: added to its direct part)
+        first = dG[plan.off[0] : plan.off[0] + plan.N, : G * H]
+        if mode == "GRU":
+            dh.addmm_(first, w.w_hh)
+        else:
+            torch.mm(first, w.w_hh, out=dh)
         return dG, None
     if mode == "LSTM":
         act, cs = saved[:2]
