@@ -2,8 +2,11 @@
 
 ``LSTM``, ``GRU``, ``RNN`` and their cells are drop-ins for ``torch.nn``'s (same constructor,
 parameters, init, ``state_dict``, shapes, errors); the recurrence runs on rnnkit's engines,
-chosen per call by ``rnnkit.functional.select_engine``.
+chosen per call by ``rnnkit.functional.select_engine``. ``rnnkit.onnx.export`` exports models
+that hold them to ONNX (imported on first use, as it needs the ``onnx`` package).
 """
+
+import importlib
 
 from rnnkit import functional
 from rnnkit.cell_modules import GRUCell, LSTMCell, RNNCell, RNNCellBase
@@ -21,6 +24,14 @@ __all__ = [
     "RNNCellBase",
     "convert",
     "functional",
+    "onnx",
     "revert",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # rnnkit.onnx imports onnx: load it on first use, not with rnnkit
+    if name == "onnx":
+        return importlib.import_module("rnnkit.onnx")
+    raise AttributeError(f"module 'rnnkit' has no attribute {name!r}")
