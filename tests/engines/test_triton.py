@@ -24,6 +24,7 @@ import rnnkit
 from grid import CaseInputs, ModuleCase, module_params
 from parity import assert_bitwise, assert_same_structure
 from rnnkit.testing import compare, engine_tolerance, kind_of, tolerance
+from test_reliability import NAN_CASES, _poisoned, assert_same_nonfinite
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.usefixtures("triton_interpreter")
@@ -386,6 +387,26 @@ def test_repeated_calls_are_bit_identical(case):
     inp = _on_device(case.inputs())
     runs = [_run(case, module, inp, seed=5)[0] for _ in range(2)]
     assert_bitwise(*runs)
+
+
+@pytest.mark.parametrize(
+    "case,where,index,value",
+    [
+        pytest.param(case, where, index, value, id=f"{case.id}-{i}")
+        for case, where, index, value, i in NAN_CASES
+        if i in ("x-nan", "x-neginf", "h0-inf", "c0-nan")
+    ],
+)
+def test_nan_and_inf_propagate_as_on_reference(case, where, index, value):
+    """No silent cleaning: NaN and infinities land where the reference puts them, on the
+    persistent kernels and (with a projection) the per-step ones."""
+    module, reference = _pair(case)
+    inp = _poisoned(case, where, index, value)
+    expected = _run(case, reference, _on_device(inp), 0)[0]
+    actual = _run(case, module, _on_device(inp), 0)[0]
+    assert_same_nonfinite(
+        {k: v.cpu() for k, v in expected.items()}, {k: v.cpu() for k, v in actual.items()}
+    )
 
 
 def test_non_contiguous_states_and_empty_batch():

@@ -257,7 +257,7 @@ def rnn_forward_kernel(
     o_n, o_h, mask = _tile(b, H, BLOCK_N, BLOCK_H)
     b_a = tl.load(p_a + o_n * H + o_h, mask=mask).to(ACC)
     if RELU:
-        b_h = tl.maximum(b_a, 0.0)
+        b_h = tl.maximum(b_a, 0.0, propagate_nan=tl.PropagateNan.ALL)  # relu(NaN) = NaN
     else:
         b_h = _tanh(b_a)
     tl.store(p_h + o_n * H + o_h, b_h.to(p_h.dtype.element_ty), mask=mask)
@@ -285,7 +285,7 @@ def rnn_backward_kernel(
     b_dh += tl.load(p_go + o_n * s_go + o_h, mask=mask).to(ACC)
     b_h = tl.load(p_hs + o_n * s_hs + o_h, mask=mask).to(ACC)
     if RELU:
-        b_da = tl.where(b_h > 0, b_dh, 0.0)
+        b_da = tl.where(b_h <= 0, 0.0, b_dh)  # torch's threshold_backward: NaN passes
     else:
         b_da = b_dh * (1.0 - b_h * b_h)
     tl.store(p_dG + o_n * H + o_h, b_da.to(p_dG.dtype.element_ty), mask=mask)

@@ -179,7 +179,7 @@ def persistent_forward_kernel(
         elif MODE == 1:
             b_h = _tanh(_dot(prev, w_0, ACC) + x_0)
         else:
-            b_h = tl.maximum(_dot(prev, w_0, ACC) + x_0, 0.0)
+            b_h = tl.maximum(_dot(prev, w_0, ACC) + x_0, 0.0, propagate_nan=tl.PropagateNan.ALL)
         tl.store(
             p_out + (t * N + rows) * s_out + o_h[None, :],
             b_h.to(p_out.dtype.element_ty),
@@ -303,7 +303,7 @@ def persistent_backward_kernel(
             if MODE == 1:
                 b_d = b_dh * (1.0 - b_h * b_h)
             else:
-                b_d = tl.where(b_h > 0, b_dh, 0.0)
+                b_d = tl.where(b_h <= 0, 0.0, b_dh)  # NaN passes, as in torch
             tl.store(p_d, b_d.to(ty), mask=mask)
         _step_barrier(p_sync, (s + 1) * TILES_H, TILES_H)
     if MODE == 0:

@@ -40,7 +40,8 @@ def _row_sum(x):
 @triton.jit
 def _clip(x, v, ON: tl.constexpr):
     if ON:
-        x = tl.minimum(tl.maximum(x, -v), v)
+        nan = tl.PropagateNan.ALL  # clamp(NaN) = NaN, as torch's
+        x = tl.minimum(tl.maximum(x, -v, propagate_nan=nan), v, propagate_nan=nan)
     return x
 
 
