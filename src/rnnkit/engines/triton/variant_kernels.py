@@ -40,8 +40,9 @@ def _row_sum(x):
 @triton.jit
 def _clip(x, v, ON: tl.constexpr):
     if ON:
-        nan = tl.PropagateNan.ALL  # clamp(NaN) = NaN, as torch's
-        x = tl.minimum(tl.maximum(x, -v, propagate_nan=nan), v, propagate_nan=nan)
+        # clamp(NaN) = NaN, as torch's
+        x = tl.maximum(x, -v, propagate_nan=tl.PropagateNan.ALL)
+        x = tl.minimum(x, v, propagate_nan=tl.PropagateNan.ALL)
     return x
 
 
