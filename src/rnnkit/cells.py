@@ -132,9 +132,12 @@ def _clip(x: Tensor, v: float | None) -> Tensor:
     return x if v is None else torch.clamp(x, -v, v)
 
 
-def make_step(mode: str, variant) -> Step:
-    """The step function of ``mode`` under ``variant`` (the exact torch step when plain)."""
-    if variant.is_plain:
+def make_step(mode: str, variant, out_of_place: bool = False) -> Step:
+    """The step function of ``mode`` under ``variant``: the exact torch step when plain, unless
+    ``out_of_place`` asks for the general step, which writes into no tensor (what torch.func's
+    vmap needs: it cannot write a batched value into an unbatched tensor). It then takes
+    :func:`make_prepare`'s per-step tuples, and computes the plain cell's values to rounding."""
+    if variant.is_plain and not out_of_place:
         return STEPS[mode][0]
     acts = variant.activation_fns(mode)
     clip = variant.gate_clip
@@ -188,7 +191,7 @@ def _plain_prepare(x: Tensor, p: CellParams, N: int) -> tuple[Tensor, CellParams
     return p.linear_ih(x), p
 
 
-def make_prepare(mode: str, variant, training: bool) -> Prepare:
+def make_prepare(mode: str, variant, training: bool, out_of_place: bool = False) -> Prepare:
     """What a layer-direction computes before its time loop, for all steps at once.
 
     ``prepare(x, p, N)`` takes the layer input ``x`` (``[L, N, H_in]``, packed rows
@@ -196,10 +199,17 @@ def make_prepare(mode: str, variant, training: bool) -> Prepare:
     consumes (same leading dims as ``x``) and the params of this call. The random masks are
     drawn here, in a fixed order — weight dropout, recurrent dropout, zoneout h, zoneout c — so
     that every engine that calls this function draws the same masks under the same seed.
+    ``out_of_place`` pairs it with :func:`make_step`'s general step, and draws zoneout's masks
+    out of place too (vmap's ``randomness="different"`` draws per sample only that way).
     """
-    if variant.is_plain:
+    if variant.is_plain and not out_of_place:
         return _plain_prepare
     zh_p, zc_p = variant.zoneout
+
+    def bernoulli(shape: tuple[int, ...], p: float, dense: dict) -> Tensor:
+        if out_of_place:
+            return torch.bernoulli(torch.full(shape, p, **dense))
+        return torch.empty(shape, **dense).bernoulli_(p)
 
     def prepare(x: Tensor, p: CellParams, N: int) -> tuple[object, CellParams]:
         if p.ln_ih is not None:
@@ -220,9 +230,9 @@ def make_prepare(mode: str, variant, training: bool) -> Prepare:
                 ones = torch.ones(N, H_out, **dense)
                 p = p._replace(rec_mask=F.dropout(ones, variant.recurrent_dropout, True))
             if zh_p > 0:
-                keep_h = torch.empty(*x.shape[:-1], H_out, **dense).bernoulli_(zh_p)
+                keep_h = bernoulli((*x.shape[:-1], H_out), zh_p, dense)
             if zc_p > 0 and mode == "LSTM":
-                keep_c = torch.empty(*x.shape[:-1], p.w_hh.size(0) // 4, **dense).bernoulli_(zc_p)
+                keep_c = bernoulli((*x.shape[:-1], p.w_hh.size(0) // 4), zc_p, dense)
         return (gates_x, keep_h, keep_c), p
 
     return prepare

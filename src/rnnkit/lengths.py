@@ -8,7 +8,9 @@ A padded batch with its ``lengths`` runs as torch's packed path would run it::
 so the output has the input's layout with the positions past each sequence's length zeroed,
 and the final states are each sequence's state at its own last step (the reverse direction
 starts there). Outputs, states and gradients equal that packed path bit for bit, on every
-engine, since they are computed by it.
+engine, since they are computed by it. Under a torch.func transform the packing and padding
+are the same copies made by index ops, which ``vmap`` batches (torch's packing op has no
+batching rule).
 
 Examples::
 
@@ -28,6 +30,8 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from rnnkit.engines.base import transforms
+
 __all__ = ["check_lengths", "run_with_lengths"]
 
 
@@ -40,6 +44,10 @@ def check_lengths(lengths: Tensor | Sequence[int], N: int, L: int) -> Tensor:
     if isinstance(lengths, Tensor):
         if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
             raise TypeError(f"lengths must be an integer tensor, got dtype {lengths.dtype}")
+        if torch._C._functorch.is_batchedtensor(lengths):
+            raise ValueError(
+                "lengths cannot be vmapped over: each sample would be a batch of other lengths"
+            )
         if lengths.dim() != 1:
             raise ValueError(
                 f"lengths must be a 1-D tensor of N={N} lengths, got a {lengths.dim()}-D tensor "
@@ -114,7 +122,37 @@ def run_with_lengths(
         # the layer's own error for a state that does not fit the padded batch (packing
         # would first reorder it along the wrong dimension)
         return run(input, hx)
+    if transforms():
+        packed, rows = _pack_by_index(input, lengths, batch_first)
+        output, hidden = run(packed, hx)
+        return _pad_by_index(output.data, rows, L, N, batch_first), hidden
     packed = pack_padded_sequence(input, lengths, batch_first, enforce_sorted=False)
     output, hidden = run(packed, hx)
     output, _ = pad_packed_sequence(output, batch_first, total_length=L)
     return output, hidden
+
+
+def _pack_by_index(input: Tensor, lengths: Tensor, batch_first: bool):
+    """``pack_padded_sequence(input, lengths, batch_first, enforce_sorted=False)`` as one
+    ``index_select``; also returns the index: which row of the time-major ``[L*N, H_in]``
+    input each packed row is."""
+    x = input.transpose(0, 1) if batch_first else input
+    L, N = x.shape[:2]
+    # torch's order: sequences by decreasing length, then the rows of each step
+    sorted_lengths, sorted_indices = torch.sort(lengths, descending=True)
+    T = int(sorted_lengths[0])
+    steps = torch.arange(T).unsqueeze(1)
+    batch_sizes = (sorted_lengths.unsqueeze(0) > steps).sum(1)
+    rows = (steps * N + sorted_indices.unsqueeze(0))[torch.arange(N) < batch_sizes.unsqueeze(1)]
+    rows = rows.to(input.device)
+    data = x.reshape(L * N, x.size(2)).index_select(0, rows)
+    sorted_indices = sorted_indices.to(input.device)
+    return PackedSequence(data, batch_sizes, sorted_indices, sorted_indices.argsort()), rows
+
+
+def _pad_by_index(data: Tensor, rows: Tensor, L: int, N: int, batch_first: bool) -> Tensor:
+    """``pad_packed_sequence(..., total_length=L)`` of packed ``data`` whose rows came from
+    ``rows`` of the time-major input: zeros elsewhere."""
+    padded = data.new_zeros(L * N, data.size(1)).index_copy(0, rows, data)
+    padded = padded.view(L, N, data.size(1))
+    return padded.transpose(0, 1) if batch_first else padded

@@ -317,6 +317,14 @@ def check_packed(
     tensors on ``data``'s device, a permutation of ``range(N)`` and its inverse.
     """
     expect_tensor("batch_sizes", batch_sizes)
+    for name, t in (("batch_sizes", batch_sizes), ("sorted_indices", sorted_indices)):
+        if isinstance(t, Tensor) and torch._C._functorch.is_batchedtensor(t):
+            # each sample would be a batch of another structure: one call cannot run them
+            raise RuntimeError(
+                f"a PackedSequence's {name} cannot be vmapped over: vmap over its data only, "
+                "building the PackedSequence inside the vmapped function, or over a padded "
+                "input with lengths="
+            )
     if (
         batch_sizes.dim() != 1
         or batch_sizes.dtype != torch.int64

@@ -11,13 +11,37 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
+from torch._C import _functorch
 
 from rnnkit.cells import CellParams, State
 from rnnkit.variants import PLAIN, Variant
 
 # (output, h_n) for GRU/RNN, (output, h_n, c_n) for LSTM
 RNNResult = tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]
+
+
+# A constant to torch.compile, which cannot trace the stack: read when tracing, never a guard.
+@torch.compiler.assume_constant_result
+def transforms() -> tuple[str, ...]:
+    """The torch.func transforms around this call, outermost first (``"vmap"``, ``"grad"``,
+    ``"jvp"``, ``"functionalize"``); empty outside any. ``grad``, ``vjp`` and ``jacrev`` are
+    ``"grad"``; ``jacfwd`` is ``"vmap"`` over ``"jvp"``."""
+    stack = _functorch.get_interpreter_stack() or []
+    return tuple(str(level.key()).rpartition(".")[2].lower() for level in stack)
+
+
+def forward_ad(tensors: list[Tensor]) -> bool:
+    """Whether forward-mode AD runs through this call: under ``torch.func.jvp``/``jacfwd``,
+    or with a dual tensor of ``torch.autograd.forward_ad`` among ``tensors``."""
+    if "jvp" in transforms():
+        return True
+    # no tensor has a tangent outside torch.autograd.forward_ad.dual_level()
+    if getattr(fwAD, "_current_level", 0) < 0:
+        return False
+    return any(fwAD.unpack_dual(t).tangent is not None for t in tensors)
 
 
 @dataclass(frozen=True)

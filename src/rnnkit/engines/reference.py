@@ -8,7 +8,10 @@ same order, so forward values and every gradient equal torch's ATen path bit for
 fast engine is tested against this one. A call that records no autograd graph (``no_grad``,
 inference, nothing requiring grad) writes each step's output in place into the layer's output
 instead of keeping a list of them: the same values, in memory that does not grow with L beyond
-the output and the input projection.
+the output and the input projection. Under a torch.func transform (``vmap``, ``grad``, ``jvp``
+and what they compose into) the driver writes into no tensor: it keeps the list of step
+outputs and takes the general, out-of-place step of ``rnnkit.cells`` (vmap cannot write a
+batched value into an unbatched tensor), equal to ATen's to rounding.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rnnkit.cells import CellParams, Prepare, State, Step, make_prepare, make_step
-from rnnkit.engines.base import CellCall, Engine, RNNCall, RNNResult
+from rnnkit.engines.base import CellCall, Engine, RNNCall, RNNResult, transforms
 from rnnkit.variants import PLAIN
 
 
@@ -200,7 +203,19 @@ def _packed_bidirectional_layer(
     return out, (fw_state, rev_state)
 
 
+def _cell_math(mode: str, variant, train: bool) -> tuple[Step, Prepare]:
+    """The step and prepare functions of a call: out of place under a torch.func transform."""
+    out_of_place = bool(transforms())
+    return (
+        make_step(mode, variant, out_of_place),
+        make_prepare(mode, variant, train, out_of_place),
+    )
+
+
 def _records_graph(call: RNNCall) -> bool:
+    if transforms():
+        # the same graph-style path: a list of step outputs, no preallocated rows
+        return True
     if not torch.is_grad_enabled():
         return False
     hx = call.hx if isinstance(call.hx, tuple) else (call.hx,)
@@ -210,8 +225,7 @@ def _records_graph(call: RNNCall) -> bool:
 
 def run_rnn(call: RNNCall) -> RNNResult:
     """Run a stacked, possibly bidirectional, possibly packed RNN; see :class:`RNNCall`."""
-    step = make_step(call.mode, call.variant)
-    prepare = make_prepare(call.mode, call.variant, call.train)
+    step, prepare = _cell_math(call.mode, call.variant, call.train)
     hx = call.hx
     if call.mode == "LSTM":
         states: list[State] = list(zip(hx[0].unbind(0), hx[1].unbind(0), strict=False))
@@ -259,8 +273,7 @@ def run_packed_layer(mode: str, data: Tensor, batch_sizes: list[int], states, pa
     """One plain layer (one or two directions) over packed rows; padded input is the packing
     with equal batch sizes. Returns the output rows and the final state of each direction.
     Other engines use it to build an autograd graph of a layer, e.g. for double backward."""
-    step = make_step(mode, PLAIN)
-    prepare = make_prepare(mode, PLAIN, False)
+    step, prepare = _cell_math(mode, PLAIN, False)
     if len(params) == 2:
         out, finals = _packed_bidirectional_layer(step, prepare, data, batch_sizes, states, params)
         return out, list(finals)
@@ -274,7 +287,7 @@ def run_prepared_direction(mode: str, variant, seq, batch_sizes: list[int], stat
     (masks included) are given: no random numbers are drawn. Returns the output rows and the
     final state. Other engines rebuild a direction with it as a graph, e.g. for double
     backward."""
-    step = make_step(mode, variant)
+    step = make_step(mode, variant, bool(transforms()))
     data = seq[0] if isinstance(seq, tuple) else seq
     layer = _reversed_packed_layer if reverse else _packed_layer
     return layer(step, lambda x, params, N: (seq, params), data, batch_sizes, state, p)
@@ -282,8 +295,7 @@ def run_prepared_direction(mode: str, variant, seq, batch_sizes: list[int], stat
 
 def run_cell(call: CellCall) -> State:
     """One step of a cell module (``LSTMCell`` & co.) on ``[N, H_in]`` input."""
-    step = make_step(call.mode, call.variant)
-    prepare = make_prepare(call.mode, call.variant, call.train)
+    step, prepare = _cell_math(call.mode, call.variant, call.train)
     gates_x, p = prepare(call.input, call.params, call.input.size(0))
     return step(gates_x, call.hx, p)
 

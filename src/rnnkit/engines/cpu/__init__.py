@@ -7,6 +7,12 @@ float64, and the LSTM variants except custom activations (``variant.py``). The C
 to the reference engine after one warning, and ``engine="fused"`` raises with the compiler's
 reason. Cells are a single step, where a fused loop gains nothing:
 ``engine="auto"`` gives them to the reference engine.
+
+torch.func: ``vmap`` (over inputs, states or stacked weights), ``grad``, ``vjp``, ``jacrev``
+and their compositions run on this engine (``func.py`` has the ops' batching rules);
+forward-mode AD (``jvp``, ``jacfwd``, ``torch.autograd.forward_ad``) and gradients of
+gradients under torch.func (``grad`` of ``grad``) do not, and ``engine="auto"``
+gives them to the reference engine.
 """
 
 from __future__ import annotations
@@ -15,9 +21,10 @@ import warnings
 
 import torch
 
-from rnnkit.engines.base import CellCall, Engine, RNNCall
+from rnnkit.engines.base import CellCall, Engine, RNNCall, forward_ad, transforms
 from rnnkit.engines.cpu import build, variant
 from rnnkit.engines.cpu.function import run_rnn as run_plain
+from rnnkit.engines.cpu.function import tracked_outside
 
 __all__ = ["FUSED"]
 
@@ -47,6 +54,21 @@ def rnn_unsupported(call: RNNCall) -> str | None:
         return "needs input, states and weights of one dtype"
     if torch.is_autocast_enabled("cpu"):
         return "CPU autocast not supported"
+    if forward_ad(tensors):
+        # the hand-written backward is reverse mode only
+        return "forward-mode AD (torch.func.jvp, jacfwd, forward_ad) not supported"
+    if transforms().count("grad") > 1:
+        # torch.func differentiates a backward in place, not through the recomputed graph that
+        # serves torch.autograd's double backward
+        return "torch.func gradients of gradients (grad of grad, jacrev of jacrev) not supported"
+    if "grad" in transforms() and tracked_outside(tensors):
+        # torch.autograd could differentiate the transform's result again, through the
+        # backward kernels, which have no derivative of their own
+        return (
+            "torch.func gradients (grad, vjp, jacrev) of tensors that torch.autograd also "
+            "tracks not supported; pass detached tensors or call the transform under "
+            "torch.no_grad()"
+        )
     reason = build.build_error()
     if reason is not None:
         if not _warned:

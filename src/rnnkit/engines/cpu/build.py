@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from rnnkit.engines.cpu import fake
+from rnnkit.engines.cpu import fake, func
 
 __all__ = ["BuildError", "build_error", "kernels"]
 
@@ -89,6 +89,7 @@ def _build():
     if not ops.blas_available():
         raise BuildError("this torch build exports no BLAS sgemm_/dgemm_ to call")
     fake.register("rnnkit_cpu")
+    func.register("rnnkit_cpu")
     return ops
 
 

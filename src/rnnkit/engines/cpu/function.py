@@ -13,9 +13,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._C import _functorch
 
 from rnnkit.cells import CellParams
-from rnnkit.engines.base import RNNCall, RNNResult
+from rnnkit.engines.base import RNNCall, RNNResult, transforms
 from rnnkit.engines.cpu.build import kernels
 from rnnkit.engines.reference import run_packed_layer
 from rnnkit.functional import gather_params
@@ -49,35 +50,50 @@ class FusedLayer(torch.autograd.Function):
     """One layer over all its steps: ``x`` ``[R, H_in]`` rows in time-major (or packed) order.
 
     ``h0`` is ``[D, N, H_out]``, ``c0`` ``[D, N, H]`` for LSTM (else None), ``weights`` the
-    layer's slice of ``_flat_weights``. Returns ``out`` ``[R, D*H_out]``, ``h_n`` and (LSTM)
-    ``c_n``. ``mode``, ``batch_sizes`` and ``has_bias`` are plain Python values kept on ``ctx``.
+    layer's slice of ``_flat_weights``. Returns ``out`` ``[R, D*H_out]``, ``h_n``, ``c_n``
+    (LSTM; else an empty placeholder) and the buffers that backward needs, which take no
+    gradient. ``mode``, ``batch_sizes`` and ``has_bias`` are plain Python values kept on
+    ``ctx``. A ``forward`` without ``ctx`` (``setup_context`` keeps what backward needs) and
+    the ops' batching rules (``func.py``) let torch.func transform it: under ``vmap``, forward
+    and backward run through those rules.
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, mode, batch_sizes, has_bias, x, h0, c0, *weights):
-        out, h_n, c_n, *saved = kernels().layer_forward(
-            mode, x, h0, c0, list(weights), batch_sizes, has_bias, True
+    def forward(mode, batch_sizes, has_bias, x, h0, c0, *weights):
+        return tuple(
+            kernels().layer_forward(mode, x, h0, c0, list(weights), batch_sizes, has_bias, True)
         )
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        mode, batch_sizes, has_bias, x, h0, c0, *weights = inputs
+        out, h_n, c_n, *saved = output
         ctx.mode, ctx.batch_sizes, ctx.has_bias = mode, batch_sizes, has_bias
         ctx.n_weights = len(weights)
         ctx.save_for_backward(x, h0, c0, out, *weights, *saved)
-        return (out, h_n, c_n) if mode == _LSTM else (out, h_n)
+        ctx.mark_non_differentiable(*saved, *([c_n] if mode != _LSTM else []))
+        # gradients of the saved buffers are never used: no zeros for them
+        ctx.set_materialize_grads(False)
 
     @staticmethod
-    def backward(ctx, *grads):
-        grad_out, grad_hn, *grad_cn = grads
+    def backward(ctx, grad_out, grad_hn, grad_cn, *_):
         x, h0, c0, out, *rest = ctx.saved_tensors
         weights, saved = rest[: ctx.n_weights], rest[ctx.n_weights :]
+        grad_out = grad_or_zeros(grad_out, out)
+        grad_hn = grad_or_zeros(grad_hn, h0)
+        grad_cn = grad_or_zeros(grad_cn, c0) if ctx.mode == _LSTM else None
+        grads = (grad_out, grad_hn) if grad_cn is None else (grad_out, grad_hn, grad_cn)
         need = ctx.needs_input_grad
-        if torch.is_grad_enabled():
+        if backward_needs_graph([x, h0, c0, *weights, *grads]):
             # create_graph=True: the gradient must itself be differentiable, which the compiled
             # loops are not; recompute the layer as a graph of torch ops and differentiate that.
             return (None, None, None, *_double_backward(ctx, x, h0, c0, weights, grads))
         reuse_saved = _saved_die_here()
         dx, dh0, dc0, *dweights = kernels().layer_backward(
-            ctx.mode, grad_out, grad_hn, grad_cn[0] if grad_cn else None, x, h0, c0,
-            list(weights), out, list(saved), ctx.batch_sizes, ctx.has_bias, need[3],
-            reuse_saved,
+            ctx.mode, grad_out, grad_hn, grad_cn, x, h0, c0, list(weights), out, list(saved),
+            ctx.batch_sizes, ctx.has_bias, need[3], reuse_saved,
         )  # fmt: skip
         dweights = [g if n else None for g, n in zip(dweights, need[6:], strict=True)]
         return (
@@ -87,6 +103,51 @@ class FusedLayer(torch.autograd.Function):
             dc0 if ctx.mode == _LSTM and need[5] else None,
             *dweights,
         )  # fmt: skip
+
+
+def grad_or_zeros(grad: Tensor | None, like: Tensor) -> Tensor:
+    return torch.zeros_like(like) if grad is None else grad
+
+
+def backward_needs_graph(tensors: list[Tensor | None]) -> bool:
+    """Whether a backward must build a graph: under ``create_graph=True`` of torch.autograd,
+    not for torch.func's own gradients. Raises where it would need one inside a ``vmap``.
+
+    ``grad``, ``vjp`` and ``jacrev`` differentiate with ``create_graph=True`` whatever is
+    asked; the engine refuses the nested transforms that would differentiate this backward
+    (``rnn_unsupported``). Their backward runs inside the ``grad`` transform, or, for a
+    ``vjp`` function called after its transform returned, on tensors of that ended transform.
+    """
+    if not torch.is_grad_enabled() or "grad" in transforms():
+        return False
+    levels = {_functorch.maybe_get_level(t) for t in tensors if t is not None}
+    if -2 in levels:
+        return False
+    if any(level > 0 for level in levels):
+        # the recomputed graph would hold vmap's batched tensors, which autograd cannot take
+        raise RuntimeError(
+            "rnnkit: a double backward (create_graph=True) through a torch.func.vmap call is "
+            "not supported on the fused engine; run the model with engine='reference'"
+        )
+    return True
+
+
+def tracked_outside(tensors: list[Tensor | None]) -> bool:
+    """Whether torch.autograd outside every torch.func transform records the ops on one of
+    ``tensors``: the tensor under the transforms' wrappers requires grad, and the outermost
+    ``grad`` transform was entered with grad mode on."""
+    stack = _functorch.get_interpreter_stack() or []
+    grads = [i for i in stack if str(i.key()).endswith("Grad")]
+    if grads and not _functorch.CGradInterpreterPtr(grads[0]).prevGradMode():
+        return False
+    for t in tensors:
+        if t is None:
+            continue
+        while _functorch.is_functorch_wrapped_tensor(t):
+            t = _functorch.get_unwrapped(t)
+        if t.requires_grad:
+            return True
+    return False
 
 
 def _saved_die_here() -> bool:
@@ -133,8 +194,11 @@ def fused_layer(
     c0 = c0.contiguous() if c0 is not None else None
     tensors = [x, h0, *weights] if c0 is None else [x, h0, c0, *weights]
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return FusedLayer.apply(mode, batch_sizes, has_bias, x, h0, c0, *weights)
-    out, h_n, c_n = kernels().layer_forward(mode, x, h0, c0, weights, batch_sizes, has_bias, False)
+        out, h_n, c_n, *_ = FusedLayer.apply(mode, batch_sizes, has_bias, x, h0, c0, *weights)
+    else:
+        out, h_n, c_n = kernels().layer_forward(
+            mode, x, h0, c0, weights, batch_sizes, has_bias, False
+        )
     return (out, h_n, c_n) if mode == _LSTM else (out, h_n)
 
 

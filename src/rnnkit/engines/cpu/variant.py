@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rnnkit.cells import CellParams, make_prepare
-from rnnkit.engines.base import RNNCall, RNNResult
+from rnnkit.engines.base import RNNCall, RNNResult, transforms
 from rnnkit.engines.cpu.build import kernels
+from rnnkit.engines.cpu.function import backward_needs_graph, grad_or_zeros
 from rnnkit.engines.reference import run_prepared_direction
 from rnnkit.variants import Variant
 
@@ -54,33 +55,50 @@ class VariantLSTM(torch.autograd.Function):
     """One direction of one layer: ``gx`` ``[R, 4H]`` (input projection of every row), ``h0``
     ``[N, H_out]``, ``c0`` ``[N, H]``, the recurrent-side parameters, then the masks
     (``rec_mask`` ``[N, H_out]``, ``keep_h`` ``[R, H_out]``, ``keep_c`` ``[R, H]``, each or
-    None). Returns ``out`` ``[R, H_out]``, ``h_n`` and ``c_n``."""
+    None). Returns ``out`` ``[R, H_out]``, ``h_n``, ``c_n`` and the buffers that backward
+    needs, which take no gradient; vmaps as ``FusedLayer`` does."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, static, gx, h0, c0, w_hh, b_hh, w_hr, peep, ln_hh, ln_cw, ln_cb, *masks):
+    def forward(static, gx, h0, c0, w_hh, b_hh, w_hr, peep, ln_hh, ln_cw, ln_cb, *masks):
         variant, rates, batch_sizes, reverse = static
         params = [w_hh, b_hh, w_hr, peep, ln_hh, ln_cw, ln_cb]
-        out, h_n, c_n, *saved = kernels().lstm_variant_forward(
-            gx, h0, c0, *params, *masks, rates, variant.coupled_input_forget, batch_sizes,
-            reverse, True,
+        return tuple(
+            kernels().lstm_variant_forward(
+                gx, h0, c0, *params, *masks, rates, variant.coupled_input_forget, batch_sizes,
+                reverse, True,
+            )
         )  # fmt: skip
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        static, gx, h0, c0, *rest = inputs
+        params, masks = rest[:7], rest[7:]
+        out, _, _, *saved = output
         ctx.static = static
         # gx only for a double backward, which rebuilds the direction from it
         ctx.save_for_backward(gx, h0, c0, *params, *masks, out, *saved)
-        return out, h_n, c_n
+        ctx.mark_non_differentiable(*saved)
+        ctx.set_materialize_grads(False)
 
     @staticmethod
-    def backward(ctx, grad_out, grad_hn, grad_cn):
+    def backward(ctx, grad_out, grad_hn, grad_cn, *_):
         variant, rates, batch_sizes, reverse = ctx.static
         gx, h0, c0, *rest = ctx.saved_tensors
         params, masks, out, saved = rest[:7], rest[7:10], rest[10], rest[11:]
-        if torch.is_grad_enabled():
+        grads = (
+            grad_or_zeros(grad_out, out),
+            grad_or_zeros(grad_hn, h0),
+            grad_or_zeros(grad_cn, c0),
+        )
+        if backward_needs_graph([gx, h0, c0, *params, *grads]):
             # create_graph=True: the compiled backward is no graph; differentiate the same
             # direction rebuilt from torch ops instead
-            grads = _double_backward(ctx, gx, h0, c0, params, masks, (grad_out, grad_hn, grad_cn))
+            grads = _double_backward(ctx, gx, h0, c0, params, masks, grads)
             return (None, *grads, None, None, None)
         dgx, dh0, dc0, *dparams = kernels().lstm_variant_backward(
-            grad_out, grad_hn, grad_cn, out, list(saved), h0, c0, *params, *masks, rates,
+            *grads, out, list(saved), h0, c0, *params, *masks, rates,
             variant.coupled_input_forget, batch_sizes, reverse,
         )  # fmt: skip
         need = ctx.needs_input_grad
@@ -128,7 +146,7 @@ def _direction(variant, train, gx, h0, c0, p, keep_h, keep_c, batch_sizes, rever
     masks = [p.rec_mask, keep_h, keep_c]
     tensors = [gx, h0, c0, *params]
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return VariantLSTM.apply(static, gx, h0, c0, *params, *masks)
+        return VariantLSTM.apply(static, gx, h0, c0, *params, *masks)[:3]
     out, h_n, c_n = kernels().lstm_variant_forward(
         gx, h0, c0, *params, *masks, static[1], variant.coupled_input_forget, batch_sizes,
         reverse, False,
@@ -143,7 +161,7 @@ def run_rnn(call: RNNCall) -> RNNResult:
     inter-layer dropout) and the tensor shapes they are drawn in are the reference engine's.
     """
     variant = call.variant
-    prepare = make_prepare(call.mode, variant, call.train)
+    prepare = make_prepare(call.mode, variant, call.train, bool(transforms()))
     D = 2 if call.bidirectional else 1
     packed = call.batch_sizes is not None
     x = call.input

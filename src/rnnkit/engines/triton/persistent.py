@@ -129,7 +129,7 @@ def persistent_forward_kernel(
             b_bz = tl.load(p_bhh + H + o_h[None, :], mask=m_b, other=0.0).to(ACC)
             b_bn = tl.load(p_bhh + 2 * H + o_h[None, :], mask=m_b, other=0.0).to(ACC)
     else:
-        b_h = tl.zeros([BLOCK_N, BLOCK_H], ACC)
+        b_h = tl.full([BLOCK_N, BLOCK_H], 0.0, ACC)
     p_sync += tl.program_id(0)
     for s in range(steps):
         t = steps - 1 - s if REVERSE else s
@@ -238,7 +238,7 @@ def persistent_backward_kernel(
         w_3 = _w_slice(p_w, o_k, o_h, H, 3, True)
         b_dc = tl.load(p_dc + o_s, mask=mask, other=0.0).to(ACC)
     if MODE == 3:
-        b_dd = tl.zeros([BLOCK_N, BLOCK_H], ACC)  # dh_{t+1} z_{t+1}
+        b_dd = tl.full([BLOCK_N, BLOCK_H], 0.0, ACC)  # dh_{t+1} z_{t+1}
     p_sync += tl.program_id(0)
     ty = p_dG.dtype.element_ty
     for s in range(steps):
