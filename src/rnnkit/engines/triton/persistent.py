@@ -64,6 +64,26 @@ def _dot(a, b, ACC: tl.constexpr):
 
 
 @triton.jit
+def _program_tile(N, H, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This program's rows (int64, ``[BLOCK_N, 1]``) and units (``[BLOCK_H]``), all units
+    (``[BLOCK_K]``), the masks of its ``[rows, units]`` tile and of ``[rows, all units]``, and
+    its tile's offsets in an ``[N, H]`` state."""
+    o_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    o_k = tl.arange(0, BLOCK_K)
+    rows = o_n.to(tl.int64)[:, None]
+    m_n = o_n[:, None] < N
+    return (
+        rows,
+        o_h,
+        o_k,
+        m_n & (o_h[None, :] < H),
+        m_n & (o_k[None, :] < H),
+        rows * H + o_h[None, :],
+    )
+
+
+@triton.jit
 def _w_slice(p_w, o_k, o_h, H, gate, ROWS_K: tl.constexpr):
     """Gate ``gate``'s block of ``W_hh`` [G*H, H] for this program's units, ``[BLOCK_K,
     BLOCK_H]``: ``W_g^T`` (rows of the units, forward) or ``W_g`` (columns, backward)."""
@@ -105,14 +125,7 @@ def persistent_forward_kernel(
     # GRU: r, z = sigmoid(x_r + h_r), sigmoid(x_z + h_z), n = tanh(x_n + r h_n),
     #      h_t = (h_{t-1} - n) z + n, with h_* = h_{t-1} W_h*^T + b_h*
     G: tl.constexpr = 4 if MODE == 0 else 3 if MODE == 3 else 1
-    o_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    o_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    o_k = tl.arange(0, BLOCK_K)
-    rows = o_n.to(tl.int64)[:, None]
-    m_n = o_n[:, None] < N
-    mask = m_n & (o_h[None, :] < H)
-    m_prev = m_n & (o_k[None, :] < H)
-    o_s = rows * H + o_h[None, :]  # this tile in an [N, H] state
+    rows, o_h, o_k, mask, m_prev, o_s = _program_tile(N, H, BLOCK_N, BLOCK_H, BLOCK_K)
     # this program's W_hh^T columns per gate, [BLOCK_K, BLOCK_H], for the whole loop
     w_0 = _w_slice(p_w, o_k, o_h, H, 0, False)
     if G > 1:
@@ -221,14 +234,7 @@ def persistent_backward_kernel(
     # dG_1[:, :G*H] W_hh, is left to the caller.
     G: tl.constexpr = 4 if MODE == 0 else 3 if MODE == 3 else 1
     GS: tl.constexpr = 1 if G == 1 else 4  # dG's row width in units of H
-    o_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    o_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    o_k = tl.arange(0, BLOCK_K)
-    rows = o_n.to(tl.int64)[:, None]
-    m_n = o_n[:, None] < N
-    mask = m_n & (o_h[None, :] < H)
-    m_next = m_n & (o_k[None, :] < H)
-    o_s = rows * H + o_h[None, :]
+    rows, o_h, o_k, mask, m_next, o_s = _program_tile(N, H, BLOCK_N, BLOCK_H, BLOCK_K)
     # this program's columns of W_hh per gate, [BLOCK_K, BLOCK_H]: dh[:, units] = dG_g W_g
     w_0 = _w_slice(p_w, o_k, o_h, H, 0, True)
     if G > 1:
