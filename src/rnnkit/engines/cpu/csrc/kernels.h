@@ -1,7 +1,10 @@
 // The step plan of one direction and the per-cell time loops (lstm.cpp, gru.cpp, rnn.cpp)
 // that layer.cpp launches. A time loop runs on the calling thread: BLAS threads each step's
 // GEMM, and the pointwise pass stays whole, since a fork and join per step costs more than
-// it saves at recurrent sizes (and stalls whenever a core is busy elsewhere).
+// it saves at recurrent sizes (and stalls whenever a core is busy elsewhere). Where a step's
+// GEMM is too small for BLAS threads, the LSTM loops split the batch instead: the rows of a
+// batch never meet in a time loop, so each thread runs every step for its own rows, one fork
+// and join per call (for_row_blocks).
 //
 // Layout: every matrix is row-major, one row per (time step, batch element), in the order of
 // the padded (time-major) or packed input: the rows of time step t are o_t .. o_t + b_t - 1.
@@ -11,6 +14,7 @@
 #include "activations.h"
 #include "blas.h"
 
+#include <ATen/Parallel.h>
 #include <c10/util/ArrayRef.h>
 
 #include <algorithm>
@@ -116,6 +120,22 @@ struct LSTMBackward {
   T* dhs;            // [R, H_out] gradient of each projected h (proj only)
   T* dr;             // [N, H] scratch (proj only)
 };
+
+// run(lo, hi) over blocks of the batch rows [0, N), one block per thread when the steps'
+// GEMMs are small (`small`, single-threaded BLAS) and threads are free; else run(0, N).
+template <typename F>
+void for_row_blocks(int64_t N, bool small, const F& run) {
+  const int64_t threads = at::get_num_threads();
+  if (small && threads > 1 && N > 1 && !at::in_parallel_region()) {
+    const int64_t grain = (N + threads - 1) / threads;
+    at::parallel_for(0, N, grain, [&](int64_t lo, int64_t hi) {
+      const SingleThreadBlas blas(true);  // per thread
+      run(lo, hi);
+    });
+  } else {
+    run(0, N);
+  }
+}
 
 template <typename T>
 void lstm_forward(const Plan& p, int64_t H, int64_t H_out, const LSTMForward<T>& a);

@@ -1,6 +1,7 @@
 // LSTM time loops of one direction (gate order i, f, g, o; optional projection W_hr).
 #include "kernels.h"
 
+#include <algorithm>
 #include <cstring>
 
 namespace rnnkit {
@@ -13,56 +14,60 @@ template <typename T>
 void lstm_forward(const Plan& p, int64_t H, int64_t H_out, const LSTMForward<T>& a) {
   const int64_t G = 4 * H;
   const bool proj = a.w_hr != nullptr;
+  const bool small = small_step_gemm(p.N * G * H_out);
   // pack with the thread count that computes, as MKL advises
-  const SingleThreadBlas blas(small_step_gemm(p.N * G * H_out));
+  const SingleThreadBlas blas(small);
   const StepGemm<T> gemm_hh(a.w_hh, H_out, true, G, H_out, p.N);
   const StepGemm<T> gemm_hr(a.w_hr, H, true, H_out, H, proj ? p.N : 0);
-  for (int64_t s = 0; s < p.steps(); ++s) {
-    const int64_t o = p.off[s], b = p.bs[s];
-    T* p_gates = a.gates + o * G;
-    gemm_hh(b, a.h, H_out, T(1), p_gates, G);
-    T* p_r = proj ? (a.train ? a.rs + o * H : a.rs) : nullptr;
-    for (int64_t j = 0; j < b; ++j) {
-      T* p_g = p_gates + j * G;
-      T* p_c = a.c + j * H;
-      T* p_hdst = proj ? p_r + j * H : a.out + (o + j) * a.ld_out;
-      T* p_hstate = proj ? nullptr : a.h + j * H_out;
-      T* p_cs = a.cs ? a.cs + (o + j) * H : nullptr;
-      for_vec<T>(0, H, [&](int64_t u, int64_t n) {
-        Vec<T> b_i = load(p_g + u, n), b_f = load(p_g + H + u, n);
-        Vec<T> b_g = load(p_g + 2 * H + u, n), b_o = load(p_g + 3 * H + u, n);
-        if (a.bias) {
-          b_i = b_i + load(a.bias + u, n);
-          b_f = b_f + load(a.bias + H + u, n);
-          b_g = b_g + load(a.bias + 2 * H + u, n);
-          b_o = b_o + load(a.bias + 3 * H + u, n);
+  for_row_blocks(p.N, small, [&](int64_t lo, int64_t hi) {
+    for (int64_t s = 0; s < p.steps(); ++s) {
+      const int64_t o = p.off[s], b = std::min(p.bs[s], hi);
+      if (b <= lo) continue;
+      T* p_gates = a.gates + o * G;
+      gemm_hh(b - lo, a.h + lo * H_out, H_out, T(1), p_gates + lo * G, G);
+      T* p_r = proj ? (a.train ? a.rs + o * H : a.rs) : nullptr;
+      for (int64_t j = lo; j < b; ++j) {
+        T* p_g = p_gates + j * G;
+        T* p_c = a.c + j * H;
+        T* p_hdst = proj ? p_r + j * H : a.out + (o + j) * a.ld_out;
+        T* p_hstate = proj ? nullptr : a.h + j * H_out;
+        T* p_cs = a.cs ? a.cs + (o + j) * H : nullptr;
+        for_vec<T>(0, H, [&](int64_t u, int64_t n) {
+          Vec<T> b_i = load(p_g + u, n), b_f = load(p_g + H + u, n);
+          Vec<T> b_g = load(p_g + 2 * H + u, n), b_o = load(p_g + 3 * H + u, n);
+          if (a.bias) {
+            b_i = b_i + load(a.bias + u, n);
+            b_f = b_f + load(a.bias + H + u, n);
+            b_g = b_g + load(a.bias + 2 * H + u, n);
+            b_o = b_o + load(a.bias + 3 * H + u, n);
+          }
+          b_i = vsigmoid(b_i);
+          b_f = vsigmoid(b_f);
+          b_g = vtanh(b_g);
+          b_o = vsigmoid(b_o);
+          const Vec<T> b_c = b_f * load(p_c + u, n) + b_i * b_g;
+          store(p_c + u, b_c, n);
+          if (p_cs) store(p_cs + u, b_c, n);
+          const Vec<T> b_h = b_o * vtanh(b_c);
+          store(p_hdst + u, b_h, n);
+          if (p_hstate) store(p_hstate + u, b_h, n);
+          if (a.train) {
+            store(p_g + u, b_i, n);
+            store(p_g + H + u, b_f, n);
+            store(p_g + 2 * H + u, b_g, n);
+            store(p_g + 3 * H + u, b_o, n);
+          }
+        });
+      }
+      if (proj) {
+        T* p_out = a.out + o * a.ld_out;
+        gemm_hr(b - lo, p_r + lo * H, H, T(0), p_out + lo * a.ld_out, a.ld_out);
+        for (int64_t j = lo; j < b; ++j) {
+          std::memcpy(a.h + j * H_out, p_out + j * a.ld_out, H_out * sizeof(T));
         }
-        b_i = vsigmoid(b_i);
-        b_f = vsigmoid(b_f);
-        b_g = vtanh(b_g);
-        b_o = vsigmoid(b_o);
-        const Vec<T> b_c = b_f * load(p_c + u, n) + b_i * b_g;
-        store(p_c + u, b_c, n);
-        if (p_cs) store(p_cs + u, b_c, n);
-        const Vec<T> b_h = b_o * vtanh(b_c);
-        store(p_hdst + u, b_h, n);
-        if (p_hstate) store(p_hstate + u, b_h, n);
-        if (a.train) {
-          store(p_g + u, b_i, n);
-          store(p_g + H + u, b_f, n);
-          store(p_g + 2 * H + u, b_g, n);
-          store(p_g + 3 * H + u, b_o, n);
-        }
-      });
-    }
-    if (proj) {
-      T* p_out = a.out + o * a.ld_out;
-      gemm_hr(b, p_r, H, T(0), p_out, a.ld_out);
-      for (int64_t j = 0; j < b; ++j) {
-        std::memcpy(a.h + j * H_out, p_out + j * a.ld_out, H_out * sizeof(T));
       }
     }
-  }
+  });
 }
 
 // Backward through time. With a = pre-activations, i, f, g, o the activations, c_{t-1} the
@@ -84,49 +89,53 @@ template <typename T>
 void lstm_backward(const Plan& p, int64_t H, int64_t H_out, const LSTMBackward<T>& a) {
   const int64_t G = 4 * H;
   const bool proj = a.w_hr != nullptr;
+  const bool small = small_step_gemm(p.N * G * H_out);
   // pack with the thread count that computes, as MKL advises
-  const SingleThreadBlas blas(small_step_gemm(p.N * G * H_out));
+  const SingleThreadBlas blas(small);
   const StepGemm<T> gemm_hh(a.w_hh, H_out, false, H_out, G, p.N);
   const StepGemm<T> gemm_hr(a.w_hr, H, false, H, H_out, proj ? p.N : 0);
-  for (int64_t s = p.steps() - 1; s >= 0; --s) {
-    const int64_t o = p.off[s], b = p.bs[s];
-    if (proj) {
-      T* p_dhs = a.dhs + o * H_out;
-      for (int64_t j = 0; j < b; ++j) {
-        const T* p_go = a.gout + (o + j) * a.ld_gout;
+  for_row_blocks(p.N, small, [&](int64_t lo, int64_t hi) {
+    for (int64_t s = p.steps() - 1; s >= 0; --s) {
+      const int64_t o = p.off[s], b = std::min(p.bs[s], hi);
+      if (b <= lo) continue;
+      if (proj) {
+        T* p_dhs = a.dhs + o * H_out;
+        for (int64_t j = lo; j < b; ++j) {
+          const T* p_go = a.gout + (o + j) * a.ld_gout;
+          const T* p_dh = a.dh + j * H_out;
+          T* p_dst = p_dhs + j * H_out;
+          for_vec<T>(0, H_out, [&](int64_t u, int64_t n) {
+            store(p_dst + u, load(p_dh + u, n) + load(p_go + u, n), n);
+          });
+        }
+        gemm_hr(b - lo, p_dhs + lo * H_out, H_out, T(0), a.dr + lo * H, H);
+      }
+      for (int64_t j = lo; j < b; ++j) {
+        const T* p_g = a.gates + (o + j) * G;
+        const T* p_ct = a.cs + (o + j) * H;
+        const T* p_cp = prev_row(p, s, j, a.cs, H, a.c0, H);
+        const T* p_dr = proj ? a.dr + j * H : nullptr;
         const T* p_dh = a.dh + j * H_out;
-        T* p_dst = p_dhs + j * H_out;
-        for_vec<T>(0, H_out, [&](int64_t u, int64_t n) {
-          store(p_dst + u, load(p_dh + u, n) + load(p_go + u, n), n);
+        const T* p_go = a.gout + (o + j) * a.ld_gout;
+        T* p_dc = a.dc + j * H;
+        T* p_dG = a.dG + (o + j) * G;
+        const Vec<T> one(T(1));
+        for_vec<T>(0, H, [&](int64_t u, int64_t n) {
+          const Vec<T> b_dr = proj ? load(p_dr + u, n) : load(p_dh + u, n) + load(p_go + u, n);
+          const Vec<T> b_i = load(p_g + u, n), b_f = load(p_g + H + u, n);
+          const Vec<T> b_gg = load(p_g + 2 * H + u, n), b_o = load(p_g + 3 * H + u, n);
+          const Vec<T> b_tc = vtanh(load(p_ct + u, n));
+          const Vec<T> b_dc = load(p_dc + u, n) + b_dr * b_o * (one - b_tc * b_tc);
+          store(p_dc + u, b_dc * b_f, n);
+          store(p_dG + u, b_dc * b_gg * b_i * (one - b_i), n);
+          store(p_dG + H + u, b_dc * load(p_cp + u, n) * b_f * (one - b_f), n);
+          store(p_dG + 2 * H + u, b_dc * b_i * (one - b_gg * b_gg), n);
+          store(p_dG + 3 * H + u, b_dr * b_tc * b_o * (one - b_o), n);
         });
       }
-      gemm_hr(b, p_dhs, H_out, T(0), a.dr, H);
+      gemm_hh(b - lo, a.dG + (o + lo) * G, G, T(0), a.dh + lo * H_out, H_out);
     }
-    for (int64_t j = 0; j < b; ++j) {
-      const T* p_g = a.gates + (o + j) * G;
-      const T* p_ct = a.cs + (o + j) * H;
-      const T* p_cp = prev_row(p, s, j, a.cs, H, a.c0, H);
-      const T* p_dr = proj ? a.dr + j * H : nullptr;
-      const T* p_dh = a.dh + j * H_out;
-      const T* p_go = a.gout + (o + j) * a.ld_gout;
-      T* p_dc = a.dc + j * H;
-      T* p_dG = a.dG + (o + j) * G;
-      const Vec<T> one(T(1));
-      for_vec<T>(0, H, [&](int64_t u, int64_t n) {
-        const Vec<T> b_dr = proj ? load(p_dr + u, n) : load(p_dh + u, n) + load(p_go + u, n);
-        const Vec<T> b_i = load(p_g + u, n), b_f = load(p_g + H + u, n);
-        const Vec<T> b_gg = load(p_g + 2 * H + u, n), b_o = load(p_g + 3 * H + u, n);
-        const Vec<T> b_tc = vtanh(load(p_ct + u, n));
-        const Vec<T> b_dc = load(p_dc + u, n) + b_dr * b_o * (one - b_tc * b_tc);
-        store(p_dc + u, b_dc * b_f, n);
-        store(p_dG + u, b_dc * b_gg * b_i * (one - b_i), n);
-        store(p_dG + H + u, b_dc * load(p_cp + u, n) * b_f * (one - b_f), n);
-        store(p_dG + 2 * H + u, b_dc * b_i * (one - b_gg * b_gg), n);
-        store(p_dG + 3 * H + u, b_dr * b_tc * b_o * (one - b_o), n);
-      });
-    }
-    gemm_hh(b, a.dG + o * G, G, T(0), a.dh, H_out);
-  }
+  });
 }
 
 template void lstm_forward<float>(const Plan&, int64_t, int64_t, const LSTMForward<float>&);
