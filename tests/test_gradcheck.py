@@ -97,3 +97,13 @@ def test_gradcheck(name, kwargs, shape, state_shapes, lengths, engine):
 def test_gradgradcheck(name, kwargs, shape, state_shapes, lengths, engine):
     f, args = _args(name, kwargs, shape, state_shapes, lengths, engine)
     assert gradgradcheck(f, args, fast_mode=True)
+
+
+def test_readme_double_backward_example_runs():
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## Double backward", 1)[1].split("\n## ", 1)[0]
+    (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    exec(compile(code, "README.md", "exec"), {})
