@@ -462,6 +462,16 @@ def test_what_it_leaves_to_other_engines():
         rnnkit.GRU(4, 5, layer_norm=True, engine="triton").to(DEVICE)(x)
 
 
+def test_torch_func_transforms_go_to_the_reference():
+    """Named, the engine refuses torch.func transforms clearly instead of failing inside them."""
+    module = _layer("GRU", input_size=3, hidden_size=4)
+    x = _f64(2, 5, 1, 3)
+    with pytest.raises(RuntimeError, match="triton: torch.func transforms and forward-mode AD"):
+        torch.func.vmap(module)(x)
+    with pytest.raises(RuntimeError, match="triton: torch.func transforms and forward-mode AD"):
+        torch.func.grad(lambda x: module(x)[0].sum())(x[0])
+
+
 def test_auto_never_picks_triton(monkeypatch):
     """Not before GPU measurements say where it is faster; on CPU, never."""
     from rnnkit import functional

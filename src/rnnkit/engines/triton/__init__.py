@@ -24,7 +24,7 @@ import os
 
 import torch
 
-from rnnkit.engines.base import CellCall, Engine, RNNCall, RNNResult
+from rnnkit.engines.base import CellCall, Engine, RNNCall, RNNResult, forward_ad, transforms
 
 __all__ = ["TRITON", "interpreted", "triton_error"]
 
@@ -70,6 +70,9 @@ def rnn_unsupported(call: RNNCall) -> str | None:
         return f"{dtype} not supported (float32, float64, float16, bfloat16)"
     if any(t.dtype != dtype for t in tensors):
         return "needs input, states and weights of one dtype"
+    if transforms() or forward_ad(tensors):
+        # its autograd.Function has no setup_context or batching rule
+        return "torch.func transforms and forward-mode AD run on the reference engine"
     if torch.is_autocast_enabled(call.input.device.type):
         from rnnkit.amp import torch_casts_layer
 
