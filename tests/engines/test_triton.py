@@ -380,8 +380,8 @@ def test_inference_matches_training_forward():
     ids=lambda c: c.id,
 )
 def test_repeated_calls_are_bit_identical(case):
-    """No atomics and a fixed reduction order in every kernel: outputs, final states and every
-    gradient repeat bit for bit from the same seed (dropout included)."""
+    """No atomic adds of values and a fixed reduction order in every kernel: outputs, final
+    states and every gradient repeat bit for bit from the same seed (dropout included)."""
     module, _ = _pair(case)
     module.train(case.dropout > 0)
     inp = _on_device(case.inputs())
