@@ -73,6 +73,17 @@ class RNNCall:
         return 0 if w_hr is None else w_hr.size(0)
 
 
+def time_major(call: RNNCall) -> tuple[Tensor, list[int]]:
+    """``call.input`` time-major (``[L, N, H_in]``; packed rows as given) and the batch size
+    of every step, as the fast engines' time loops take them."""
+    x = call.input
+    if call.batch_sizes is not None:
+        return x, call.batch_sizes.tolist()
+    if call.batch_first:
+        x = x.transpose(0, 1)
+    return x, [x.size(1)] * x.size(0)
+
+
 @dataclass(frozen=True)
 class CellCall:
     """One step of a cell: ``input`` ``[N, H_in]``, ``hx`` ``[N, H]`` or ``(h, c)``."""

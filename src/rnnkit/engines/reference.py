@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rnnkit.cells import CellParams, Prepare, State, Step, make_prepare, make_step
-from rnnkit.engines.base import CellCall, Engine, RNNCall, RNNResult, transforms
+from rnnkit.engines.base import CellCall, Engine, RNNCall, RNNResult, time_major, transforms
 from rnnkit.variants import PLAIN
 
 
@@ -291,6 +291,45 @@ def run_prepared_direction(mode: str, variant, seq, batch_sizes: list[int], stat
     data = seq[0] if isinstance(seq, tuple) else seq
     layer = _reversed_packed_layer if reverse else _packed_layer
     return layer(step, lambda x, params, N: (seq, params), data, batch_sizes, state, p)
+
+
+def run_variant_lstm(call: RNNCall, direction) -> RNNResult:
+    """A stacked, possibly bidirectional, possibly packed LSTM with ``call.variant`` whose
+    directions another engine runs: ``direction(gx, h0, c0, p, keep_h, keep_c, batch_sizes,
+    reverse)`` gets one direction's prepared rows (``gx`` ``[R, 4H]``, zoneout's keep masks
+    ``[R, *]`` or None) and returns its output rows, ``h_n`` and ``c_n``.
+
+    The layer structure, the order of the random draws (each direction's masks, then the
+    inter-layer dropout) and the tensor shapes they are drawn in are this engine's, so the
+    masks match under one seed.
+    """
+    prepare = make_prepare(call.mode, call.variant, call.train, bool(transforms()))
+    D = 2 if call.bidirectional else 1
+    packed = call.batch_sizes is not None
+    x, batch_sizes = time_major(call)
+    N = batch_sizes[0] if packed else x.size(1)
+    h0_all, c0_all = call.hx
+    h_n, c_n = [], []
+    for layer in range(call.num_layers):
+        outs = []
+        for d in range(D):
+            k = layer * D + d
+            (gx, keep_h, keep_c), p = prepare(x, call.params[k], N)
+            H = p.w_hh.size(0) // 4
+            gx = gx.reshape(-1, 4 * H)
+            keep_h = keep_h.reshape(gx.size(0), -1) if keep_h is not None else None
+            keep_c = keep_c.reshape(gx.size(0), H) if keep_c is not None else None
+            out, h, c = direction(gx, h0_all[k], c0_all[k], p, keep_h, keep_c, batch_sizes, d == 1)
+            outs.append(out)
+            h_n.append(h)
+            c_n.append(c)
+        out = torch.cat(outs, 1) if D == 2 else outs[0]
+        x = out if packed else out.view(*x.shape[:2], out.size(1))
+        if call.dropout != 0 and call.train and layer < call.num_layers - 1:
+            x = F.dropout(x, call.dropout, training=True)
+    if call.batch_first and not packed:
+        x = x.transpose(0, 1)
+    return x, torch.stack(h_n, 0), torch.stack(c_n, 0)
 
 
 def run_cell(call: CellCall) -> State:

@@ -16,7 +16,7 @@ from torch import Tensor
 from torch._C import _functorch
 
 from rnnkit.cells import CellParams
-from rnnkit.engines.base import RNNCall, RNNResult, transforms
+from rnnkit.engines.base import RNNCall, RNNResult, time_major, transforms
 from rnnkit.engines.cpu.build import kernels
 from rnnkit.engines.reference import run_packed_layer
 from rnnkit.functional import gather_params
@@ -210,14 +210,9 @@ def run_rnn(call: RNNCall) -> RNNResult:
     """
     mode = MODES[call.mode]
     D = 2 if call.bidirectional else 1
-    x = call.input
-    if call.batch_sizes is not None:
-        batch_sizes = call.batch_sizes.tolist()
-    else:
-        if call.batch_first:
-            x = x.transpose(0, 1)
+    x, batch_sizes = time_major(call)
+    if call.batch_sizes is None:
         L, N = x.shape[:2]
-        batch_sizes = [N] * L
         x = x.reshape(L * N, x.size(2))
     if call.mode == "LSTM":
         h0_all, c0_all = call.hx

@@ -17,14 +17,13 @@ GRU/RNN variants run on the reference engine.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from rnnkit.cells import CellParams, make_prepare
-from rnnkit.engines.base import RNNCall, RNNResult, transforms
+from rnnkit.cells import CellParams
+from rnnkit.engines.base import RNNCall, RNNResult
 from rnnkit.engines.cpu.build import kernels
 from rnnkit.engines.cpu.function import backward_needs_graph, grad_or_zeros
-from rnnkit.engines.reference import run_prepared_direction
+from rnnkit.engines.reference import run_prepared_direction, run_variant_lstm
 from rnnkit.variants import Variant
 
 __all__ = ["run_rnn", "unsupported"]
@@ -155,47 +154,11 @@ def _direction(variant, train, gx, h0, c0, p, keep_h, keep_c, batch_sizes, rever
 
 
 def run_rnn(call: RNNCall) -> RNNResult:
-    """Run a stacked, possibly bidirectional, possibly packed LSTM with ``call.variant``.
+    """Run a stacked, possibly bidirectional, possibly packed LSTM with ``call.variant``: the
+    reference engine's layer stacking and random draws, each direction on the kernels."""
 
-    The layer structure, the order of the random draws (each direction's masks, then the
-    inter-layer dropout) and the tensor shapes they are drawn in are the reference engine's.
-    """
-    variant = call.variant
-    prepare = make_prepare(call.mode, variant, call.train, bool(transforms()))
-    D = 2 if call.bidirectional else 1
-    packed = call.batch_sizes is not None
-    x = call.input
-    if packed:
-        batch_sizes = call.batch_sizes.tolist()
-        N = batch_sizes[0]
-    else:
-        if call.batch_first:
-            x = x.transpose(0, 1)
-        L, N = x.shape[:2]
-        batch_sizes = [N] * L
-    h0_all, c0_all = call.hx
-    h_n, c_n = [], []
-    for layer in range(call.num_layers):
-        outs = []
-        for d in range(D):
-            k = layer * D + d
-            (gx, keep_h, keep_c), p = prepare(x, call.params[k], N)
-            H = p.w_hh.size(0) // 4
-            gx = gx.reshape(-1, 4 * H)
-            keep_h = keep_h.reshape(gx.size(0), -1) if keep_h is not None else None
-            keep_c = keep_c.reshape(gx.size(0), H) if keep_c is not None else None
-            out, h, c = _direction(
-                variant, call.train, gx, h0_all[k], c0_all[k], p, keep_h, keep_c, batch_sizes,
-                d == 1,
-            )  # fmt: skip
-            outs.append(out)
-            h_n.append(h)
-            c_n.append(c)
-        x = torch.cat(outs, 1) if D == 2 else outs[0]
-        if not packed:
-            x = x.view(L, N, x.size(1))
-        if call.dropout != 0 and call.train and layer < call.num_layers - 1:
-            x = F.dropout(x, call.dropout, training=True)
-    if call.batch_first and not packed:
-        x = x.transpose(0, 1)
-    return x, torch.stack(h_n, 0), torch.stack(c_n, 0)
+    def direction(gx, h0, c0, p, keep_h, keep_c, batch_sizes, reverse):
+        return _direction(call.variant, call.train, gx, h0, c0, p, keep_h, keep_c,
+                          batch_sizes, reverse)  # fmt: skip
+
+    return run_variant_lstm(call, direction)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rnnkit.engines.base import RNNCall, RNNResult
+from rnnkit.engines.base import RNNCall, RNNResult, time_major
 from rnnkit.engines.reference import run_packed_layer
 from rnnkit.engines.triton import recurrence
 from rnnkit.engines.triton.launch import acc_dtype
@@ -185,15 +185,10 @@ def run_rnn(call: RNNCall) -> RNNResult:
 
 def _run_layers(call: RNNCall) -> RNNResult:
     D = 2 if call.bidirectional else 1
-    x = call.input
     packed = call.batch_sizes is not None
-    if packed:
-        batch_sizes = call.batch_sizes.tolist()
-    else:
-        if call.batch_first:
-            x = x.transpose(0, 1)
+    x, batch_sizes = time_major(call)
+    if not packed:
         L, N = x.shape[:2]
-        batch_sizes = [N] * L
         x = x.reshape(L * N, x.size(2))
     plans = _plans(batch_sizes, D) if x.size(0) else None
     h0_all, c0_all = call.hx if call.mode == "LSTM" else (call.hx, None)

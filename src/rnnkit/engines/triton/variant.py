@@ -18,12 +18,11 @@ variants run on the reference engine.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from rnnkit.cells import LN_EPS, CellParams, make_prepare
+from rnnkit.cells import LN_EPS, CellParams
 from rnnkit.engines.base import RNNCall, RNNResult
-from rnnkit.engines.reference import run_prepared_direction
+from rnnkit.engines.reference import run_prepared_direction, run_variant_lstm
 from rnnkit.engines.triton import launch
 from rnnkit.engines.triton.recurrence import Plan, make_plan
 from rnnkit.variants import Variant
@@ -267,46 +266,14 @@ def _direction(static, gx, h0, c0, p: CellParams, keep_h, keep_c):
 
 
 def run_rnn(call: RNNCall) -> RNNResult:
-    """Run a stacked, possibly bidirectional, possibly packed LSTM with ``call.variant``.
+    """Run a stacked, possibly bidirectional, possibly packed LSTM with ``call.variant``: the
+    reference engine's layer stacking and random draws, each direction on the kernels."""
+    plans: dict[bool, Plan] = {}  # one per direction, for every layer
 
-    The layer structure, the order of the random draws (each direction's masks, then the
-    inter-layer dropout) and the tensor shapes they are drawn in are the reference engine's.
-    """
-    variant: Variant = call.variant
-    prepare = make_prepare(call.mode, variant, call.train)
-    D = 2 if call.bidirectional else 1
-    packed = call.batch_sizes is not None
-    x = call.input
-    if packed:
-        batch_sizes = call.batch_sizes.tolist()
-        N = batch_sizes[0]
-    else:
-        if call.batch_first:
-            x = x.transpose(0, 1)
-        L, N = x.shape[:2]
-        batch_sizes = [N] * L
-    plans = [make_plan(batch_sizes, reverse=d == 1) for d in range(D)]
-    h0_all, c0_all = call.hx
-    h_n, c_n = [], []
-    for layer in range(call.num_layers):
-        outs = []
-        for d in range(D):
-            k = layer * D + d
-            (gx, keep_h, keep_c), p = prepare(x, call.params[k], N)
-            H = p.w_hh.size(0) // 4
-            gx = gx.reshape(-1, 4 * H)
-            keep_h = keep_h.reshape(gx.size(0), -1) if keep_h is not None else None
-            keep_c = keep_c.reshape(gx.size(0), H) if keep_c is not None else None
-            static = (variant, call.train, plans[d])
-            out, h, c = _direction(static, gx, h0_all[k], c0_all[k], p, keep_h, keep_c)
-            outs.append(out)
-            h_n.append(h)
-            c_n.append(c)
-        x = torch.cat(outs, 1) if D == 2 else outs[0]
-        if not packed:
-            x = x.view(L, N, x.size(1))
-        if call.dropout != 0 and call.train and layer < call.num_layers - 1:
-            x = F.dropout(x, call.dropout, training=True)
-    if call.batch_first and not packed:
-        x = x.transpose(0, 1)
-    return x, torch.stack(h_n, 0), torch.stack(c_n, 0)
+    def direction(gx, h0, c0, p, keep_h, keep_c, batch_sizes, reverse):
+        if reverse not in plans:
+            plans[reverse] = make_plan(batch_sizes, reverse=reverse)
+        static = (call.variant, call.train, plans[reverse])
+        return _direction(static, gx, h0, c0, p, keep_h, keep_c)
+
+    return run_variant_lstm(call, direction)
