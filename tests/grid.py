@@ -147,28 +147,36 @@ class ModuleCase:
                 lengths = lengths.roll(-1)
         return CaseInputs(x, states, lengths)
 
+    def hx(self, states: dict[str, Tensor]):
+        """The ``hx`` argument for the given initial states (None without any)."""
+        if not states:
+            return None
+        return tuple(states.values()) if self.mode == "LSTM" else states["h0"]
+
+    def named(self, output: Tensor, hidden) -> dict[str, Tensor]:
+        """A layer's results by name: ``output``, ``h_n`` and for LSTM ``c_n``."""
+        tensors = {"output": output}
+        if self.mode == "LSTM":
+            tensors["h_n"], tensors["c_n"] = hidden
+        else:
+            tensors["h_n"] = hidden
+        return tensors
+
     def forward(self, module: nn.Module, inp: CaseInputs) -> tuple[dict[str, Tensor], dict]:
         """Run ``module``; returns its tensors by name and the structure to compare exactly."""
         x = inp.x
         if self.is_packed:
             enforce_sorted = self.packed == "sorted"
             x = pack_padded_sequence(x, inp.lengths, self.batch_first, enforce_sorted)
-        hx = None
-        if inp.states:
-            hx = tuple(inp.states.values()) if self.mode == "LSTM" else inp.states["h0"]
-        out, hidden = module(x, hx)
+        out, hidden = module(x, self.hx(inp.states))
         structure = {"output_type": type(out).__name__, "hidden_type": type(hidden).__name__}
         if isinstance(out, PackedSequence):
             for name in ("batch_sizes", "sorted_indices", "unsorted_indices"):
                 structure[name] = getattr(out, name)
             out = out.data
-        tensors = {"output": out}
         if self.mode == "LSTM":
             structure["hidden_len"] = len(hidden)
-            tensors["h_n"], tensors["c_n"] = hidden
-        else:
-            tensors["h_n"] = hidden
-        return tensors, structure
+        return self.named(out, hidden), structure
 
     def run(self, module: nn.Module, inp: CaseInputs) -> tuple[dict[str, Tensor], dict]:
         """Forward and backward: outputs, final states and every gradient, by name."""

@@ -37,35 +37,20 @@ CASES = [
 ]
 
 
-def _hx(case: ModuleCase, states: dict):
-    if not states:
-        return None
-    return tuple(states.values()) if case.mode == "LSTM" else states["h0"]
-
-
-def _tensors(case: ModuleCase, output, hidden) -> dict:
-    tensors = {"output": output}
-    if case.mode == "LSTM":
-        tensors["h_n"], tensors["c_n"] = hidden
-    else:
-        tensors["h_n"] = hidden
-    return tensors
-
-
 def run_packed(case: ModuleCase, module, inp) -> dict:
     """The packed path on the padded input: outputs, final states and every gradient."""
     L = inp.x.size(1 if case.batch_first else 0)
     packed = pack_padded_sequence(inp.x, inp.lengths, case.batch_first, enforce_sorted=False)
-    output, hidden = module(packed, _hx(case, inp.states))
+    output, hidden = module(packed, case.hx(inp.states))
     output, _ = pad_packed_sequence(output, case.batch_first, total_length=L)
-    tensors = _tensors(case, output, hidden)
+    tensors = case.named(output, hidden)
     leaves = {"input": inp.x, **inp.states, **dict(module.named_parameters())}
     return {**tensors, **grads(tensors, leaves)}
 
 
 def run_lengths(case: ModuleCase, module, inp, lengths) -> dict:
-    output, hidden = module(inp.x, _hx(case, inp.states), lengths=lengths)
-    tensors = _tensors(case, output, hidden)
+    output, hidden = module(inp.x, case.hx(inp.states), lengths=lengths)
+    tensors = case.named(output, hidden)
     leaves = {"input": inp.x, **inp.states, **dict(module.named_parameters())}
     return {**tensors, **grads(tensors, leaves)}
 
@@ -135,7 +120,7 @@ def test_final_states_follow_input_order(engine):
     _, ours = case.modules(engine)
     inp = _inputs(case)
     lengths = [2, 6, 4]
-    _, (h_n, _) = ours(inp.x, _hx(case, inp.states), lengths=lengths)
+    _, (h_n, _) = ours(inp.x, case.hx(inp.states), lengths=lengths)
     for n, length in enumerate(lengths):
         one = inp.x[:length, n : n + 1]
         states = tuple(s[:, n : n + 1] for s in inp.states.values())

@@ -30,26 +30,11 @@ CASES = [
 ]
 
 
-def _hx(case: ModuleCase, states: dict):
-    if not states:
-        return None
-    return tuple(states.values()) if case.mode == "LSTM" else states["h0"]
-
-
-def _named(case: ModuleCase, output, hidden) -> dict:
-    tensors = {"output": output}
-    if case.mode == "LSTM":
-        tensors["h_n"], tensors["c_n"] = hidden
-    else:
-        tensors["h_n"] = hidden
-    return tensors
-
-
 def run_chunked(case: ModuleCase, module, inp, sizes: list[int] | None, use_step: bool = False):
     """The whole sequence (``sizes=None``) or its chunks of ``sizes`` steps in turn, each from
     the previous chunk's final state; outputs, final states and every gradient."""
     time_dim = 1 if case.batch_first and case.batched else 0
-    hx = _hx(case, inp.states)
+    hx = case.hx(inp.states)
     if sizes is None:
         output, hx = module(inp.x, hx)
     else:
@@ -62,7 +47,7 @@ def run_chunked(case: ModuleCase, module, inp, sizes: list[int] | None, use_step
                 out, hx = module(chunk, hx)
             outputs.append(out)
         output = torch.cat(outputs, time_dim)
-    tensors = _named(case, output, hx)
+    tensors = case.named(output, hx)
     leaves = {"input": inp.x, **inp.states, **dict(module.named_parameters())}
     return {**tensors, **grads(tensors, leaves)}
 
@@ -104,13 +89,13 @@ def test_step_is_a_length_one_forward(case, engine):
     _, module = case.modules(engine)
     inp = case.inputs()
     time_dim = 1 if case.batch_first and case.batched else 0
-    hx = _hx(case, inp.states)
+    hx = case.hx(inp.states)
     x_t = inp.x.squeeze(time_dim)  # [N, H_in] or [H_in]
     out_t, hidden = module.step(x_t, hx)
     out, expected_hidden = module(inp.x, hx)
     expected_out = out.squeeze(time_dim)
     assert out_t.shape == expected_out.shape == (*x_t.shape[:-1], case.H_out)
-    assert_bitwise(_named(case, expected_out, expected_hidden), _named(case, out_t, hidden))
+    assert_bitwise(case.named(expected_out, expected_hidden), case.named(out_t, hidden))
 
 
 @pytest.mark.parametrize("name", ["LSTM", "GRU", "RNN"])
