@@ -28,7 +28,8 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _acc(t: Tensor):
+def acc_tl(t: Tensor):
+    """:func:`acc_dtype` of ``t``'s dtype as a Triton type, for a kernel's ``ACC``."""
     return tl.float64 if t.dtype == torch.float64 else tl.float32
 
 
@@ -49,7 +50,7 @@ def lstm_forward(gates, c, cs, h, out, b: int, H: int) -> None:
     grid, blocks = _grid(b, H)
     kernels.lstm_forward_kernel[grid](
         gates, c, cs, h, out, b, H, h.stride(0), 0 if out is None else out.stride(0),
-        ACC=_acc(c), SAVE=cs is not None, OUT=out is not None, **blocks,
+        ACC=acc_tl(c), SAVE=cs is not None, OUT=out is not None, **blocks,
     )  # fmt: skip
 
 
@@ -59,7 +60,7 @@ def lstm_backward(act, cs, cprev, c0, dh, go, dc, dG, b: int, b_prev: int, H: in
     grid, blocks = _grid(b, H)
     kernels.lstm_backward_kernel[grid](
         act, cs, cprev, c0, dh, go, dc, dG, b, b_prev, H, dh.stride(0),
-        0 if go is None else go.stride(0), ACC=_acc(dc), ADD_GO=go is not None, **blocks,
+        0 if go is None else go.stride(0), ACC=acc_tl(dc), ADD_GO=go is not None, **blocks,
     )  # fmt: skip
 
 
@@ -69,7 +70,7 @@ def gru_forward(x, hw, h, hio, out, ws, b: int, H: int) -> None:
     grid, blocks = _grid(b, H)
     kernels.gru_forward_kernel[grid](
         x, hw, h, hio, out, ws, b, H, out.stride(0),
-        ACC=_acc(h), IO_STATE=hio is not None, SAVE=ws is not None, **blocks,
+        ACC=acc_tl(h), IO_STATE=hio is not None, SAVE=ws is not None, **blocks,
     )  # fmt: skip
 
 
@@ -77,21 +78,21 @@ def gru_backward(ws, hprev, h0, dh, go, dG, b: int, b_prev: int, H: int) -> None
     grid, blocks = _grid(b, H)
     kernels.gru_backward_kernel[grid](
         ws, hprev, h0, dh, go, dG, b, b_prev, H, hprev.stride(0), go.stride(0),
-        ACC=_acc(dh), **blocks,
+        ACC=acc_tl(dh), **blocks,
     )  # fmt: skip
 
 
 def rnn_forward(a, h, out, b: int, H: int, relu: bool) -> None:
     grid, blocks = _grid(b, H)
     kernels.rnn_forward_kernel[grid](
-        a, h, out, b, H, out.stride(0), ACC=_acc(h), RELU=relu, **blocks
+        a, h, out, b, H, out.stride(0), ACC=acc_tl(h), RELU=relu, **blocks
     )
 
 
 def rnn_backward(hs, dh, go, dG, b: int, H: int, relu: bool) -> None:
     grid, blocks = _grid(b, H)
     kernels.rnn_backward_kernel[grid](
-        hs, dh, go, dG, b, H, hs.stride(0), go.stride(0), ACC=_acc(dh), RELU=relu, **blocks
+        hs, dh, go, dG, b, H, hs.stride(0), go.stride(0), ACC=acc_tl(dh), RELU=relu, **blocks
     )
 
 
@@ -126,7 +127,7 @@ def lstm_variant_forward(v, train, gx, rr, c, h, out, y, p, kh, kc, saved, scala
     z, ct, cz, stats = saved
     variant_kernels.lstm_variant_forward_kernel[grid](
         gx, rr, c, h, out, y, p.peephole, p.ln_c_weight, p.ln_c_bias, kh, kc, z, ct, cz, stats,
-        scalars, b, H, 0 if out is None else out.stride(0), ACC=_acc(c), SAVE=z is not None,
+        scalars, b, H, 0 if out is None else out.stride(0), ACC=acc_tl(c), SAVE=z is not None,
         PROJ=y is not None, **_variant_flags(v, train), **blocks,
     )  # fmt: skip
 
@@ -141,5 +142,5 @@ def lstm_variant_backward(
     variant_kernels.lstm_variant_backward_kernel[grid](
         z, ct, cprev, c0, stats, dy, dh, go, kh, dc, kc, p.peephole, p.ln_c_weight,
         p.ln_c_bias, dz, dco, scalars, b, b_prev, H, 0 if go is None else go.stride(0),
-        ACC=_acc(dc), PROJ=dy is not None, **_variant_flags(v, train), **blocks,
+        ACC=acc_tl(dc), PROJ=dy is not None, **_variant_flags(v, train), **blocks,
     )  # fmt: skip

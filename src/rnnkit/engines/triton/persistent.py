@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from rnnkit.engines.triton import kernels
+from rnnkit.engines.triton import kernels, launch
 from rnnkit.engines.triton.kernels import _COMPILED, _sigmoid, _tanh
 
 MODES = {"LSTM": 0, "RNN_TANH": 1, "RNN_RELU": 2, "GRU": 3}
@@ -318,10 +318,6 @@ def persistent_backward_kernel(
         tl.store(p_dh + o_s, b_dd.to(p_dh.dtype.element_ty), mask=mask)
 
 
-def _acc(t: Tensor):
-    return tl.float64 if t.dtype == torch.float64 else tl.float32
-
-
 def _multiprocessors(device: torch.device) -> int:
     if device.type != "cuda":
         return 1 << 30
@@ -369,7 +365,7 @@ def forward(mode, gx, w_hh, b_hh, h0, c, keep, out_d, h_n, steps, reverse: bool)
     sync = torch.zeros(grid[0], dtype=torch.int32, device=gx.device)
     persistent_forward_kernel[grid](
         gx, w_hh, b_hh, h0, c, keep, out_d, h_n, sync, N, H, steps, out_d.stride(0),
-        ACC=_acc(h_n if c is None else c), MODE=MODES[mode], HAS_BHH=b_hh is not None,
+        ACC=launch.acc_tl(h_n if c is None else c), MODE=MODES[mode], HAS_BHH=b_hh is not None,
         SAVE=keep is not None, REVERSE=reverse, TILES_H=grid[1], enable_fp_fusion=True, **t,
     )  # fmt: skip
 
@@ -385,6 +381,6 @@ def backward(mode, act, cs, s0, out_d, gout_d, w_hh, dh, dc, dG, steps, reverse:
     sync = torch.zeros(grid[0], dtype=torch.int32, device=dG.device)
     persistent_backward_kernel[grid](
         act, cs, s0, out_d, gout_d, w_hh, dh, dc, dG, sync, N, H, steps,
-        out_d.stride(0), gout_d.stride(0), ACC=_acc(dh if dc is None else dc),
+        out_d.stride(0), gout_d.stride(0), ACC=launch.acc_tl(dh if dc is None else dc),
         MODE=MODES[mode], REVERSE=reverse, TILES_H=grid[1], enable_fp_fusion=True, **t,
     )  # fmt: skip

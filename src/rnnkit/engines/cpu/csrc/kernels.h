@@ -4,7 +4,7 @@
 // it saves at recurrent sizes (and stalls whenever a core is busy elsewhere). Where a step's
 // GEMM is too small for BLAS threads, the LSTM loops split the batch instead: the rows of a
 // batch never meet in a time loop, so each thread runs every step for its own rows, one fork
-// and join per call (for_row_blocks).
+// and join per call (for_blocks).
 //
 // Layout: every matrix is row-major, one row per (time step, batch element), in the order of
 // the padded (time-major) or packed input: the rows of time step t are o_t .. o_t + b_t - 1.
@@ -121,19 +121,20 @@ struct LSTMBackward {
   T* dr;             // [N, H] scratch (proj only)
 };
 
-// run(lo, hi) over blocks of the batch rows [0, N), one block per thread when the steps'
-// GEMMs are small (`small`, single-threaded BLAS) and threads are free; else run(0, N).
+// run(lo, hi) over blocks of [0, n) (batch rows, or the directions of a layer), one block
+// per thread when the steps' GEMMs are small (`small`, single-threaded BLAS) and threads are
+// free; else run(0, n).
 template <typename F>
-void for_row_blocks(int64_t N, bool small, const F& run) {
+void for_blocks(int64_t n, bool small, const F& run) {
   const int64_t threads = at::get_num_threads();
-  if (small && threads > 1 && N > 1 && !at::in_parallel_region()) {
-    const int64_t grain = (N + threads - 1) / threads;
-    at::parallel_for(0, N, grain, [&](int64_t lo, int64_t hi) {
+  if (small && threads > 1 && n > 1 && !at::in_parallel_region()) {
+    const int64_t grain = (n + threads - 1) / threads;
+    at::parallel_for(0, n, grain, [&](int64_t lo, int64_t hi) {
       const SingleThreadBlas blas(true);  // per thread
       run(lo, hi);
     });
   } else {
-    run(0, N);
+    run(0, n);
   }
 }
 

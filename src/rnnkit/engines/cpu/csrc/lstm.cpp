@@ -19,7 +19,7 @@ void lstm_forward(const Plan& p, int64_t H, int64_t H_out, const LSTMForward<T>&
   const SingleThreadBlas blas(small);
   const StepGemm<T> gemm_hh(a.w_hh, H_out, true, G, H_out, p.N);
   const StepGemm<T> gemm_hr(a.w_hr, H, true, H_out, H, proj ? p.N : 0);
-  for_row_blocks(p.N, small, [&](int64_t lo, int64_t hi) {
+  for_blocks(p.N, small, [&](int64_t lo, int64_t hi) {
     for (int64_t s = 0; s < p.steps(); ++s) {
       const int64_t o = p.off[s], b = std::min(p.bs[s], hi);
       if (b <= lo) continue;
@@ -94,7 +94,7 @@ void lstm_backward(const Plan& p, int64_t H, int64_t H_out, const LSTMBackward<T
   const SingleThreadBlas blas(small);
   const StepGemm<T> gemm_hh(a.w_hh, H_out, false, H_out, G, p.N);
   const StepGemm<T> gemm_hr(a.w_hr, H, false, H, H_out, proj ? p.N : 0);
-  for_row_blocks(p.N, small, [&](int64_t lo, int64_t hi) {
+  for_blocks(p.N, small, [&](int64_t lo, int64_t hi) {
     for (int64_t s = p.steps() - 1; s >= 0; --s) {
       const int64_t o = p.off[s], b = std::min(p.bs[s], hi);
       if (b <= lo) continue;
