@@ -7,6 +7,7 @@ from torch import Tensor, nn
 from torch.nn.parameter import Parameter
 
 from rnnkit import functional as RF
+from rnnkit.modes import MODES
 from rnnkit.validation import (
     CELL_INPUT_LAYOUTS,
     check_cell_parameters,
@@ -15,7 +16,8 @@ from rnnkit.validation import (
 )
 from rnnkit.variants import check_keywords, init_parameters, make_variant
 
-_MODES = {1: "RNN_TANH", 3: "GRU", 4: "LSTM"}
+# gate blocks -> the mode of a cell's parameters (an RNNCell's are those of either nonlinearity)
+_MODES = {MODES[m].gates: m for m in ("LSTM", "GRU", "RNN_TANH")}
 
 
 class RNNCellBase(nn.Module):

@@ -1,9 +1,13 @@
 """Per-step math of each recurrent cell: the reference engine's building blocks.
 
-A step is a small pure function ``step(gates_x, state, params) -> state``: ``gates_x`` is the
-input projection ``x_t W_ih^T + b_ih`` of this step (``[N, G*H]``), ``state`` the previous
-state, ``params`` the layer's :class:`CellParams`. The driver in ``engines/reference.py`` owns
-the time loop, directions, layers, packing and dropout; a variant touches a step, not the driver.
+A step is a small pure function ``step(inputs, state, params) -> state``. For the plain cells
+``inputs`` is the input projection ``x_t W_ih^T + b_ih`` of this step (``[N, G*H]``); for the
+variants (and under a torch.func transform) it is the tuple ``(gates_x, keep_h, keep_c)`` that
+:func:`make_prepare` builds, the projection with this step's zoneout keep-masks (or None).
+``state`` is the previous state (``h``, or LSTM's ``(h, c)``) and ``params`` the layer's
+:class:`CellParams`. The driver (``engines/driver.py``) owns the time loop's structure,
+directions, layers, packing, dropout and the order of the random draws; a variant touches a
+step and its prepare, not the driver.
 
 The op order (and the in-place ops on ``unsafe_chunk`` pieces, which autograd does not track as
 views) repeats ATen's CPU cells in ``aten/src/ATen/native/RNN.cpp`` so that forward values and
@@ -12,12 +16,14 @@ every gradient are bit-identical to ``torch.nn``'s ATen path.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from rnnkit.modes import MODES
 
 
 class CellParams(NamedTuple):
@@ -41,6 +47,53 @@ class CellParams(NamedTuple):
 
     def linear_hh(self, h: Tensor) -> Tensor:
         return F.linear(h, self.w_hh, self.b_hh)
+
+    @classmethod
+    def from_flat(
+        cls, weights: Sequence[Tensor], has_biases: bool, has_proj: bool, extras: Sequence[str] = ()
+    ) -> CellParams:
+        """One layer and direction from its slice of ``_flat_weights``: ``w_ih, w_hh[, b_ih,
+        b_hh][, w_hr]``, then the variant's parameters with roles ``extras`` (in
+        ``Variant.extra_param_roles`` order). Shapes are the caller's to have checked."""
+        w = list(weights)
+        named = {
+            EXTRA_FIELDS[role]: t for role, t in zip(extras, w[len(w) - len(extras) :], strict=True)
+        }
+        w = w[: len(w) - len(extras)]
+        w_hr = w.pop() if has_proj else None
+        b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
+        return cls(w[0], w[1], b_ih, b_hh, w_hr, **named)
+
+    def to_flat(self) -> list[Tensor]:
+        """The plain weights in ``_flat_weights`` order, absent ones left out: the inverse of
+        :meth:`from_flat` without variant parameters, as autograd Functions take them."""
+        return [t for t in (self.w_ih, self.w_hh, self.b_ih, self.b_hh, self.w_hr) if t is not None]
+
+
+# A variant parameter's role (``Variant.extra_param_roles``) -> its CellParams field
+EXTRA_FIELDS = {
+    "peephole": "peephole",
+    "layer_norm_ih": "ln_ih",
+    "layer_norm_hh": "ln_hh",
+    "layer_norm_c_weight": "ln_c_weight",
+    "layer_norm_c_bias": "ln_c_bias",
+}
+
+
+def split_flat(
+    weights: Sequence[Tensor],
+    count: int,
+    has_biases: bool,
+    has_proj: bool,
+    extras: Sequence[str] = (),
+) -> tuple[CellParams, ...]:
+    """``count`` layer-directions' :class:`CellParams` (layer-major, as ``_flat_weights``)
+    from the whole flat list."""
+    n = len(weights) // count
+    return tuple(
+        CellParams.from_flat(weights[k * n : (k + 1) * n], has_biases, has_proj, extras)
+        for k in range(count)
+    )
 
 
 LSTMState = tuple[Tensor, Tensor]
@@ -95,12 +148,12 @@ def rnn_relu_step(gates_x: Tensor, h: Tensor, p: CellParams) -> Tensor:
 
 Step = Callable[[Tensor, State, CellParams], State]
 
-# mode -> (step, number of gate blocks G)
-STEPS: dict[str, tuple[Step, int]] = {
-    "LSTM": (lstm_step, 4),
-    "GRU": (gru_step, 3),
-    "RNN_TANH": (rnn_tanh_step, 1),
-    "RNN_RELU": (rnn_relu_step, 1),
+# mode -> its plain step (``rnnkit.modes`` has the gate counts)
+STEPS: dict[str, Step] = {
+    "LSTM": lstm_step,
+    "GRU": gru_step,
+    "RNN_TANH": rnn_tanh_step,
+    "RNN_RELU": rnn_relu_step,
 }
 
 
@@ -138,7 +191,7 @@ def make_step(mode: str, variant, out_of_place: bool = False) -> Step:
     vmap needs: it cannot write a batched value into an unbatched tensor). It then takes
     :func:`make_prepare`'s per-step tuples, and computes the plain cell's values to rounding."""
     if variant.is_plain and not out_of_place:
-        return STEPS[mode][0]
+        return STEPS[mode]
     acts = variant.activation_fns(mode)
     clip = variant.gate_clip
     zh_p, zc_p = variant.zoneout
@@ -232,7 +285,8 @@ def make_prepare(mode: str, variant, training: bool, out_of_place: bool = False)
             if zh_p > 0:
                 keep_h = bernoulli((*x.shape[:-1], H_out), zh_p, dense)
             if zc_p > 0 and mode == "LSTM":
-                keep_c = bernoulli((*x.shape[:-1], p.w_hh.size(0) // 4), zc_p, dense)
+                H = p.w_hh.size(0) // MODES["LSTM"].gates
+                keep_c = bernoulli((*x.shape[:-1], H), zc_p, dense)
         return (gates_x, keep_h, keep_c), p
 
     return prepare

@@ -17,8 +17,10 @@ from torch.nn.utils.rnn import PackedSequence
 
 from rnnkit import validation as V
 from rnnkit.amp import cast_cell_like_torch, cast_like_torch
-from rnnkit.cells import STEPS, CellParams, State
+from rnnkit.cells import CellParams, State, split_flat
 from rnnkit.engines.base import CellCall, Engine, RNNCall
+from rnnkit.engines.driver import run_stack
+from rnnkit.modes import MODES
 from rnnkit.variants import Variant, make_variant
 
 __all__ = [
@@ -55,10 +57,11 @@ def _triton() -> Engine:
     return TRITON
 
 
-# The dispatch table: engine name -> loader, in the order ``engine="auto"`` tries them. An
-# engine decides by its ``*_unsupported`` predicates which (device, dtype, options) it runs.
-# "triton" comes after the reference, which runs every call, so "auto" never picks it: it
-# moves up once GPU measurements show where it beats the alternatives.
+# The dispatch table: engine name -> loader, in the order ``engine="auto"`` tries them. Each
+# engine declares as data which (mode, device, dtype, options, variant fields) it runs
+# (``Engine.rnn_support``/``cell_support``). "triton" comes after the reference, which runs
+# every call, so "auto" never picks it: on CUDA "auto" gets the reference engine until GPU
+# measurements show where Triton beats it; ``engine="triton"`` names it.
 ENGINES: dict[str, Callable[[], Engine]] = {
     "fused": _fused,
     "reference": _reference,
@@ -78,31 +81,22 @@ def check_engine_name(engine: str) -> None:
 
 
 def select_engine(engine: str, call: RNNCall | CellCall) -> Engine:
-    """The engine that runs ``call``: the named one, or for ``"auto"`` the first that can.
+    """The engine that runs ``call``: the named one, or for ``"auto"`` the first of
+    :data:`ENGINES` that can (:meth:`Engine.unsupported
+    <rnnkit.engines.base.Engine.unsupported>`: what it declares, then its environment).
 
     An explicitly named engine that cannot run the call raises; it never falls back.
     """
     check_engine_name(engine)
-    is_cell = isinstance(call, CellCall)
     names = ENGINES if engine == "auto" else [engine]
     reasons = []
     for name in names:
         candidate = ENGINES[name]()
-        unsupported = candidate.cell_unsupported if is_cell else candidate.rnn_unsupported
-        reason = unsupported(call)
+        reason = candidate.unsupported(call)
         if reason is None:
             return candidate
         reasons.append(f"{name}: {reason}")
     raise RuntimeError(f"no rnnkit engine can run this call ({'; '.join(reasons)})")
-
-
-_EXTRA_FIELDS = {
-    "peephole": "peephole",
-    "layer_norm_ih": "ln_ih",
-    "layer_norm_hh": "ln_hh",
-    "layer_norm_c_weight": "ln_c_weight",
-    "layer_norm_c_bias": "ln_c_bias",
-}
 
 
 def gather_params(
@@ -132,18 +126,7 @@ def gather_params(
     roles = ["weight_ih", "weight_hh"] + ["bias_ih", "bias_hh"] * has_biases
     V.expect_weight_tensors(weights, roles + ["weight_hr"] * has_proj + extras, D)
     V.check_layer_weights(mode, weights, num_layers, D, bool(has_biases), has_proj, variant)
-    params = []
-    for k in range(num_layers * D):
-        w = list(weights[k * n : (k + 1) * n])
-        named = {
-            _EXTRA_FIELDS[role]: t
-            for role, t in zip(extras, w[len(w) - len(extras) :], strict=True)
-        }
-        w = w[: len(w) - len(extras)]
-        w_hr = w.pop() if has_proj else None
-        b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
-        params.append(CellParams(w[0], w[1], b_ih, b_hh, w_hr, **named))
-    return tuple(params)
+    return split_flat(weights, num_layers * D, bool(has_biases), has_proj, extras)
 
 
 def _variant(mode: str, variants: dict) -> Variant:
@@ -207,7 +190,7 @@ def _rnn(
         N = V.check_packed(data, batch_sizes, sorted_indices, unsorted_indices)
     else:
         N = data.size(0 if batch_first else 1)
-    H = params[0].w_hh.size(0) // STEPS[mode][1]
+    H = params[0].w_hh.size(0) // MODES[mode].gates
     H_out = params[0].w_hh.size(1)
 
     if hx is None:
@@ -245,7 +228,7 @@ def _rnn(
         batch_first=bool(batch_first),
         variant=variant,
     )
-    output, *hidden = select_engine(engine, call).run_rnn(call)
+    output, *hidden = run_stack(call, select_engine(engine, call).layer)
     if packed:
         output = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
         if unsorted_indices is not None:
@@ -351,7 +334,7 @@ def _cell(
             f"extra_weights must hold {len(roles)} tensor(s) for these variants "
             f"({', '.join(roles) or 'none'}), got {len(extra_weights)}"
         )
-    G = STEPS[mode][1]
+    G = MODES[mode].gates
     V.expect_tensor("input", input)
     V.expect_dense("input", input, V.CELL_INPUT_LAYOUTS)
     if mode == "LSTM":
@@ -425,8 +408,7 @@ def _cell(
             raise RuntimeError(V.aten_dtype_mismatch(states[0], w_hh))
         if mode == "LSTM":
             V.expect_dtype("hx[1]", states[1], input.dtype, "input")
-    named = {_EXTRA_FIELDS[role]: t for role, t in zip(roles, extra_weights, strict=True)}
-    params = CellParams(w_ih, w_hh, b_ih, b_hh, **named)
+    params = CellParams.from_flat([w_ih, w_hh, b_ih, b_hh, *extra_weights], True, False, roles)
     input, states, params = cast_cell_like_torch(input, list(states), params, variant)
     state = tuple(states) if mode == "LSTM" else states[0]
     call = CellCall(mode, input, state, params, variant=variant, train=bool(train))

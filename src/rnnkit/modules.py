@@ -17,10 +17,10 @@ from torch.nn.utils.rnn import PackedSequence
 from rnnkit import functional as RF
 from rnnkit import streaming
 from rnnkit.lengths import run_with_lengths
+from rnnkit.modes import MODES
 from rnnkit.validation import check_layer_parameters, expect_dense, expect_tensor
 from rnnkit.variants import check_keywords, init_parameters, make_variant
 
-_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 _NAMES = {"LSTM": "LSTM", "GRU": "GRU", "RNN_TANH": "RNN", "RNN_RELU": "RNN"}
 _FUNCTIONS = {"LSTM": RF.lstm, "GRU": RF.gru, "RNN_TANH": RF.rnn_tanh, "RNN_RELU": RF.rnn_relu}
 
@@ -100,14 +100,14 @@ class RNNBase(nn.Module):
             )
         if proj_size >= hidden_size:
             raise ValueError("proj_size has to be smaller than hidden_size")
-        if mode not in _GATES:
+        if mode not in MODES:
             raise ValueError("Unrecognized RNN mode: " + mode)
         check_keywords("RNNBase", variants)
         self.variant = make_variant(mode, **variants)
         if self.variant.forget_bias is not None and not bias:
             raise ValueError("forget_bias needs bias=True")
 
-        gate_size = _GATES[mode] * hidden_size
+        gate_size = MODES[mode].gates * hidden_size
         H_out = proj_size if proj_size > 0 else hidden_size
         D = 2 if bidirectional else 1
         self._flat_weights_names: list[str] = []

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from rnnkit.cells import STEPS
+from rnnkit.modes import MODES
 
 __all__ = [
     "CELL_INPUT_LAYOUTS",
@@ -165,7 +165,7 @@ def layer_shapes(
 ) -> tuple[tuple[str, tuple[int, ...]], ...]:
     """``(name, shape)`` of every weight of a stacked layer in ``_flat_weights`` order, as
     ``torch.nn`` names and shapes them, then the variant's parameters of each layer."""
-    G = STEPS[mode][1]
+    G = MODES[mode].gates
     extra = variant.extra_param_shapes(mode, H)
     named = []
     for k in range(num_layers * D):
@@ -194,7 +194,7 @@ def check_layer_weights(
     The sizes come from the first layer: ``H_in`` from ``weight_ih_l0``, ``G*H`` and ``H_out``
     from ``weight_hh_l0``, ``H`` from ``weight_hr_l0`` with projections.
     """
-    G = STEPS[mode][1]
+    G = MODES[mode].gates
     w_ih, w_hh = weights[0], weights[1]
     for role, w in (("weight_ih", w_ih), ("weight_hh", w_hh)):
         if w.dim() != 2:
@@ -244,11 +244,12 @@ def check_layer_parameters(m, weights: Sequence[object]) -> None:
 
 @functools.lru_cache(maxsize=256)
 def _cell_shapes(name: str, H_in: int, H: int, bias: bool, variant) -> tuple:
-    G = _CELL_GATES[name]
+    mode = _CELL_MODES[name]
+    G = MODES[mode].gates
     shapes = {"weight_ih": (G * H, H_in), "weight_hh": (G * H, H)}
     if bias:
         shapes.update(bias_ih=(G * H,), bias_hh=(G * H,))
-    shapes.update(variant.extra_param_shapes(_CELL_MODES[G], H))
+    shapes.update(variant.extra_param_shapes(mode, H))
     return tuple(shapes.items())
 
 
@@ -261,8 +262,8 @@ def check_cell_parameters(m, name: str) -> None:
             _expect_shape(name, role, w, shape)
 
 
-_CELL_GATES = {"LSTMCell": 4, "GRUCell": 3, "RNNCell": 1}
-_CELL_MODES = {1: "RNN_TANH", 3: "GRU", 4: "LSTM"}
+# cell class -> the mode of its parameters (an RNNCell's are those of either nonlinearity)
+_CELL_MODES = {"LSTMCell": "LSTM", "GRUCell": "GRU", "RNNCell": "RNN_TANH"}
 
 
 def check_cell_matrices(w_ih: object, w_hh: object) -> None:

@@ -53,6 +53,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rnnkit.modes import MODES
+
 
 def _hard_sigmoid(x: Tensor) -> Tensor:
     # ONNX/Keras HardSigmoid (alpha 0.2, beta 0.5), not torch's x/6 + 1/2
@@ -114,7 +116,7 @@ class Variant:
 
     def extra_param_shapes(self, mode: str, hidden_size: int) -> dict[str, tuple[int, ...]]:
         """Role -> shape of this variant's parameters for one layer and direction, in order."""
-        gates = {"LSTM": 4, "GRU": 3}.get(mode, 1) * hidden_size
+        gates = MODES[mode].gates * hidden_size
         shapes = {
             "peephole": (3 * hidden_size,),
             "layer_norm_ih": (gates,),

@@ -34,11 +34,11 @@ def broken(monkeypatch):
     """An engine whose outputs are off by 1e-3: it must fail parity in every dtype."""
     reference = RF.ENGINES["reference"]()
 
-    def run_rnn(call):
-        output, *hidden = reference.run_rnn(call)
+    def layer(lc):
+        output, *hidden = reference.layer(lc)
         return (output + 1e-3, *hidden)
 
-    monkeypatch.setitem(RF.ENGINES, "broken", _reference_copy("broken", run_rnn=run_rnn))
+    monkeypatch.setitem(RF.ENGINES, "broken", _reference_copy("broken", layer=layer))
     return "broken"
 
 

@@ -130,11 +130,11 @@ def test_parity_needs_the_same_masks(register, variant):
     """An engine that draws its masks from another seed fails in training, not in eval."""
     reference = RF.ENGINES[REFERENCE]()
 
-    def run_rnn(call):
+    def layer(lc):
         torch.rand(1)
-        return reference.run_rnn(call)
+        return reference.layer(lc)
 
-    other = register("other_seed", run_rnn=run_rnn)
+    other = register("other_seed", layer=layer)
     results = bench_variants.check_parity(
         QUICK_SHAPES[TINY].with_variant(variant), other, BenchConfig()
     )
@@ -202,12 +202,12 @@ def test_json_report(tmp_path, capsys):
 def test_failed_parity_gets_no_timings(tmp_path, capsys, register):
     reference = RF.ENGINES[REFERENCE]()
 
-    def run_rnn(call):
-        output, *hidden = reference.run_rnn(call)
-        off = 0.0 if call.variant.is_plain else 1e-3
+    def layer(lc):
+        output, *hidden = reference.layer(lc)
+        off = 0.0 if lc.variant.is_plain else 1e-3
         return (output + off, *hidden)
 
-    broken = register("broken", run_rnn=run_rnn)
+    broken = register("broken", layer=layer)
     rc, report = _bench(tmp_path, "--shapes", TINY, "--variants", "peephole,forget_bias")
     assert rc == 1 and not report["ok"]
     peephole, forget_bias = ({r["impl"]: r for r in res["rows"]} for res in report["results"])
@@ -244,11 +244,11 @@ def test_unsupported_variants(tmp_path, register):
 def test_progress_adds_up(register):
     reference = RF.ENGINES[REFERENCE]()
 
-    def run_rnn(call):
-        output, *hidden = reference.run_rnn(call)
+    def layer(lc):
+        output, *hidden = reference.layer(lc)
         return (output + 1, *hidden)
 
-    broken = register("broken", run_rnn=run_rnn)
+    broken = register("broken", layer=layer)
     plain_only = register(
         "plain_only",
         rnn_unsupported=lambda call: None if call.variant.is_plain else "no variants",

@@ -57,9 +57,6 @@ def test_reference_supports_every_call(monkeypatch, engine):
     reference = RF.ENGINES["reference"]()
     assert reference.name == "reference"
     for call in calls:
-        unsupported = (
-            reference.cell_unsupported if isinstance(call, CellCall) else reference.rnn_unsupported
-        )
-        assert unsupported(call) is None
+        assert reference.unsupported(call) is None
         if engine == "reference":
             assert original("reference", call) is reference

@@ -456,9 +456,9 @@ def test_autocast_runs_what_torch_casts_whole(mode):
 def test_what_it_leaves_to_other_engines():
     """Named, the engine raises why; it never falls back."""
     x = torch.randn(3, 2, 4, device=DEVICE)
-    with pytest.raises(RuntimeError, match="triton: cells are one step"):
+    with pytest.raises(RuntimeError, match="triton: cells not supported"):
         rnnkit.GRUCell(4, 5, engine="triton").to(DEVICE)(x[0])
-    with pytest.raises(RuntimeError, match="triton: variants of GRU and RNN run on the ref"):
+    with pytest.raises(RuntimeError, match="triton: variant layer_norm=True not supported"):
         rnnkit.GRU(4, 5, layer_norm=True, engine="triton").to(DEVICE)(x)
 
 
@@ -466,9 +466,9 @@ def test_torch_func_transforms_go_to_the_reference():
     """Named, the engine refuses torch.func transforms clearly instead of failing inside them."""
     module = _layer("GRU", input_size=3, hidden_size=4)
     x = _f64(2, 5, 1, 3)
-    with pytest.raises(RuntimeError, match="triton: torch.func transforms and forward-mode AD"):
+    with pytest.raises(RuntimeError, match="triton: torch.func.vmap not supported"):
         torch.func.vmap(module)(x)
-    with pytest.raises(RuntimeError, match="triton: torch.func transforms and forward-mode AD"):
+    with pytest.raises(RuntimeError, match=r"triton: torch.func gradients \(grad, vjp"):
         torch.func.grad(lambda x: module(x)[0].sum())(x[0])
 
 
@@ -522,6 +522,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from rnnkit.engines.triton import kernels, persistent, variant_kernels
+from rnnkit.modes import MODES
 
 assert not kernels.INTERPRETED
 modules = (kernels, variant_kernels, persistent)
@@ -537,7 +538,9 @@ for fn in fns:
                 signature[p] = "constexpr"
                 constexprs[p] = {"ACC": tl.float64 if io == "fp64" else tl.float32,
                                  "BLOCK_N": 16, "BLOCK_H": 64, "BLOCK_K": 64,
-                                 "MODE": 0 if flag else 2, "TILES_H": 2 if flag else 1,
+                                 "MODE": MODES["LSTM" if flag else "RNN_RELU"].code,
+                                 "G": MODES["LSTM" if flag else "RNN_RELU"].gates,
+                                 "TILES_H": 2 if flag else 1,
                                  "ZH": 1 if flag else 2, "ZC": 2 if flag else 1}.get(p, flag)
             else:
                 signature[p] = "i32"

@@ -216,7 +216,7 @@ def unsupported(shape: BenchShape, engine: str, config: BenchConfig) -> str | No
             batch_first=shape.batch_first,
             variant=module.variant,
         )
-        reason = RF.ENGINES[engine]().rnn_unsupported(call)
+        reason = RF.ENGINES[engine]().unsupported(call)
         if reason is not None:
             return reason
     return None

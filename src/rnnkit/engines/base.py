@@ -1,15 +1,22 @@
 """The engine interface: what every engine receives, returns and declares it supports.
 
-An engine is a pair of functions (``run_rnn`` for stacked layers, ``run_cell`` for one step)
-plus two predicates that return ``None`` when the engine can run a call and otherwise a short
-reason, which ``engine=<name>`` raises and ``engine="auto"`` uses to move on to the next engine.
-Calls arrive validated (shapes, dtypes, devices) by ``rnnkit.functional``.
+An engine runs one layer of a stacked call (``layer``: every direction of it; the driver in
+``engines/driver.py`` owns the stack, the states, inter-layer dropout, the order of the random
+draws and ``batch_first``) and one step of a cell (``cell``). What it runs is declared as data:
+a tuple of :class:`Support` regions, each a set of modes, devices, dtypes, call options and
+variant fields. The dispatcher (``rnnkit.functional.select_engine``) refuses every call that no
+region of an engine covers, with the reason, so an option or variant field that an engine does
+not name is never handed to it. What data cannot say (whether a compiler built the kernels, an
+interpreter is on) is the engine's ``rnn_unsupported``/``cell_unsupported``, which return
+``None`` when the engine can run a call and otherwise a short reason. ``engine=<name>`` raises
+that reason; ``engine="auto"`` moves on to the next engine. Calls arrive validated (shapes,
+dtypes, devices) by ``rnnkit.functional``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -17,6 +24,7 @@ from torch import Tensor
 from torch._C import _functorch
 
 from rnnkit.cells import CellParams, State
+from rnnkit.modes import MODES
 from rnnkit.variants import PLAIN, Variant
 
 # (output, h_n) for GRU/RNN, (output, h_n, c_n) for LSTM
@@ -96,11 +104,179 @@ class CellCall:
     train: bool = False
 
 
+def tracked_outside(tensors: list[Tensor | None]) -> bool:
+    """Whether torch.autograd outside every torch.func transform records the ops on one of
+    ``tensors``: the tensor under the transforms' wrappers requires grad, and the outermost
+    ``grad`` transform was entered with grad mode on."""
+    stack = _functorch.get_interpreter_stack() or []
+    grads = [i for i in stack if str(i.key()).endswith("Grad")]
+    if grads and not _functorch.CGradInterpreterPtr(grads[0]).prevGradMode():
+        return False
+    for t in tensors:
+        if t is None:
+            continue
+        while _functorch.is_functorch_wrapped_tensor(t):
+            t = _functorch.get_unwrapped(t)
+        if t.requires_grad:
+            return True
+    return False
+
+
+def call_tensors(call: RNNCall | CellCall) -> list[Tensor]:
+    """Every tensor of a call: input, states, then each layer-direction's parameters."""
+    hx = list(call.hx) if isinstance(call.hx, tuple) else [call.hx]
+    params = call.params if isinstance(call, RNNCall) else (call.params,)
+    return [call.input, *hx, *(t for p in params for t in p if t is not None)]
+
+
+# The call options an engine may declare, each with what it means. A call uses an option when
+# its predicate holds; an engine that does not declare an option is never handed a call that
+# uses it.
+OPTIONS: dict[str, str] = {
+    "layers": "num_layers > 1",
+    "bidirectional": "bidirectional=True",
+    "proj_size": "proj_size > 0",
+    "packed": "packed input (PackedSequence or batch_sizes)",
+    "dropout": "inter-layer dropout in training",
+    "no_bias": "bias=False",
+    "batch_first": "batch_first=True",
+    "mixed_dtypes": "input, states and weights of more than one dtype",
+    "autocast": "autocast",
+    "forward_ad": "forward-mode AD (torch.func.jvp, jacfwd, forward_ad)",
+    "vmap": "torch.func.vmap",
+    "grad": "torch.func gradients (grad, vjp, jacrev)",
+    "grad_of_grad": "torch.func gradients of gradients (grad of grad, jacrev of jacrev)",
+    "grad_tracked_outside": (
+        "torch.func gradients (grad, vjp, jacrev) of tensors that torch.autograd also tracks "
+        "(pass detached tensors or call the transform under torch.no_grad())"
+    ),
+    "functionalize": "torch.func.functionalize",
+}
+
+
+def call_options(call: RNNCall | CellCall) -> frozenset[str]:
+    """The names of :data:`OPTIONS` that ``call`` uses."""
+    tensors = call_tensors(call)
+    stack = transforms()
+    used = set()
+    if isinstance(call, RNNCall):
+        used.update(
+            name
+            for name, on in (
+                ("layers", call.num_layers > 1),
+                ("bidirectional", call.bidirectional),
+                ("proj_size", call.proj_size > 0),
+                ("packed", call.batch_sizes is not None),
+                ("dropout", call.dropout != 0 and call.train and call.num_layers > 1),
+                ("no_bias", call.params[0].b_ih is None),
+                ("batch_first", call.batch_first),
+            )
+            if on
+        )
+    elif call.params.b_ih is None:
+        used.add("no_bias")
+    if any(t.dtype != call.input.dtype for t in tensors):
+        used.add("mixed_dtypes")
+    if torch.is_autocast_enabled(call.input.device.type):
+        used.add("autocast")
+    if forward_ad(tensors):
+        used.add("forward_ad")
+    for name in ("vmap", "functionalize"):
+        if name in stack:
+            used.add(name)
+    if "grad" in stack:
+        used.add("grad")
+        if stack.count("grad") > 1:
+            used.add("grad_of_grad")
+        if tracked_outside(tensors):
+            used.add("grad_tracked_outside")
+    return frozenset(used)
+
+
+def variant_fields(variant: Variant) -> frozenset[str]:
+    """The fields of ``variant`` that differ from their defaults: what the call asks of the
+    step math beyond torch's (a field added to :class:`Variant` tomorrow counts too)."""
+    return frozenset(f.name for f in fields(variant) if getattr(variant, f.name) != f.default)
+
+
+ALL_MODES = frozenset(MODES)
+
+
+@dataclass(frozen=True)
+class Support:
+    """One region of calls that an engine runs: a call is in it when its mode, device type and
+    dtype are in these sets (``None``: any), and every option it uses and every variant field
+    it sets is named here."""
+
+    modes: frozenset[str]
+    devices: frozenset[str] | None
+    dtypes: frozenset[torch.dtype] | None
+    options: frozenset[str]
+    variant_fields: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        unknown = set(self.options) - set(OPTIONS)
+        if unknown:
+            raise ValueError(f"unknown call options {sorted(unknown)}; known: {list(OPTIONS)}")
+
+    def misses(self, call: RNNCall | CellCall) -> list[str]:
+        """What of ``call`` lies outside this region, in words (empty: it lies inside)."""
+        missing = []
+        if call.mode not in self.modes:
+            missing.append(f"mode {call.mode}")
+        device = call.input.device.type
+        if self.devices is not None and device not in self.devices:
+            missing.append(f"{device} tensors")
+        dtype = call.input.dtype
+        if self.dtypes is not None and dtype not in self.dtypes:
+            missing.append(str(dtype))
+        missing += [OPTIONS[o] for o in sorted(call_options(call) - self.options)]
+        fields_ = sorted(variant_fields(call.variant) - self.variant_fields)
+        missing += [f"variant {name}={getattr(call.variant, name)!r}" for name in fields_]
+        return missing
+
+
+def refusal(support: tuple[Support, ...], call: RNNCall | CellCall) -> str | None:
+    """None when a region of ``support`` covers ``call``; else what the nearest regions (those
+    that miss least) lack."""
+    if not support:
+        kind = "cells" if isinstance(call, CellCall) else "layers"
+        return f"{kind} not supported"
+    misses = [s.misses(call) for s in support]
+    if any(not m for m in misses):
+        return None
+    fewest = min(len(m) for m in misses)
+    # each way the nearest regions fall short, once
+    nearest = dict.fromkeys(
+        "; ".join(f"{m} not supported" for m in miss) for miss in misses if len(miss) == fewest
+    )
+    return ", or ".join(nearest)
+
+
+def _runs(call) -> str | None:
+    return None
+
+
+# One layer of a call: see ``engines/driver.py``'s ``LayerCall``.
+LayerFn = Callable[..., "tuple[Tensor, Tensor, Tensor | None]"]
+
+
 @dataclass(frozen=True)
 class Engine:
     name: str
-    run_rnn: Callable[[RNNCall], RNNResult]
+    # one layer (all its directions) of an RNNCall, under the driver
+    layer: LayerFn
     run_cell: Callable[[CellCall], State]
-    # None when the engine can run the call, else why not
-    rnn_unsupported: Callable[[RNNCall], str | None]
-    cell_unsupported: Callable[[CellCall], str | None]
+    # the calls it runs, as data (see Support)
+    rnn_support: tuple[Support, ...]
+    cell_support: tuple[Support, ...] = ()
+    # what data cannot say: None when the environment lets the engine run the call, else why
+    rnn_unsupported: Callable[[RNNCall], str | None] = _runs
+    cell_unsupported: Callable[[CellCall], str | None] = _runs
+
+    def unsupported(self, call: RNNCall | CellCall) -> str | None:
+        """None when this engine can run ``call``, else why not: first what it does not
+        declare, then what its environment check says."""
+        if isinstance(call, CellCall):
+            return refusal(self.cell_support, call) or self.cell_unsupported(call)
+        return refusal(self.rnn_support, call) or self.rnn_unsupported(call)

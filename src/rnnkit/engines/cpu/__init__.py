@@ -21,85 +21,56 @@ import warnings
 
 import torch
 
-from rnnkit.engines.base import CellCall, Engine, RNNCall, forward_ad, transforms
-from rnnkit.engines.cpu import build, variant
-from rnnkit.engines.cpu.function import run_rnn as run_plain
-from rnnkit.engines.cpu.function import tracked_outside
+from rnnkit.engines.base import ALL_MODES, Engine, RNNCall, Support
+from rnnkit.engines.cpu import build, function, variant
 
 __all__ = ["FUSED"]
 
-_DTYPES = (torch.float32, torch.float64)
+_DTYPES = frozenset({torch.float32, torch.float64})
+# what FusedLayer and VariantLSTM handle: the core options, and torch.func's vmap and
+# reverse-mode gradients through their batching rules and setup_context
+_OPTIONS = frozenset(
+    {
+        "layers", "bidirectional", "proj_size", "packed", "dropout", "no_bias", "batch_first",
+        "vmap", "grad", "functionalize",
+    }
+)  # fmt: skip
+SUPPORT = (
+    # forget_bias changes the init only: the step math is torch's
+    Support(ALL_MODES, frozenset({"cpu"}), _DTYPES, _OPTIONS, frozenset({"forget_bias"})),
+    Support(frozenset({"LSTM"}), frozenset({"cpu"}), _DTYPES, _OPTIONS, variant.VARIANT_FIELDS),
+)
 _warned = False
 
 
-def _tensors(call: RNNCall) -> list[torch.Tensor]:
-    hx = list(call.hx) if isinstance(call.hx, tuple) else [call.hx]
-    return [call.input, *hx, *(t for p in call.params for t in p if t is not None)]
-
-
 def rnn_unsupported(call: RNNCall) -> str | None:
-    """None when the fused engine can run ``call``, else a short reason."""
+    """None when the kernels load (building them on first use), else the build's reason,
+    with one warning that ``engine="auto"`` falls back."""
     global _warned
-    if not call.variant.is_plain:
-        reason = variant.unsupported(call.mode, call.variant)
-        if reason is not None:
-            return reason
-    tensors = _tensors(call)
-    if any(t.device.type != "cpu" for t in tensors):
-        return "needs CPU tensors"
-    dtype = call.input.dtype
-    if dtype not in _DTYPES:
-        return f"{dtype} not supported (float32 and float64 only)"
-    if any(t.dtype != dtype for t in tensors):
-        return "needs input, states and weights of one dtype"
-    if torch.is_autocast_enabled("cpu"):
-        return "CPU autocast not supported"
-    if forward_ad(tensors):
-        # the hand-written backward is reverse mode only
-        return "forward-mode AD (torch.func.jvp, jacfwd, forward_ad) not supported"
-    if transforms().count("grad") > 1:
-        # torch.func differentiates a backward in place, not through the recomputed graph that
-        # serves torch.autograd's double backward
-        return "torch.func gradients of gradients (grad of grad, jacrev of jacrev) not supported"
-    if "grad" in transforms() and tracked_outside(tensors):
-        # torch.autograd could differentiate the transform's result again, through the
-        # backward kernels, which have no derivative of their own
-        return (
-            "torch.func gradients (grad, vjp, jacrev) of tensors that torch.autograd also "
-            "tracks not supported; pass detached tensors or call the transform under "
-            "torch.no_grad()"
-        )
     reason = build.build_error()
-    if reason is not None:
-        if not _warned:
-            _warned = True
-            warnings.warn(
-                f"rnnkit: {reason}; engine='auto' falls back to the slower reference engine",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        return reason
-    return None
+    if reason is not None and not _warned:
+        _warned = True
+        warnings.warn(
+            f"rnnkit: {reason}; engine='auto' falls back to the slower reference engine",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return reason
 
 
-def run_rnn(call: RNNCall):
-    if call.variant.is_plain:
-        return run_plain(call)
-    return variant.run_rnn(call)
+def _layer(lc):
+    return function.layer(lc) if lc.variant.is_plain else variant.layer(lc)
 
 
-def cell_unsupported(call: CellCall) -> str | None:
-    return "cells are one step; the reference engine runs them"
-
-
-def _run_cell(call: CellCall):
+def _run_cell(call):
     raise RuntimeError("the 'fused' engine does not run cells; use engine='reference'")
 
 
+# Cells are one step, where a fused loop gains nothing: the engine declares none.
 FUSED = Engine(
     name="fused",
-    run_rnn=run_rnn,
+    layer=_layer,
     run_cell=_run_cell,
+    rnn_support=SUPPORT,
     rnn_unsupported=rnn_unsupported,
-    cell_unsupported=cell_unsupported,
 )

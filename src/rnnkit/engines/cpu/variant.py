@@ -1,17 +1,17 @@
 """The LSTM variants (:mod:`rnnkit.variants`) on the fused CPU engine.
 
-Each layer and direction first runs the shared :func:`rnnkit.cells.make_prepare` on torch ops:
-the input projection (with ``layer_norm``'s input LayerNorm and ``b_ih``) for all steps at
-once, and the random masks in their fixed order (weight dropout, recurrent dropout, zoneout h,
-zoneout c), so that this engine and the reference draw the same masks under one seed. Autograd
-keeps that part. :class:`VariantLSTM` then runs the recurrent part in the compiled loop of
+The driver (``engines/driver.py``, :func:`~rnnkit.engines.driver.by_direction`) first runs the
+shared :func:`rnnkit.cells.make_prepare` on torch ops for each layer and direction: the input
+projection (with ``layer_norm``'s input LayerNorm and ``b_ih``) for all steps at once, and the
+random masks in their fixed order, so that this engine and the reference draw the same masks
+under one seed. Autograd keeps that part. :class:`VariantLSTM` then runs the recurrent part in the compiled loop of
 ``csrc/lstm_variant.cpp``, with its hand-written backward, and gives autograd the gradient of
 the input projection, of the states and of every recurrent-side parameter.
 
-Runs: layer_norm, peephole, zoneout, recurrent_dropout, weight_dropout, forget_bias (an init
-option), gate/cell/proj clipping and coupled_input_forget, in any combination, with every core
-option (layers, bidirectional, proj_size, packing, dropout). Custom ``activations`` and the
-GRU/RNN variants run on the reference engine.
+Runs the variant fields of :data:`VARIANT_FIELDS` (every one but custom ``activations``) in
+any combination, with every core option (layers, bidirectional, proj_size, packing, dropout);
+the engine declares them (``engines/cpu/__init__.py``), so GRU/RNN variants, custom
+activations and any field not named there run on the reference engine.
 """
 
 from __future__ import annotations
@@ -19,23 +19,22 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rnnkit.cells import CellParams
-from rnnkit.engines.base import RNNCall, RNNResult
+from rnnkit.cells import CellParams, State
 from rnnkit.engines.cpu.build import kernels
-from rnnkit.engines.cpu.function import backward_needs_graph, grad_or_zeros
-from rnnkit.engines.reference import run_prepared_direction, run_variant_lstm
+from rnnkit.engines.driver import DirectionCall, LayerOutput, by_direction
+from rnnkit.engines.grads import backward_needs_graph, grad_or_zeros, graph_grads
+from rnnkit.engines.reference import direction_graph
 from rnnkit.variants import Variant
 
-__all__ = ["run_rnn", "unsupported"]
+__all__ = ["VARIANT_FIELDS", "layer"]
 
-
-def unsupported(mode: str, variant: Variant) -> str | None:
-    """None when this engine runs ``variant`` of ``mode``, else why not."""
-    if mode != "LSTM":
-        return "variants of GRU and RNN run on the reference engine"
-    if variant.activations is not None:
-        return "variants with custom activations run on the reference engine"
-    return None
+# The variant fields the compiled loop of csrc/lstm_variant.cpp implements, for LSTM.
+VARIANT_FIELDS = frozenset(
+    {
+        "layer_norm", "peephole", "zoneout", "recurrent_dropout", "weight_dropout",
+        "forget_bias", "gate_clip", "cell_clip", "proj_clip", "coupled_input_forget",
+    }
+)  # fmt: skip
 
 
 def _rates(variant: Variant, train: bool) -> list[float]:
@@ -116,28 +115,17 @@ def _double_backward(ctx, gx, h0, c0, params, masks, grads):
     """Gradients as a graph: the direction recomputed by the reference engine's ops from the
     same inputs and masks (no new random numbers), differentiated by autograd."""
     variant, _, batch_sizes, reverse = ctx.static
-    inputs = [gx, h0, c0, *params]
-    wanted = [
-        i for i, (t, n) in enumerate(zip(inputs, ctx.needs_input_grad[1:11], strict=True))
-        if n and t is not None
-    ]  # fmt: skip
     w_hh, b_hh, w_hr, peep, ln_hh, ln_cw, ln_cb = params
     rec_mask, keep_h, keep_c = masks
     p = CellParams(None, w_hh, None, b_hh, w_hr, peep, None, ln_hh, ln_cw, ln_cb, rec_mask)  # type: ignore[arg-type]
-    out, (h_n, c_n) = run_prepared_direction(
+    out, (h_n, c_n) = direction_graph(
         "LSTM", variant, (gx, keep_h, keep_c), batch_sizes, (h0, c0), p, reverse
     )
-    got = torch.autograd.grad(
-        (out, h_n, c_n), [inputs[i] for i in wanted], grads, create_graph=True,
-        allow_unused=True,
-    )  # fmt: skip
-    result: list[Tensor | None] = [None] * len(inputs)
-    for i, g in zip(wanted, got, strict=True):
-        result[i] = g
-    return result
+    inputs = [gx, h0, c0, *params]
+    return graph_grads((out, h_n, c_n), grads, inputs, ctx.needs_input_grad[1:11])
 
 
-def _direction(variant, train, gx, h0, c0, p, keep_h, keep_c, batch_sizes, reverse):
+def _run(variant, train, gx, h0, c0, p, keep_h, keep_c, batch_sizes, reverse):
     """Run one direction: through :class:`VariantLSTM` when a gradient is wanted, else
     straight to the kernel, which then keeps nothing for backward."""
     static = (variant, _rates(variant, train), batch_sizes, reverse)
@@ -153,12 +141,22 @@ def _direction(variant, train, gx, h0, c0, p, keep_h, keep_c, batch_sizes, rever
     return out, h_n, c_n
 
 
-def run_rnn(call: RNNCall) -> RNNResult:
-    """Run a stacked, possibly bidirectional, possibly packed LSTM with ``call.variant``: the
-    reference engine's layer stacking and random draws, each direction on the kernels."""
+def _direction(dc: DirectionCall, out: LayerOutput) -> State:
+    """One prepared direction (``dc.seq`` is ``(gates_x, keep_h, keep_c)`` with the layer
+    input's leading dims) on the compiled loop, its rows in time-major order."""
+    lc = dc.layer
+    gx, keep_h, keep_c = dc.seq
+    H = dc.params.w_hh.size(0) // 4
+    gx = gx.reshape(-1, 4 * H)
+    keep_h = keep_h.reshape(gx.size(0), -1) if keep_h is not None else None
+    keep_c = keep_c.reshape(gx.size(0), H) if keep_c is not None else None
+    h0, c0 = dc.state
+    y, h_n, c_n = _run(
+        lc.variant, lc.train, gx, h0, c0, dc.params, keep_h, keep_c, list(lc.batch_sizes),
+        dc.plan.reverse,
+    )  # fmt: skip
+    out.set(dc.d, lc.shaped(y))
+    return h_n, c_n
 
-    def direction(gx, h0, c0, p, keep_h, keep_c, batch_sizes, reverse):
-        return _direction(call.variant, call.train, gx, h0, c0, p, keep_h, keep_c,
-                          batch_sizes, reverse)  # fmt: skip
 
-    return run_variant_lstm(call, direction)
+layer = by_direction(_direction)

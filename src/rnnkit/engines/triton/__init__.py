@@ -9,8 +9,10 @@ cuBLAS) on the active rows and one Triton kernel for the gates and the state upd
 (``kernels.py``). Half-precision layers keep their state and the pointwise math in float32.
 
 The LSTM variants run here too, in float32 and float64 (``variant.py``); cells, GRU/RNN
-variants and custom activations run on the reference engine. ``engine="auto"`` does not pick
-this engine until GPU measurements say where it is the fastest (``rnnkit.functional.ENGINES``).
+variants and custom activations run on the reference engine, as does every torch.func
+transform (the autograd Functions have no batching rules). The engine declares all this as
+data (:data:`SUPPORT`). ``engine="auto"`` does not pick this engine until GPU measurements say
+where it is the fastest (``rnnkit.functional.ENGINES``): on CUDA, "auto" runs the reference.
 
 With ``TRITON_INTERPRET=1`` set before the engine first runs, the kernels run in Triton's
 interpreter, and while it stays set the engine also accepts CPU tensors: slow, but it checks
@@ -24,11 +26,35 @@ import os
 
 import torch
 
-from rnnkit.engines.base import CellCall, Engine, RNNCall, RNNResult, forward_ad, transforms
+from rnnkit.engines.base import ALL_MODES, Engine, RNNCall, Support, call_tensors
 
-__all__ = ["TRITON", "interpreted", "triton_error"]
+__all__ = ["SUPPORT", "TRITON", "interpreted", "triton_error"]
 
-_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_DTYPES = frozenset({torch.float32, torch.float64, torch.float16, torch.bfloat16})
+_OPTIONS = frozenset(
+    {"layers", "bidirectional", "proj_size", "packed", "dropout", "no_bias", "batch_first",
+     "autocast"}
+)  # fmt: skip
+# what variant.py's loop and variant_kernels.py implement, for LSTM (forget_bias changes
+# the init only); declared here, where nothing imports triton
+_VARIANT_FIELDS = frozenset(
+    {
+        "layer_norm", "peephole", "zoneout", "recurrent_dropout", "weight_dropout",
+        "forget_bias", "gate_clip", "cell_clip", "proj_clip", "coupled_input_forget",
+    }
+)  # fmt: skip
+# CPU tensors only in Triton's interpreter (rnn_unsupported checks that it is on)
+_DEVICES = frozenset({"cuda", "cpu"})
+SUPPORT = (
+    Support(ALL_MODES, _DEVICES, _DTYPES, _OPTIONS, frozenset({"forget_bias"})),
+    Support(
+        frozenset({"LSTM"}),
+        _DEVICES,
+        frozenset({torch.float32, torch.float64}),
+        _OPTIONS,
+        _VARIANT_FIELDS,
+    ),
+)
 
 
 def triton_error() -> str | None:
@@ -46,17 +72,13 @@ def interpreted() -> bool:
     return kernels.INTERPRETED
 
 
-def _tensors(call: RNNCall) -> list[torch.Tensor]:
-    hx = list(call.hx) if isinstance(call.hx, tuple) else [call.hx]
-    return [call.input, *hx, *(t for p in call.params for t in p if t is not None)]
-
-
 def rnn_unsupported(call: RNNCall) -> str | None:
-    """None when the Triton engine can run ``call``, else a short reason."""
+    """What the declared support cannot say: None when Triton, the device and autocast let
+    the engine run ``call``, else a short reason."""
     reason = triton_error()
     if reason is not None:
         return reason
-    tensors = _tensors(call)
+    tensors = call_tensors(call)
     devices = {t.device.type for t in tensors}
     if devices == {"cpu"}:
         if os.environ.get("TRITON_INTERPRET", "").lower() not in ("1", "true", "yes", "on"):
@@ -65,51 +87,34 @@ def rnn_unsupported(call: RNNCall) -> str | None:
             return "TRITON_INTERPRET=1 was set after the kernels were compiled for a GPU"
     elif devices != {"cuda"} or len({t.device for t in tensors}) != 1:
         return "needs CUDA tensors on one device"
-    dtype = call.input.dtype
-    if dtype not in _DTYPES:
-        return f"{dtype} not supported (float32, float64, float16, bfloat16)"
-    if any(t.dtype != dtype for t in tensors):
-        return "needs input, states and weights of one dtype"
-    if transforms() or forward_ad(tensors):
-        # its autograd.Function has no setup_context or batching rule
-        return "torch.func transforms and forward-mode AD run on the reference engine"
     if torch.is_autocast_enabled(call.input.device.type):
         from rnnkit.amp import torch_casts_layer
 
         cast = torch_casts_layer(
-            call.mode, call.input, call.batch_sizes, _tensors(call)[1:], call.params, call.variant
+            call.mode, call.input, call.batch_sizes, tensors[1:], call.params, call.variant
         )
-        if cast != dtype:
+        if cast != call.input.dtype:
             return "under autocast runs only the layers torch.nn casts whole (cuDNN's, oneDNN's)"
-    if not call.variant.is_plain:
-        from rnnkit.engines.triton import variant
-
-        return variant.unsupported(call)
     return None
 
 
-def run_rnn(call: RNNCall) -> RNNResult:
-    if call.variant.is_plain:
-        from rnnkit.engines.triton.function import run_rnn as run
+def _layer(lc):
+    if lc.variant.is_plain:
+        from rnnkit.engines.triton.function import layer
     else:
-        from rnnkit.engines.triton.variant import run_rnn as run
-    # under autocast the call arrives cast whole, in the dtype torch's kernel runs it in
-    with torch.autocast(call.input.device.type, enabled=False):
-        return run(call)
+        from rnnkit.engines.triton.variant import layer
+    return layer(lc)
 
 
-def cell_unsupported(call: CellCall) -> str | None:
-    return "cells are one step; the reference engine runs them"
-
-
-def _run_cell(call: CellCall):
+def _run_cell(call):
     raise RuntimeError("the 'triton' engine does not run cells; use engine='reference'")
 
 
+# Cells are one step: the engine declares none.
 TRITON = Engine(
     name="triton",
-    run_rnn=run_rnn,
+    layer=_layer,
     run_cell=_run_cell,
+    rnn_support=SUPPORT,
     rnn_unsupported=rnn_unsupported,
-    cell_unsupported=cell_unsupported,
 )

@@ -1,33 +1,27 @@
-"""The Triton engine's autograd layer and its driver over layers.
+"""The Triton engine's plain layers: one autograd Function per layer.
 
-:class:`TritonLayer` runs one layer (one or both directions) through the per-step loops of
+:class:`TritonLayer` runs one layer (one or both directions) through the loops of
 ``recurrence.py`` and gives autograd a hand-written backward: the forward keeps the gate
-activations (and LSTM cell states) that backward needs, and no autograd graph. :func:`run_rnn`
-stacks the layers with torch's inter-layer dropout between them. A double backward
+activations (and LSTM cell states) that backward needs, and no autograd graph. :func:`layer`
+is what the driver (``engines/driver.py``) calls per layer; the driver stacks the layers with
+torch's inter-layer dropout between them. A double backward
 (``create_graph=True``) recomputes the layer with the reference engine's torch ops and
 differentiates that graph.
 """
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from rnnkit.engines.base import RNNCall, RNNResult, time_major
-from rnnkit.engines.reference import run_packed_layer
-from rnnkit.engines.triton import recurrence
+from rnnkit.cells import CellParams, split_flat
+from rnnkit.engines.driver import LayerCall
+from rnnkit.engines.grads import graph_grads
+from rnnkit.engines.reference import layer_graph
+from rnnkit.engines.triton import launch, recurrence
 from rnnkit.engines.triton.launch import acc_dtype
-from rnnkit.engines.triton.recurrence import Plan, make_plan, split_weights
-from rnnkit.functional import gather_params
-from rnnkit.variants import PLAIN
 
-
-def on_device(t: Tensor):
-    """Triton launches on the current CUDA device: make it the tensors' one."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+__all__ = ["TritonLayer", "layer"]
 
 
 def layer_forward(mode, x, h0, c0, weights, plans, has_bias, train):
@@ -36,7 +30,7 @@ def layer_forward(mode, x, h0, c0, weights, plans, has_bias, train):
     buffers."""
     D, _, H_out = h0.shape
     out = x.new_empty(x.size(0), D * H_out)
-    ws = split_weights(weights, D, has_bias)
+    ws = _split(weights, D, has_bias)
     h_n, c_n, saved = [], [], []
     for d in range(D):
         out_d = out[:, d * H_out : (d + 1) * H_out]
@@ -50,15 +44,17 @@ def layer_forward(mode, x, h0, c0, weights, plans, has_bias, train):
     return out, torch.stack(h_n), None if c0 is None else torch.stack(c_n), saved
 
 
+def _split(weights, D: int, has_bias: bool) -> tuple[CellParams, ...]:
+    """A layer's slice of ``_flat_weights`` as one CellParams per direction."""
+    has_proj = len(weights) // D == (5 if has_bias else 3)
+    return split_flat(weights, D, has_bias, has_proj)
+
+
 def _reference_graph(mode, batch_sizes, has_bias, x, h0, c0, weights):
     """The layer again on the reference engine's ops, as an autograd graph."""
     D = h0.size(0)
-    params = gather_params(mode, weights, has_bias, 1, D, PLAIN)
-    states = [(h0[d], c0[d]) if mode == "LSTM" else h0[d] for d in range(D)]
-    out, finals = run_packed_layer(mode, x, batch_sizes, states, params)
-    if mode == "LSTM":
-        return out, torch.stack([f[0] for f in finals]), torch.stack([f[1] for f in finals])
-    return out, torch.stack(finals)
+    out, h_n, c_n = layer_graph(mode, x, tuple(batch_sizes), h0, c0, _split(weights, D, has_bias))
+    return (out, h_n) if c_n is None else (out, h_n, c_n)
 
 
 class TritonLayer(torch.autograd.Function):
@@ -90,7 +86,7 @@ class TritonLayer(torch.autograd.Function):
         for n in n_saved:
             saved.append(rest[start : start + n])
             start += n
-        with on_device(x):
+        with launch.on_device(x):
             return _backward(ctx, x, h0, c0, out, weights, saved, (grad_out, grad_hn, grad_cn))
 
 
@@ -101,7 +97,7 @@ def _backward(ctx, x, h0, c0, out, weights, saved, grads):
     grad_out, grad_hn, grad_cn = grads
     need = ctx.needs_input_grad
     D, _, H_out = h0.shape
-    ws = split_weights(weights, D, has_bias)
+    ws = _split(weights, D, has_bias)
     grad_out = grad_out.contiguous()
     dx, dh0, dc0, dweights = None, [], [], []
     for d in range(D):
@@ -136,20 +132,9 @@ def _double_backward(ctx, x, h0, c0, weights, grads):
     """Gradients as a graph: the same layer recomputed with the reference engine's torch ops
     on the saved inputs, differentiated by autograd."""
     mode, batch_sizes, _, has_bias = ctx.static
-    inputs = [x, h0, c0, *weights]
-    wanted = [
-        i for i, (t, n) in enumerate(zip(inputs, ctx.needs_input_grad[1:], strict=True))
-        if n and t is not None
-    ]  # fmt: skip
     outputs = _reference_graph(mode, batch_sizes, has_bias, x, h0, c0, weights)
-    grads = grads[: len(outputs)]
-    got = torch.autograd.grad(
-        outputs, [inputs[i] for i in wanted], grads, create_graph=True, allow_unused=True
-    )
-    result: list[Tensor | None] = [None] * len(inputs)
-    for i, g in zip(wanted, got, strict=True):
-        result[i] = g
-    return result
+    inputs = [x, h0, c0, *weights]
+    return graph_grads(outputs, grads[: len(outputs)], inputs, ctx.needs_input_grad[1:])
 
 
 def triton_layer(mode, x, h0, c0, weights, batch_sizes, plans, has_bias):
@@ -168,52 +153,15 @@ def triton_layer(mode, x, h0, c0, weights, batch_sizes, plans, has_bias):
     return (out, h_n, c_n) if mode == "LSTM" else (out, h_n)
 
 
-def _plans(batch_sizes: list[int], D: int) -> list[Plan]:
-    return [make_plan(batch_sizes, reverse=d == 1) for d in range(D)]
-
-
-def run_rnn(call: RNNCall) -> RNNResult:
-    """Run a stacked, possibly bidirectional, possibly packed RNN; see :class:`RNNCall`.
-
-    Same structure as the reference driver, a layer at a time: inter-layer dropout is
-    ``F.dropout`` on a tensor of the reference's shape, in the same order, so its masks match
-    under one seed.
-    """
-    with on_device(call.input):
-        return _run_layers(call)
-
-
-def _run_layers(call: RNNCall) -> RNNResult:
-    D = 2 if call.bidirectional else 1
-    packed = call.batch_sizes is not None
-    x, batch_sizes = time_major(call)
-    if not packed:
-        L, N = x.shape[:2]
-        x = x.reshape(L * N, x.size(2))
-    plans = _plans(batch_sizes, D) if x.size(0) else None
-    h0_all, c0_all = call.hx if call.mode == "LSTM" else (call.hx, None)
-    weights = [t for p in call.params for t in (p.w_ih, p.w_hh, p.b_ih, p.b_hh, p.w_hr)]
-    weights = [t for t in weights if t is not None]
-    per_layer = len(weights) // call.num_layers
-    has_bias = call.params[0].b_ih is not None
-
-    h_n, c_n = [], []
-    for layer in range(call.num_layers):
-        states = slice(layer * D, (layer + 1) * D)
-        c0 = None if c0_all is None else c0_all[states]
-        w = weights[layer * per_layer : (layer + 1) * per_layer]
-        x, *final = triton_layer(call.mode, x, h0_all[states], c0, w, batch_sizes, plans, has_bias)
-        h_n.append(final[0])
-        c_n.extend(final[1:])
-        if call.dropout != 0 and call.train and layer < call.num_layers - 1:
-            shape = x.shape if packed else (L, N, x.size(1))
-            x = F.dropout(x.view(shape), call.dropout, training=True).view(x.shape)
-
-    if not packed:
-        x = x.view(L, N, x.size(1))
-        if call.batch_first:
-            x = x.transpose(0, 1)
-    h_n = torch.cat(h_n, 0)
-    if call.mode == "LSTM":
-        return x, h_n, torch.cat(c_n, 0)
-    return x, h_n
+def layer(lc: LayerCall) -> tuple[Tensor, Tensor, Tensor | None]:
+    """One plain layer under the driver, on the input's CUDA device, with autocast off (a
+    layer under autocast arrives cast whole, in the dtype torch's kernel runs it in)."""
+    with launch.on_device(lc.x), torch.autocast(lc.x.device.type, enabled=False):
+        x = lc.rows()
+        plans = [lc.plan(d) for d in range(lc.D)] if x.size(0) else None
+        weights = [t for p in lc.params for t in p.to_flat()]
+        has_bias = lc.params[0].b_ih is not None
+        out, h_n, *c_n = triton_layer(
+            lc.mode, x, lc.h0, lc.c0, weights, list(lc.batch_sizes), plans, has_bias
+        )
+    return lc.shaped(out), h_n, c_n[0] if c_n else None

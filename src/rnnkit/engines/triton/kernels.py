@@ -27,19 +27,19 @@ def _probe():
 # Kernels decorated under TRITON_INTERPRET=1 run in Triton's interpreter (on CPU tensors too):
 # Triton reads the variable when it decorates a kernel, i.e. when this module is first imported.
 INTERPRETED = not isinstance(_probe, triton.runtime.JITFunction)
-_COMPILED = tl.constexpr(not INTERPRETED)
+COMPILED = tl.constexpr(not INTERPRETED)
 
 
 @triton.jit
-def _sigmoid(x):
+def sigmoid(x):
     # e = exp(-|x|) lies in (0, 1]: no overflow at any |x|, full precision for x < 0
     e = tl.exp(-tl.abs(x))
     return tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
 @triton.jit
-def _tanh(x):
-    if _COMPILED:
+def tanh(x):
+    if COMPILED:
         t = libdevice.tanh(x)
     else:
         # Triton's interpreter has no libdevice: tanh|x| = -m / (2 + m) with
@@ -58,7 +58,7 @@ def _tanh(x):
 
 
 @triton.jit
-def _tile(b, H, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr):
+def tile(b, H, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr):
     """Rows (int64, ``[BLOCK_N, 1]``), units (``[1, BLOCK_H]``) and mask of this program."""
     o_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     o_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -84,16 +84,16 @@ def lstm_forward_kernel(
     BLOCK_H: tl.constexpr,
 ):
     # i, f, o = sigmoid(.), g = tanh(.);  c_t = f c_{t-1} + i g;  h_t = o tanh(c_t)
-    o_n, o_h, mask = _tile(b, H, BLOCK_N, BLOCK_H)
+    o_n, o_h, mask = tile(b, H, BLOCK_N, BLOCK_H)
     p_g = p_gates + o_n * 4 * H + o_h
-    b_i = _sigmoid(tl.load(p_g, mask=mask).to(ACC))
-    b_f = _sigmoid(tl.load(p_g + H, mask=mask).to(ACC))
-    b_g = _tanh(tl.load(p_g + 2 * H, mask=mask).to(ACC))
-    b_o = _sigmoid(tl.load(p_g + 3 * H, mask=mask).to(ACC))
+    b_i = sigmoid(tl.load(p_g, mask=mask).to(ACC))
+    b_f = sigmoid(tl.load(p_g + H, mask=mask).to(ACC))
+    b_g = tanh(tl.load(p_g + 2 * H, mask=mask).to(ACC))
+    b_o = sigmoid(tl.load(p_g + 3 * H, mask=mask).to(ACC))
     o_c = o_n * H + o_h
     b_c = b_f * tl.load(p_c + o_c, mask=mask) + b_i * b_g
     tl.store(p_c + o_c, b_c, mask=mask)
-    b_h = b_o * _tanh(b_c)
+    b_h = b_o * tanh(b_c)
     tl.store(p_h + o_n * s_h + o_h, b_h.to(p_h.dtype.element_ty), mask=mask)
     if OUT:
         tl.store(p_out + o_n * s_out + o_h, b_h.to(p_out.dtype.element_ty), mask=mask)
@@ -132,14 +132,14 @@ def lstm_backward_kernel(
     #                              dc_{t-1} = dc_t f
     #   sigmoid' = s (1 - s), tanh' = 1 - t^2 turn them into dG = dL/d(pre-activations);
     #   dh_{t-1} = dG W_hh follows as a GEMM.
-    o_n, o_h, mask = _tile(b, H, BLOCK_N, BLOCK_H)
+    o_n, o_h, mask = tile(b, H, BLOCK_N, BLOCK_H)
     p_a = p_act + o_n * 4 * H + o_h
     b_i = tl.load(p_a, mask=mask).to(ACC)
     b_f = tl.load(p_a + H, mask=mask).to(ACC)
     b_g = tl.load(p_a + 2 * H, mask=mask).to(ACC)
     b_o = tl.load(p_a + 3 * H, mask=mask).to(ACC)
     o_c = o_n * H + o_h
-    b_tc = _tanh(tl.load(p_cs + o_c, mask=mask).to(ACC))
+    b_tc = tanh(tl.load(p_cs + o_c, mask=mask).to(ACC))
     from_prev = o_n < b_prev
     b_cp = tl.load(p_cprev + o_c, mask=mask & from_prev, other=0.0).to(ACC)
     b_cp += tl.load(p_c0 + o_c, mask=mask & ~from_prev, other=0.0).to(ACC)
@@ -175,13 +175,13 @@ def gru_forward_kernel(
 ):
     # r = sigmoid(x_r + h_r), z = sigmoid(x_z + h_z), n = tanh(x_n + r h_n),
     # h_t = (h_{t-1} - n) z + n, in the op order of the reference cell
-    o_n, o_h, mask = _tile(b, H, BLOCK_N, BLOCK_H)
+    o_n, o_h, mask = tile(b, H, BLOCK_N, BLOCK_H)
     p_xr = p_x + o_n * 3 * H + o_h
     p_hr = p_hw + o_n * 3 * H + o_h
-    b_r = _sigmoid(tl.load(p_hr, mask=mask).to(ACC) + tl.load(p_xr, mask=mask).to(ACC))
-    b_z = _sigmoid(tl.load(p_hr + H, mask=mask).to(ACC) + tl.load(p_xr + H, mask=mask).to(ACC))
+    b_r = sigmoid(tl.load(p_hr, mask=mask).to(ACC) + tl.load(p_xr, mask=mask).to(ACC))
+    b_z = sigmoid(tl.load(p_hr + H, mask=mask).to(ACC) + tl.load(p_xr + H, mask=mask).to(ACC))
     b_hn = tl.load(p_hr + 2 * H, mask=mask).to(ACC)
-    b_n = _tanh(tl.load(p_xr + 2 * H, mask=mask).to(ACC) + b_hn * b_r)
+    b_n = tanh(tl.load(p_xr + 2 * H, mask=mask).to(ACC) + b_hn * b_r)
     o_s = o_n * H + o_h
     b_h = (tl.load(p_h + o_s, mask=mask) - b_n) * b_z + b_n
     tl.store(p_h + o_s, b_h, mask=mask)
@@ -219,7 +219,7 @@ def gru_backward_kernel(
     # r, z = sigmoid(.)          =>  dA_r = dr r (1 - r), dA_z = dz z (1 - z)
     # The reset gate sits inside n: the input side sees dA_n where the hidden side sees
     # dA_n r, so a row of dG holds both; dh_{t-1} += dG[:, :3H] W_hh follows as a GEMM.
-    o_n, o_h, mask = _tile(b, H, BLOCK_N, BLOCK_H)
+    o_n, o_h, mask = tile(b, H, BLOCK_N, BLOCK_H)
     o_s = o_n * H + o_h
     b_dh = tl.load(p_dh + o_s, mask=mask).to(ACC)
     b_dh += tl.load(p_go + o_n * s_go + o_h, mask=mask).to(ACC)
@@ -254,12 +254,12 @@ def rnn_forward_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    o_n, o_h, mask = _tile(b, H, BLOCK_N, BLOCK_H)
+    o_n, o_h, mask = tile(b, H, BLOCK_N, BLOCK_H)
     b_a = tl.load(p_a + o_n * H + o_h, mask=mask).to(ACC)
     if RELU:
         b_h = tl.maximum(b_a, 0.0, propagate_nan=tl.PropagateNan.ALL)  # relu(NaN) = NaN
     else:
-        b_h = _tanh(b_a)
+        b_h = tanh(b_a)
     tl.store(p_h + o_n * H + o_h, b_h.to(p_h.dtype.element_ty), mask=mask)
     tl.store(p_out + o_n * s_out + o_h, b_h.to(p_out.dtype.element_ty), mask=mask)
 
@@ -280,7 +280,7 @@ def rnn_backward_kernel(
     BLOCK_H: tl.constexpr,
 ):
     # tanh: dA = dh (1 - h_t^2);  relu: dA = dh [h_t > 0];  dh_{t-1} = dA W_hh follows
-    o_n, o_h, mask = _tile(b, H, BLOCK_N, BLOCK_H)
+    o_n, o_h, mask = tile(b, H, BLOCK_N, BLOCK_H)
     b_dh = tl.load(p_dh + o_n * H + o_h, mask=mask).to(ACC)
     b_dh += tl.load(p_go + o_n * s_go + o_h, mask=mask).to(ACC)
     b_h = tl.load(p_hs + o_n * s_hs + o_h, mask=mask).to(ACC)

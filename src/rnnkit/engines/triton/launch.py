@@ -9,6 +9,8 @@ output); every other tensor is contiguous.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -21,6 +23,11 @@ from rnnkit.engines.triton import kernels, variant_kernels
 # costs the same per op whatever its size, so one program takes the whole step.
 _MAX_BLOCK_H = 1 << 16 if kernels.INTERPRETED else 128
 _TILE = 1 << 16 if kernels.INTERPRETED else 1024
+
+
+def on_device(t: Tensor):
+    """Triton launches on the current CUDA device: make it the tensors' one."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -32,9 +32,13 @@ import triton.language as tl
 from torch import Tensor
 
 from rnnkit.engines.triton import kernels, launch
-from rnnkit.engines.triton.kernels import _COMPILED, _sigmoid, _tanh
+from rnnkit.engines.triton.kernels import COMPILED, sigmoid, tanh
+from rnnkit.modes import MODES
 
-MODES = {"LSTM": 0, "RNN_TANH": 1, "RNN_RELU": 2, "GRU": 3}
+# the mode codes of rnnkit.modes, as constants the kernels compare MODE against
+_LSTM = tl.constexpr(MODES["LSTM"].code)
+_GRU = tl.constexpr(MODES["GRU"].code)
+_RNN_TANH = tl.constexpr(MODES["RNN_TANH"].code)
 # The largest hidden size whose whole previous h a program reads into one dot operand, and
 # the most elements of W_hh a program keeps (starting points for tuning on a GPU).
 MAX_H = 256
@@ -57,7 +61,7 @@ def _step_barrier(p_sync, target, TILES_H: tl.constexpr):
 def _dot(a, b, ACC: tl.constexpr):
     # full-precision float32 products, as cuBLAS's default (no TF32). The interpreter's dot
     # gets half-precision operands wrong; their products are exact in float32 anyway.
-    if not _COMPILED:
+    if not COMPILED:
         a = a.to(ACC)
         b = b.to(ACC)
     return tl.dot(a, b, input_precision="ieee", out_dtype=ACC)
@@ -112,6 +116,7 @@ def persistent_forward_kernel(
     s_out,
     ACC: tl.constexpr,
     MODE: tl.constexpr,
+    G: tl.constexpr,  # gate blocks of MODE
     HAS_BHH: tl.constexpr,
     SAVE: tl.constexpr,
     REVERSE: tl.constexpr,
@@ -124,7 +129,6 @@ def persistent_forward_kernel(
     # RNN: h_t = tanh(.) or relu(.), (.) = x_t W_ih^T + b + h_{t-1} W_hh^T;
     # GRU: r, z = sigmoid(x_r + h_r), sigmoid(x_z + h_z), n = tanh(x_n + r h_n),
     #      h_t = (h_{t-1} - n) z + n, with h_* = h_{t-1} W_h*^T + b_h*
-    G: tl.constexpr = 4 if MODE == 0 else 3 if MODE == 3 else 1
     rows, o_h, o_k, mask, m_prev, o_s = _program_tile(N, H, BLOCK_N, BLOCK_H, BLOCK_K)
     # this program's W_hh^T columns per gate, [BLOCK_K, BLOCK_H], for the whole loop
     w_0 = _w_slice(p_w, o_k, o_h, H, 0, False)
@@ -134,7 +138,7 @@ def persistent_forward_kernel(
     if G == 4:
         w_3 = _w_slice(p_w, o_k, o_h, H, 3, False)
         b_c = tl.load(p_c + o_s, mask=mask, other=0.0).to(ACC)
-    if MODE == 3:
+    if MODE == _GRU:
         b_h = tl.load(p_h0 + o_s, mask=mask, other=0.0).to(ACC)  # the state, in ACC
         if HAS_BHH:
             m_b = o_h[None, :] < H
@@ -154,15 +158,13 @@ def persistent_forward_kernel(
         prev += tl.load(p_prev, mask=m_prev & ~first, other=0.0, cache_modifier=".cg")
         p_g = p_gx + (t * N + rows) * G * H + o_h[None, :]
         x_0 = tl.load(p_g, mask=mask, other=0.0).to(ACC)
-        if MODE == 0:
-            b_i = _sigmoid(_dot(prev, w_0, ACC) + x_0)
-            b_f = _sigmoid(_dot(prev, w_1, ACC) + tl.load(p_g + H, mask=mask, other=0.0).to(ACC))
-            b_g = _tanh(_dot(prev, w_2, ACC) + tl.load(p_g + 2 * H, mask=mask, other=0.0).to(ACC))
-            b_o = _sigmoid(
-                _dot(prev, w_3, ACC) + tl.load(p_g + 3 * H, mask=mask, other=0.0).to(ACC)
-            )
+        if MODE == _LSTM:
+            b_i = sigmoid(_dot(prev, w_0, ACC) + x_0)
+            b_f = sigmoid(_dot(prev, w_1, ACC) + tl.load(p_g + H, mask=mask, other=0.0).to(ACC))
+            b_g = tanh(_dot(prev, w_2, ACC) + tl.load(p_g + 2 * H, mask=mask, other=0.0).to(ACC))
+            b_o = sigmoid(_dot(prev, w_3, ACC) + tl.load(p_g + 3 * H, mask=mask, other=0.0).to(ACC))
             b_c = b_f * b_c + b_i * b_g
-            b_h = b_o * _tanh(b_c)
+            b_h = b_o * tanh(b_c)
             if SAVE:
                 ty = p_gx.dtype.element_ty
                 tl.store(p_keep + (t * N + rows) * H + o_h[None, :], b_c.to(ty), mask=mask)
@@ -170,7 +172,7 @@ def persistent_forward_kernel(
                 tl.store(p_g + H, b_f.to(ty), mask=mask)
                 tl.store(p_g + 2 * H, b_g.to(ty), mask=mask)
                 tl.store(p_g + 3 * H, b_o.to(ty), mask=mask)
-        elif MODE == 3:
+        elif MODE == _GRU:
             h_r = _dot(prev, w_0, ACC)
             h_z = _dot(prev, w_1, ACC)
             h_n = _dot(prev, w_2, ACC)
@@ -178,9 +180,9 @@ def persistent_forward_kernel(
                 h_r += b_br
                 h_z += b_bz
                 h_n += b_bn
-            b_r = _sigmoid(h_r + x_0)
-            b_z = _sigmoid(h_z + tl.load(p_g + H, mask=mask, other=0.0).to(ACC))
-            b_n = _tanh(tl.load(p_g + 2 * H, mask=mask, other=0.0).to(ACC) + h_n * b_r)
+            b_r = sigmoid(h_r + x_0)
+            b_z = sigmoid(h_z + tl.load(p_g + H, mask=mask, other=0.0).to(ACC))
+            b_n = tanh(tl.load(p_g + 2 * H, mask=mask, other=0.0).to(ACC) + h_n * b_r)
             b_h = (b_h - b_n) * b_z + b_n
             if SAVE:
                 ty = p_keep.dtype.element_ty
@@ -189,8 +191,8 @@ def persistent_forward_kernel(
                 tl.store(p_w4 + H, b_z.to(ty), mask=mask)
                 tl.store(p_w4 + 2 * H, b_n.to(ty), mask=mask)
                 tl.store(p_w4 + 3 * H, h_n.to(ty), mask=mask)
-        elif MODE == 1:
-            b_h = _tanh(_dot(prev, w_0, ACC) + x_0)
+        elif MODE == _RNN_TANH:
+            b_h = tanh(_dot(prev, w_0, ACC) + x_0)
         else:
             b_h = tl.maximum(_dot(prev, w_0, ACC) + x_0, 0.0, propagate_nan=tl.PropagateNan.ALL)
         tl.store(
@@ -200,7 +202,7 @@ def persistent_forward_kernel(
         )
         _step_barrier(p_sync, (s + 1) * TILES_H, TILES_H)
     tl.store(p_hn + o_s, b_h.to(p_hn.dtype.element_ty), mask=mask)
-    if MODE == 0:
+    if MODE == _LSTM:
         tl.store(p_c + o_s, b_c.to(p_c.dtype.element_ty), mask=mask)
 
 
@@ -223,6 +225,7 @@ def persistent_backward_kernel(
     s_go,
     ACC: tl.constexpr,
     MODE: tl.constexpr,
+    G: tl.constexpr,  # gate blocks of MODE
     REVERSE: tl.constexpr,
     TILES_H: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -232,7 +235,6 @@ def persistent_backward_kernel(
     # dh_t = dL/dh_t (output row) + dG_{t+1}[:, :G*H] W_hh (+ GRU's direct dh_{t+1} z_{t+1}),
     # then the per-step kernels' formulas (kernels.py) for dG_t. dh_0's GEMM part,
     # dG_1[:, :G*H] W_hh, is left to the caller.
-    G: tl.constexpr = 4 if MODE == 0 else 3 if MODE == 3 else 1
     GS: tl.constexpr = 1 if G == 1 else 4  # dG's row width in units of H
     rows, o_h, o_k, mask, m_next, o_s = _program_tile(N, H, BLOCK_N, BLOCK_H, BLOCK_K)
     # this program's columns of W_hh per gate, [BLOCK_K, BLOCK_H]: dh[:, units] = dG_g W_g
@@ -243,7 +245,7 @@ def persistent_backward_kernel(
     if G == 4:
         w_3 = _w_slice(p_w, o_k, o_h, H, 3, True)
         b_dc = tl.load(p_dc + o_s, mask=mask, other=0.0).to(ACC)
-    if MODE == 3:
+    if MODE == _GRU:
         b_dd = tl.full([BLOCK_N, BLOCK_H], 0.0, ACC)  # dh_{t+1} z_{t+1}
     p_sync += tl.program_id(0)
     ty = p_dG.dtype.element_ty
@@ -269,17 +271,17 @@ def persistent_backward_kernel(
                 b_dh += _dot(
                     tl.load(p_n + 3 * H, mask=m_next, other=0.0, cache_modifier=".cg"), w_3, ACC
                 )
-            if MODE == 3:
+            if MODE == _GRU:
                 b_dh += b_dd
         p_d = p_dG + (t * N + rows) * GS * H + o_h[None, :]
         last = (rows * 0 + s) == steps - 1  # the step that reads the initial state
-        if MODE == 0:
+        if MODE == _LSTM:
             p_a = p_act + (t * N + rows) * 4 * H + o_h[None, :]
             b_i = tl.load(p_a, mask=mask).to(ACC)
             b_f = tl.load(p_a + H, mask=mask).to(ACC)
             b_g = tl.load(p_a + 2 * H, mask=mask).to(ACC)
             b_o = tl.load(p_a + 3 * H, mask=mask).to(ACC)
-            b_tc = _tanh(tl.load(p_cs + (t * N + rows) * H + o_h[None, :], mask=mask).to(ACC))
+            b_tc = tanh(tl.load(p_cs + (t * N + rows) * H + o_h[None, :], mask=mask).to(ACC))
             b_cp = tl.load(p_s0 + o_s, mask=mask & last, other=0.0).to(ACC)
             p_cp = p_cs + (t_prev * N + rows) * H + o_h[None, :]
             b_cp += tl.load(p_cp, mask=mask & ~last, other=0.0).to(ACC)
@@ -289,7 +291,7 @@ def persistent_backward_kernel(
             tl.store(p_d + 2 * H, (b_dc * b_i * (1.0 - b_g * b_g)).to(ty), mask=mask)
             tl.store(p_d + 3 * H, (b_dh * b_tc * b_o * (1.0 - b_o)).to(ty), mask=mask)
             b_dc = b_dc * b_f
-        elif MODE == 3:
+        elif MODE == _GRU:
             p_a = p_act + (t * N + rows) * 4 * H + o_h[None, :]
             b_r = tl.load(p_a, mask=mask).to(ACC)
             b_z = tl.load(p_a + H, mask=mask).to(ACC)
@@ -306,15 +308,15 @@ def persistent_backward_kernel(
             b_dd = b_dh * b_z
         else:
             b_h = tl.load(p_out + (t * N + rows) * s_out + o_h[None, :], mask=mask).to(ACC)
-            if MODE == 1:
+            if MODE == _RNN_TANH:
                 b_d = b_dh * (1.0 - b_h * b_h)
             else:
                 b_d = tl.where(b_h <= 0, 0.0, b_dh)  # NaN passes, as in torch
             tl.store(p_d, b_d.to(ty), mask=mask)
         _step_barrier(p_sync, (s + 1) * TILES_H, TILES_H)
-    if MODE == 0:
+    if MODE == _LSTM:
         tl.store(p_dc + o_s, b_dc.to(p_dc.dtype.element_ty), mask=mask)
-    if MODE == 3:
+    if MODE == _GRU:
         tl.store(p_dh + o_s, b_dd.to(p_dh.dtype.element_ty), mask=mask)
 
 
@@ -329,7 +331,7 @@ def tiling(mode: str, N: int, H: int, device: torch.device) -> dict | None:
     :data:`MAX_H`, or more programs than multiprocessors to keep them all resident."""
     if H > MAX_H:
         return None
-    G = {"LSTM": 4, "GRU": 3}.get(mode, 1)
+    G = MODES[mode].gates
     block_k = max(16, triton.next_power_of_2(H))
     if kernels.INTERPRETED:
         block_h = block_k  # one unit tile: an interpreted program never waits
@@ -348,7 +350,7 @@ def takes(mode: str, x: Tensor, N: int, H: int, has_proj: bool, uniform: bool) -
     fit, as does the default."""
     if os.environ.get("RNNKIT_TRITON_PERSISTENT", "1") == "0":
         return False
-    if mode not in MODES or has_proj or not uniform or N == 0:
+    if has_proj or not uniform or N == 0:
         return False
     return tiling(mode, N, H, x.device) is not None
 
@@ -365,7 +367,7 @@ def forward(mode, gx, w_hh, b_hh, h0, c, keep, out_d, h_n, steps, reverse: bool)
     sync = torch.zeros(grid[0], dtype=torch.int32, device=gx.device)
     persistent_forward_kernel[grid](
         gx, w_hh, b_hh, h0, c, keep, out_d, h_n, sync, N, H, steps, out_d.stride(0),
-        ACC=launch.acc_tl(h_n if c is None else c), MODE=MODES[mode], HAS_BHH=b_hh is not None,
+        ACC=launch.acc_tl(h_n if c is None else c), MODE=MODES[mode].code, G=MODES[mode].gates, HAS_BHH=b_hh is not None,
         SAVE=keep is not None, REVERSE=reverse, TILES_H=grid[1], enable_fp_fusion=True, **t,
     )  # fmt: skip
 
@@ -382,5 +384,5 @@ def backward(mode, act, cs, s0, out_d, gout_d, w_hh, dh, dc, dG, steps, reverse:
     persistent_backward_kernel[grid](
         act, cs, s0, out_d, gout_d, w_hh, dh, dc, dG, sync, N, H, steps,
         out_d.stride(0), gout_d.stride(0), ACC=launch.acc_tl(dh if dc is None else dc),
-        MODE=MODES[mode], REVERSE=reverse, TILES_H=grid[1], enable_fp_fusion=True, **t,
+        MODE=MODES[mode].code, G=MODES[mode].gates, REVERSE=reverse, TILES_H=grid[1], enable_fp_fusion=True, **t,
     )  # fmt: skip

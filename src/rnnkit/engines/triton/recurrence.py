@@ -14,90 +14,37 @@ start from their ``h_0`` rows), so the buffer ends as ``h_n``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import NamedTuple
-
 import torch
 from torch import Tensor
 
+from rnnkit.cells import CellParams
+from rnnkit.engines.driver import StepPlan
 from rnnkit.engines.triton import launch, persistent
+from rnnkit.modes import MODES
 
-GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
-
-
-class Weights(NamedTuple):
-    """One direction's weights, in ``_flat_weights`` roles."""
-
-    w_ih: Tensor  # [G*H, H_in]
-    w_hh: Tensor  # [G*H, H_out]
-    b_ih: Tensor | None
-    b_hh: Tensor | None
-    w_hr: Tensor | None  # [H_out, H]
+__all__ = ["backward_direction", "forward_direction", "prev_rows", "weight_grads"]
 
 
-def split_weights(weights, D: int, has_bias: bool) -> list[Weights]:
-    """A layer's slice of ``_flat_weights`` (per direction ``w_ih, w_hh[, b_ih, b_hh][, w_hr]``)."""
-    n = len(weights) // D
-    out = []
-    for d in range(D):
-        w = list(weights[d * n : (d + 1) * n])
-        b_ih, b_hh = (w[2], w[3]) if has_bias else (None, None)
-        w_hr = w[-1] if n in (3, 5) else None
-        out.append(Weights(w[0], w[1], b_ih, b_hh, w_hr))
-    return out
-
-
-@dataclass(frozen=True)
-class Plan:
-    """The steps of one direction in processing order: first row and batch of each."""
-
-    off: tuple[int, ...]
-    bs: tuple[int, ...]
-    rows: int
-    N: int
-    uniform: bool
-    reverse: bool
-
-    def prev(self, s: int) -> tuple[int, int]:
-        """First row and batch of the step before ``s`` (rows ``j < batch`` ran in it)."""
-        return (self.off[s - 1], self.bs[s - 1]) if s > 0 else (0, 0)
-
-    def prev_rows(self, device) -> Tensor:
-        """For each row, its previous state's row in ``cat([out, h0])`` (``rows + j``: h0)."""
-        index = torch.empty(self.rows, dtype=torch.int64)
-        for s, (o, b) in enumerate(zip(self.off, self.bs, strict=True)):
-            o_prev, b_prev = self.prev(s)
-            j = torch.arange(b)
-            index[o : o + b] = torch.where(j < b_prev, o_prev + j, self.rows + j)
-        return index.to(device)
-
-
-def make_plan(batch_sizes: list[int], reverse: bool) -> Plan:
-    offsets = [0]
-    for b in batch_sizes[:-1]:
-        offsets.append(offsets[-1] + b)
-    order = range(len(batch_sizes) - 1, -1, -1) if reverse else range(len(batch_sizes))
-    N = max(batch_sizes)
-    return Plan(
-        off=tuple(offsets[t] for t in order),
-        bs=tuple(batch_sizes[t] for t in order),
-        rows=sum(batch_sizes),
-        N=N,
-        uniform=all(b == N for b in batch_sizes),
-        reverse=reverse,
-    )
+def prev_rows(plan: StepPlan, device) -> Tensor:
+    """For each row, its previous state's row in ``cat([out, h0])`` (``rows + j``: h0)."""
+    index = torch.empty(plan.rows, dtype=torch.int64)
+    for s, (o, b) in enumerate(zip(plan.off, plan.bs, strict=True)):
+        o_prev, b_prev = plan.prev(s)
+        j = torch.arange(b)
+        index[o : o + b] = torch.where(j < b_prev, o_prev + j, plan.rows + j)
+    return index.to(device)
 
 
 def _linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     return x @ w.t() if b is None else torch.addmm(b, x, w.t())
 
 
-def forward_direction(mode, x, h0, c0, w: Weights, plan: Plan, out_d, train: bool):
+def forward_direction(mode, x, h0, c0, w: CellParams, plan: StepPlan, out_d, train: bool):
     """One direction: ``x`` [R, H_in], ``h0`` [N, H_out], ``c0`` [N, H] (LSTM), ``out_d``
     [R, H_out] (a column slice of the layer output) receives h_t. Returns ``h_n``, ``c_n``
     (LSTM, else None) and what backward needs (nothing unless ``train``)."""
     acc = launch.acc_dtype(x.dtype)
-    G = GATES[mode]
+    G = MODES[mode].gates
     H = w.w_hh.size(0) // G
     N = plan.N
     w_hh_t = w.w_hh.t()
@@ -165,12 +112,12 @@ def forward_direction(mode, x, h0, c0, w: Weights, plan: Plan, out_d, train: boo
     return h, None, []
 
 
-def backward_direction(mode, gout_d, dh, dc, h0, c0, w: Weights, plan: Plan, out_d, saved):
+def backward_direction(mode, gout_d, dh, dc, h0, c0, w: CellParams, plan: StepPlan, out_d, saved):
     """The reverse-time loop of one direction. ``gout_d`` [R, H_out] is the output's
     gradient, ``dh`` [N, H_out] (and ``dc`` [N, H] in the compute dtype) hold the final
     state's gradient on entry and the initial state's on exit. Returns ``dG``, the gradient
     of every row's pre-activations, and with a projection ``dhs`` = dL/dh_t of every row."""
-    G = GATES[mode]
+    G = MODES[mode].gates
     H = w.w_hh.size(0) // G
     R = plan.rows
     dhs = None
@@ -235,11 +182,11 @@ def backward_direction(mode, gout_d, dh, dc, h0, c0, w: Weights, plan: Plan, out
     return dG, None
 
 
-def _grad_w_hh(plan: Plan, dG: Tensor, out_d: Tensor, h0: Tensor) -> Tensor:
+def _grad_w_hh(plan: StepPlan, dG: Tensor, out_d: Tensor, h0: Tensor) -> Tensor:
     """dW_hh = sum over rows of dG^T h_prev. Padded input: the previous states are the
     output shifted by one step and h0, two GEMMs on views; packed: gathered rows, one GEMM."""
     if not plan.uniform:
-        prev = torch.cat([out_d, h0]).index_select(0, plan.prev_rows(dG.device))
+        prev = torch.cat([out_d, h0]).index_select(0, prev_rows(plan, dG.device))
         return dG.t() @ prev
     N, R = plan.N, plan.rows
     first = plan.off[0]  # the rows that read h0: the first time step, or the last in reverse
@@ -252,10 +199,10 @@ def _grad_w_hh(plan: Plan, dG: Tensor, out_d: Tensor, h0: Tensor) -> Tensor:
     return dw
 
 
-def weight_grads(mode, dG, dhs, x, h0, w: Weights, plan: Plan, out_d, saved, need_dx: bool):
+def weight_grads(mode, dG, dhs, x, h0, w: CellParams, plan: StepPlan, out_d, saved, need_dx: bool):
     """One direction's contribution to dX (or None) and the gradients of its weights in
     ``_flat_weights`` order, each one GEMM (or sum) over all rows."""
-    H = w.w_hh.size(0) // GATES[mode]
+    H = w.w_hh.size(0) // MODES[mode].gates
     acc = launch.acc_dtype(dG.dtype)
     if mode == "GRU":
         # input side: dA_r | dA_z | dA_n; hidden side: dA_r | dA_z | dA_n r

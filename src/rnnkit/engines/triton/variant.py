@@ -1,18 +1,18 @@
 """The LSTM variants (:mod:`rnnkit.variants`) on the Triton engine.
 
-As on the fused CPU engine, each layer and direction first runs the shared
-:func:`rnnkit.cells.make_prepare` on torch ops, with autograd: the input projection (with
-``layer_norm``'s input LayerNorm and ``b_ih``) of all steps at once, and the random masks in
-their fixed order, so that this engine and the reference draw the same masks under one seed.
+As on the fused CPU engine, the driver (:func:`~rnnkit.engines.driver.by_direction`) first
+runs the shared :func:`rnnkit.cells.make_prepare` on torch ops for each layer and direction,
+with autograd: the input projection (with ``layer_norm``'s input LayerNorm and ``b_ih``) of all
+steps at once, and the random masks in their fixed order, so that this engine and the
+reference draw the same masks under one seed.
 :class:`VariantDirection` then runs the recurrence per step: torch for the GEMMs (and
 ``layer_norm``'s LayerNorm of the recurrent GEMM, the projection and its clip), one Triton
 kernel for the rest (``variant_kernels.py``); and a hand-written backward that hands autograd
 the gradient of the input projection, of the states and of every recurrent-side parameter.
 
-Runs: layer_norm, peephole, zoneout, recurrent_dropout, weight_dropout, forget_bias (an init
-option), gate/cell/proj clipping and coupled_input_forget, in any combination, with every core
-option, in float32 and float64. Custom ``activations``, half precision and the GRU/RNN
-variants run on the reference engine.
+Runs every variant field but custom ``activations`` in any combination, with every core option, in float32 and float64, as the engine declares
+(``engines/triton/__init__.py``); half precision, GRU/RNN variants, custom activations and any
+field not named there run on the reference engine.
 """
 
 from __future__ import annotations
@@ -20,25 +20,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rnnkit.cells import LN_EPS, CellParams
-from rnnkit.engines.base import RNNCall, RNNResult
-from rnnkit.engines.reference import run_prepared_direction, run_variant_lstm
+from rnnkit.cells import LN_EPS, CellParams, State
+from rnnkit.engines.driver import DirectionCall, LayerOutput, StepPlan, by_direction
+from rnnkit.engines.grads import graph_grads
+from rnnkit.engines.reference import direction_graph
 from rnnkit.engines.triton import launch
-from rnnkit.engines.triton.recurrence import Plan, make_plan
+from rnnkit.engines.triton.recurrence import prev_rows
 from rnnkit.variants import Variant
 
-__all__ = ["run_rnn", "unsupported"]
-
-
-def unsupported(call: RNNCall) -> str | None:
-    """None when this engine runs the call's variant, else why not."""
-    if call.mode != "LSTM":
-        return "variants of GRU and RNN run on the reference engine"
-    if call.variant.activations is not None:
-        return "variants with custom activations run on the reference engine"
-    if call.input.dtype not in (torch.float32, torch.float64):
-        return "variants in float16 and bfloat16 run on the reference engine"
-    return None
+__all__ = ["layer"]
 
 
 # The recurrent-side tensors of one direction, in VariantDirection's argument order.
@@ -199,7 +189,7 @@ def _backward(static, grad_out, grad_hn, grad_cn, h0, c0, params, masks, saved):
         else:
             dh[:b].addcmul_(dr @ p.w_hh, rec_mask[:b])
     # the parameters' gradients, each one GEMM or sum over all rows
-    prev = plan.prev_rows(out.device)
+    prev = prev_rows(plan, out.device)
     h_prev = torch.cat([out, h0]).index_select(0, prev)
     if rec_mask is not None:
         h_prev = h_prev * rec_mask.index_select(0, _batch_rows(plan, out.device))
@@ -221,7 +211,7 @@ def _backward(static, grad_out, grad_hn, grad_cn, h0, c0, params, masks, saved):
     return grads
 
 
-def _batch_rows(plan: Plan, device) -> Tensor:
+def _batch_rows(plan: StepPlan, device) -> Tensor:
     """Each row's batch element."""
     index = torch.empty(plan.rows, dtype=torch.int64)
     for o, b in zip(plan.off, plan.bs, strict=True):
@@ -233,28 +223,17 @@ def _double_backward(ctx, gx, h0, c0, params, masks, grads):
     """Gradients as a graph: the direction recomputed by the reference engine's ops from the
     same inputs and masks (no new random numbers), differentiated by autograd."""
     v, _, plan = ctx.static
-    inputs = [gx, h0, c0, *params]
-    wanted = [
-        i for i, (t, n) in enumerate(zip(inputs, ctx.needs_input_grad[1:11], strict=True))
-        if n and t is not None
-    ]  # fmt: skip
     rec_mask, keep_h, keep_c = masks
     p = _params(params)._replace(rec_mask=rec_mask)
-    batch_sizes = list(plan.bs[::-1] if plan.reverse else plan.bs)
-    out, (h_n, c_n) = run_prepared_direction(
+    batch_sizes = tuple(plan.bs[::-1] if plan.reverse else plan.bs)
+    out, (h_n, c_n) = direction_graph(
         "LSTM", v, (gx, keep_h, keep_c), batch_sizes, (h0, c0), p, plan.reverse
     )
-    got = torch.autograd.grad(
-        (out, h_n, c_n), [inputs[i] for i in wanted], grads, create_graph=True,
-        allow_unused=True,
-    )  # fmt: skip
-    result: list[Tensor | None] = [None] * len(inputs)
-    for i, g in zip(wanted, got, strict=True):
-        result[i] = g
-    return result
+    inputs = [gx, h0, c0, *params]
+    return graph_grads((out, h_n, c_n), grads, inputs, ctx.needs_input_grad[1:11])
 
 
-def _direction(static, gx, h0, c0, p: CellParams, keep_h, keep_c):
+def _run(static, gx, h0, c0, p: CellParams, keep_h, keep_c):
     """Run one direction: through :class:`VariantDirection` when a gradient is wanted, else
     straight through the loop, which then keeps nothing for backward."""
     params = _recurrent_params(p)
@@ -265,15 +244,20 @@ def _direction(static, gx, h0, c0, p: CellParams, keep_h, keep_c):
     return _forward(static, gx, h0, c0, params, masks, False)[:3]
 
 
-def run_rnn(call: RNNCall) -> RNNResult:
-    """Run a stacked, possibly bidirectional, possibly packed LSTM with ``call.variant``: the
-    reference engine's layer stacking and random draws, each direction on the kernels."""
-    plans: dict[bool, Plan] = {}  # one per direction, for every layer
+def _direction(dc: DirectionCall, out: LayerOutput) -> State:
+    """One prepared direction (``dc.seq`` is ``(gates_x, keep_h, keep_c)`` with the layer
+    input's leading dims) on the kernels, its rows in time-major order."""
+    lc = dc.layer
+    gx, keep_h, keep_c = dc.seq
+    H = dc.params.w_hh.size(0) // 4
+    gx = gx.reshape(-1, 4 * H)
+    keep_h = keep_h.reshape(gx.size(0), -1) if keep_h is not None else None
+    keep_c = keep_c.reshape(gx.size(0), H) if keep_c is not None else None
+    h0, c0 = dc.state
+    with launch.on_device(gx), torch.autocast(gx.device.type, enabled=False):
+        y, h_n, c_n = _run((lc.variant, lc.train, dc.plan), gx, h0, c0, dc.params, keep_h, keep_c)
+    out.set(dc.d, lc.shaped(y))
+    return h_n, c_n
 
-    def direction(gx, h0, c0, p, keep_h, keep_c, batch_sizes, reverse):
-        if reverse not in plans:
-            plans[reverse] = make_plan(batch_sizes, reverse=reverse)
-        static = (call.variant, call.train, plans[reverse])
-        return _direction(static, gx, h0, c0, p, keep_h, keep_c)
 
-    return run_variant_lstm(call, direction)
+layer = by_direction(_direction)

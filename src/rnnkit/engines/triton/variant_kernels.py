@@ -21,7 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from rnnkit.engines.triton.kernels import _sigmoid, _tanh, _tile
+from rnnkit.engines.triton.kernels import sigmoid, tanh, tile
 
 
 @triton.jit
@@ -56,7 +56,7 @@ def _clip_grad(dx, x, v, ON: tl.constexpr):
 
 @triton.jit
 def _rows(BLOCK_N: tl.constexpr):
-    """This program's rows as a vector (``_tile`` gives them as a column)."""
+    """This program's rows as a vector (``tile`` gives them as a column)."""
     return (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
 
 
@@ -106,7 +106,7 @@ def lstm_variant_forward_kernel(
 ):
     zh, zc = tl.load(p_scalars), tl.load(p_scalars + 1)
     gate_clip, cell_clip = tl.load(p_scalars + 2), tl.load(p_scalars + 3)
-    o_n, o_h, mask = _tile(b, H, BLOCK_N, BLOCK_H)
+    o_n, o_h, mask = tile(b, H, BLOCK_N, BLOCK_H)
     o_g = o_n * 4 * H + o_h
     z_i = tl.load(p_gx + o_g, mask=mask).to(ACC) + tl.load(p_rr + o_g, mask=mask).to(ACC)
     z_f = tl.load(p_gx + o_g + H, mask=mask).to(ACC) + tl.load(p_rr + o_g + H, mask=mask).to(ACC)
@@ -120,16 +120,16 @@ def lstm_variant_forward_kernel(
     if PEEP:
         z_i += tl.load(p_peep + o_h, mask=m_h).to(ACC) * b_c
         z_f += tl.load(p_peep + H + o_h, mask=m_h).to(ACC) * b_c
-    b_i = _sigmoid(_clip(z_i, gate_clip, GCLIP))
+    b_i = sigmoid(_clip(z_i, gate_clip, GCLIP))
     if CIFG:
         b_f = 1.0 - b_i
     else:
-        b_f = _sigmoid(_clip(z_f, gate_clip, GCLIP))
-    b_g = _tanh(_clip(z_g, gate_clip, GCLIP))
+        b_f = sigmoid(_clip(z_f, gate_clip, GCLIP))
+    b_g = tanh(_clip(z_g, gate_clip, GCLIP))
     b_ct = _clip(b_f * b_c + b_i * b_g, cell_clip, CCLIP)
     if PEEP:
         z_o += tl.load(p_peep + 2 * H + o_h, mask=m_h).to(ACC) * b_ct
-    b_o = _sigmoid(_clip(z_o, gate_clip, GCLIP))
+    b_o = sigmoid(_clip(z_o, gate_clip, GCLIP))
     b_co = b_ct
     if LN_C:
         mean = _row_sum(tl.where(mask, b_ct, 0.0)) / H
@@ -137,7 +137,7 @@ def lstm_variant_forward_kernel(
         rstd = 1.0 / tl.sqrt(_row_sum(diff * diff) / H + tl.load(p_scalars + 4))
         w_c = tl.load(p_lncw + o_h, mask=m_h).to(ACC)
         b_co = diff * rstd[:, None] * w_c + tl.load(p_lncb + o_h, mask=m_h).to(ACC)
-    b_y = b_o * _tanh(b_co)
+    b_y = b_o * tanh(b_co)
     if PROJ:
         tl.store(p_y + o_s, b_y.to(p_y.dtype.element_ty), mask=mask)
     else:
@@ -209,7 +209,7 @@ def lstm_variant_backward_kernel(
     # dc = dc' k_c + dpre f + dz_i p_i + dz_f p_f
     zh, zc = tl.load(p_scalars), tl.load(p_scalars + 1)
     gate_clip, cell_clip = tl.load(p_scalars + 2), tl.load(p_scalars + 3)
-    o_n, o_h, mask = _tile(b, H, BLOCK_N, BLOCK_H)
+    o_n, o_h, mask = tile(b, H, BLOCK_N, BLOCK_H)
     o_s = o_n * H + o_h
     m_h = o_h < H
     if PROJ:
@@ -233,13 +233,13 @@ def lstm_variant_backward_kernel(
     from_prev = o_n < b_prev
     b_cp = tl.load(p_cprev + o_s, mask=mask & from_prev, other=0.0).to(ACC)
     b_cp += tl.load(p_c0 + o_s, mask=mask & ~from_prev, other=0.0).to(ACC)
-    b_i = _sigmoid(_clip(z_i, gate_clip, GCLIP))
+    b_i = sigmoid(_clip(z_i, gate_clip, GCLIP))
     if CIFG:
         b_f = 1.0 - b_i
     else:
-        b_f = _sigmoid(_clip(z_f, gate_clip, GCLIP))
-    b_g = _tanh(_clip(z_g, gate_clip, GCLIP))
-    b_o = _sigmoid(_clip(z_o, gate_clip, GCLIP))
+        b_f = sigmoid(_clip(z_f, gate_clip, GCLIP))
+    b_g = tanh(_clip(z_g, gate_clip, GCLIP))
+    b_o = sigmoid(_clip(z_o, gate_clip, GCLIP))
     b_co = b_ct
     if LN_C:
         o_r = _rows(BLOCK_N)
@@ -248,7 +248,7 @@ def lstm_variant_backward_kernel(
         b_chat = tl.where(mask, (b_ct - mean[:, None]) * rstd[:, None], 0.0)
         w_c = tl.load(p_lncw + o_h, mask=m_h, other=0.0).to(ACC)
         b_co = b_chat * w_c + tl.load(p_lncb + o_h, mask=m_h, other=0.0).to(ACC)
-    b_tc = _tanh(b_co)
+    b_tc = tanh(b_co)
     b_dco = b_dy * b_o * (1.0 - b_tc * b_tc)
     d_zo = _clip_grad(b_dy * b_tc * b_o * (1.0 - b_o), z_o, gate_clip, GCLIP)
     b_dct = b_dco
