@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from rnnkit.engines.cpu import fake, func
+from rnnkit.modes import MODES
 
 __all__ = ["BuildError", "build_error", "kernels"]
 
@@ -46,6 +47,15 @@ def _flags() -> tuple[str, list[str]]:
         return "default", []
     flags = [*_CAPABILITY_FLAGS[capability], f"-DCPU_CAPABILITY={capability}"]
     return capability.lower(), [*flags, f"-DCPU_CAPABILITY_{capability}"]
+
+
+def _mode_macros() -> list[str]:
+    """The table of modes for the C++ sources: each mode's kernel code and gate blocks."""
+    return [
+        flag
+        for m in MODES.values()
+        for flag in (f"-DRNNKIT_MODE_{m.name}={m.code}", f"-DRNNKIT_GATES_{m.name}={m.gates}")
+    ]
 
 
 def _ninja_on_path() -> None:
@@ -80,7 +90,7 @@ def _build():
     load(
         name=f"rnnkit_cpu_{suffix}",
         sources=[str(_CSRC / s) for s in _SOURCES],
-        extra_cflags=["-O3", "-Wno-unused-function", *flags],
+        extra_cflags=["-O3", "-Wno-unused-function", *flags, *_mode_macros()],
         build_directory=build_dir,
         is_python_module=False,
         verbose=False,

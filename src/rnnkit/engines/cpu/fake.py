@@ -11,7 +11,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-_LSTM, _GRU = 0, 1
+from rnnkit.modes import MODES
+
+_LSTM, _GRU = MODES["LSTM"].code, MODES["GRU"].code
+_GATES = {m.code: m.gates for m in MODES.values()}
 
 
 def _empty(like: Tensor) -> Tensor:
@@ -21,7 +24,7 @@ def _empty(like: Tensor) -> Tensor:
 def layer_forward(mode, x, h0, c0, weights, batch_sizes, has_bias, train):
     D, _, H_out = h0.shape
     R = x.size(0)
-    G = {_LSTM: 4, _GRU: 3}.get(mode, 1)
+    G = _GATES[mode]
     H = weights[1].size(0) // G
     out = [x.new_empty(R, D * H_out), torch.empty_like(h0)]
     out.append(torch.empty_like(c0) if mode == _LSTM else _empty(x))

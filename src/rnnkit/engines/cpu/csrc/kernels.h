@@ -23,7 +23,8 @@
 
 namespace rnnkit {
 
-// The steps of one direction in processing order. Padded input is packed input whose batch
+// The steps of one direction in processing order: rnnkit.engines.driver.StepPlan, which the
+// tests hold this one to (step_plan in layer.cpp). Padded input is packed input whose batch
 // never changes. Forward: time runs up and the batch shrinks (sequences end); reverse: time
 // runs down and the batch grows (sequences start from their h0 rows). Either way the state of
 // row j lives in row j of one [N, H] buffer, so rows past the active batch keep their value.

@@ -23,9 +23,17 @@ namespace {
 
 using at::Tensor;
 
-enum Mode : int64_t { LSTM = 0, GRU = 1, RNN_TANH = 2, RNN_RELU = 3 };
+// The codes and gate blocks of rnnkit/modes.py's table, which build.py passes as macros.
+enum Mode : int64_t {
+  LSTM = RNNKIT_MODE_LSTM,
+  GRU = RNNKIT_MODE_GRU,
+  RNN_TANH = RNNKIT_MODE_RNN_TANH,
+  RNN_RELU = RNNKIT_MODE_RNN_RELU
+};
 
-int64_t gate_blocks(int64_t mode) { return mode == LSTM ? 4 : mode == GRU ? 3 : 1; }
+int64_t gate_blocks(int64_t mode) {
+  return mode == LSTM ? RNNKIT_GATES_LSTM : mode == GRU ? RNNKIT_GATES_GRU : RNNKIT_GATES_RNN_TANH;
+}
 
 // The weights of one direction, in torch's _flat_weights order.
 struct Weights {
@@ -428,6 +436,17 @@ std::vector<Tensor> layer_backward(int64_t mode, const Tensor& grad_out, const T
 }
 
 }  // namespace
+
+// make_plan as integers, for the tests that hold it to rnnkit.engines.driver.StepPlan: rows,
+// N, uniform, then the first row and the batch of every step in processing order.
+std::vector<int64_t> step_plan(c10::IntArrayRef batch_sizes, bool reverse) {
+  const Plan p = make_plan(batch_sizes, reverse);
+  std::vector<int64_t> out{p.rows, p.N, p.uniform ? 1 : 0};
+  out.insert(out.end(), p.off.begin(), p.off.end());
+  out.insert(out.end(), p.bs.begin(), p.bs.end());
+  return out;
+}
+
 }  // namespace rnnkit
 
 // Schemas here, kernels under the CPU key: a key of their own lets torch.compile and
@@ -436,6 +455,7 @@ std::vector<Tensor> layer_backward(int64_t mode, const Tensor& grad_out, const T
 // with the call and a traced graph never does (function.py): the schema declares no mutation.
 TORCH_LIBRARY(rnnkit_cpu, m) {
   m.def("blas_available() -> bool", &rnnkit::blas_available);
+  m.def("step_plan(int[] batch_sizes, bool reverse) -> int[]", &rnnkit::step_plan);
   m.def(
       "layer_forward(int mode, Tensor x, Tensor h0, Tensor? c0, Tensor[] weights, "
       "int[] batch_sizes, bool has_bias, bool train) -> Tensor[]");
