@@ -19,8 +19,10 @@ from torch.nn.utils.rnn import pack_padded_sequence
 import rnnkit
 from engines import (
     FUSED,
+    VariantCase,
     assert_matches_reference,
     check_case,
+    check_variant_case,
     layer,
     with_reference,
 )
@@ -60,6 +62,18 @@ EXTRA_CASES = [
 @pytest.mark.parametrize("case", module_params(EXTRA_CASES))
 def test_matches_reference_wide_and_long(case):
     check_case(FUSED, case)
+
+
+# A step wide enough for BLAS threads, H over several vectors plus a partial one.
+WIDE_VARIANT_CASES = [
+    VariantCase(ModuleCase("LSTM", size=(4, 48, 20, 200), h0=True), "all", True),
+    VariantCase(ModuleCase("LSTM", size=(4, 48, 20, 200), proj=True), "layer_norm", False),
+]
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in WIDE_VARIANT_CASES])
+def test_variant_matches_reference_wide(case):
+    check_variant_case(FUSED, case)
 
 
 @pytest.mark.parametrize("threads", [1, 3])
@@ -162,22 +176,24 @@ def test_unsupported_dtype_falls_back_under_auto(dtype, reason):
     assert torch.equal(auto(x)[0], reference(x)[0])
 
 
-def test_variants_go_to_the_reference():
-    """GRU and RNN variants are the reference engine's (LSTM's: test_cpu_variants.py)."""
-    x = torch.randn(3, 2, 4)
-    with pytest.raises(RuntimeError, match="fused: variants .* run on the reference engine"):
-        rnnkit.GRU(4, 5, gate_clip=0.5, engine="fused")(x)
-    auto = rnnkit.GRU(4, 5, gate_clip=0.5)
-    reference = copy.deepcopy(auto)
-    reference.engine = "reference"
-    assert torch.equal(auto(x)[0], reference(x)[0])
-
-
 def test_auto_picks_fused_on_cpu(monkeypatch):
     picked = engines_picked(monkeypatch)
     rnnkit.GRU(4, 5)(torch.randn(3, 2, 4))
     rnnkit.LSTM(4, 5, dtype=torch.float16)(torch.randn(3, 2, 4, dtype=torch.float16))
     assert picked == ["fused", "reference"]
+
+
+def test_auto_picks_fused_for_lstm_variants(monkeypatch):
+    picked = engines_picked(monkeypatch)
+    rnnkit.LSTM(4, 5, layer_norm=True, zoneout=0.1)(torch.randn(3, 2, 4))
+    assert picked == ["fused"]
+
+
+def test_variant_parameters_of_another_dtype_are_refused():
+    module = rnnkit.LSTM(4, 5, peephole=True, engine="fused")
+    module.peephole_l0.data = module.peephole_l0.data.double()
+    with pytest.raises(RuntimeError, match="one dtype"):
+        module(torch.randn(3, 2, 4))
 
 
 def test_unavailable_build_warns_once_and_falls_back(monkeypatch):

@@ -20,8 +20,10 @@ import torch
 import rnnkit
 from engines import (
     TRITON,
+    VariantCase,
     assert_matches_reference,
     check_case,
+    check_variant_case,
     layer,
     on_device,
     pair,
@@ -138,6 +140,25 @@ def test_tiles_smaller_than_a_step(case, monkeypatch):
 @pytest.mark.parametrize(
     "case",
     [
+        pytest.param(c, id=c.id)
+        for c in (
+            VariantCase(ModuleCase("LSTM", size=(4, 5, 3, 9), bidirectional=True), "all", True),
+            VariantCase(ModuleCase("LSTM", size=(4, 5, 3, 9), proj=True), "peephole", False),
+        )
+    ],
+)
+def test_variant_tiles_smaller_than_a_step(case, monkeypatch):
+    """Several programs per step (whole rows each where layer_norm normalizes c)."""
+    from rnnkit.engines.triton import launch
+
+    monkeypatch.setattr(launch, "_MAX_BLOCK_H", 4)
+    monkeypatch.setattr(launch, "_TILE", 8)
+    check_variant_case(TRITON, case)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
         ModuleCase("LSTM", num_layers=2, bidirectional=True, proj=True, h0=True, dropout=0.3),
         ModuleCase("GRU", packed="unsorted", h0=True, size=(5, 3, 4, 6)),
     ],
@@ -205,15 +226,6 @@ def test_autocast_runs_what_torch_casts_whole(mode):
         runs.append(dict(zip(names, [out, *state, *grads], strict=True)))
     expected, actual = runs
     assert_matches_reference(actual, expected, engine="triton", dtype=torch.bfloat16)
-
-
-def test_what_it_leaves_to_other_engines():
-    """Named, the engine raises why; it never falls back."""
-    x = torch.randn(3, 2, 4, device=DEVICE)
-    with pytest.raises(RuntimeError, match="triton: cells are one step"):
-        rnnkit.GRUCell(4, 5, engine="triton").to(DEVICE)(x[0])
-    with pytest.raises(RuntimeError, match="triton: variants of GRU and RNN run on the ref"):
-        rnnkit.GRU(4, 5, layer_norm=True, engine="triton").to(DEVICE)(x)
 
 
 def test_torch_func_transforms_go_to_the_reference():
