@@ -19,9 +19,10 @@ $py -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.ve
 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
 
 # correctness on the GPU: the engine's grid, autocast against cuDNN, memory at L = 100,000
-$py -m pytest -q -p no:cacheprovider tests/engines/test_triton.py \
-    tests/engines/test_triton_variants.py tests/test_amp.py tests/test_memory.py \
-    tests/test_reliability.py 2>&1 | tee "$out/tests.txt"
+$py -m pytest -q -p no:cacheprovider tests/engines/test_triton.py tests/engines/test_engines.py \
+    tests/engines/test_engine_variants.py -k triton 2>&1 | tee "$out/tests.txt"
+$py -m pytest -q -p no:cacheprovider tests/test_amp.py tests/test_memory.py \
+    tests/test_reliability.py 2>&1 | tee -a "$out/tests.txt"
 
 # the targets: bfloat16 and float32, persistent kernels where they fit and per-step only
 for dtype in bfloat16 float32; do

@@ -5,14 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engines import Engine
 
-@pytest.fixture(scope="module")
+
+@pytest.fixture
 def triton_interpreter():
-    """Triton's interpreter for the requesting module's tests, where torch sees no GPU.
+    """Triton's interpreter for the requesting test, where torch sees no GPU.
 
-    ``TRITON_INTERPRET=1`` is set while the module's tests run, and the kernels are imported
-    under it (Triton reads it when it decorates a kernel), so that the engine takes CPU tensors
-    there and nowhere else in the run. With a GPU, nothing changes: the kernels compile.
+    ``TRITON_INTERPRET=1`` is set while the test runs, and the kernels are imported under it
+    the first time (Triton reads it when it decorates a kernel), so that the engine takes CPU
+    tensors there and nowhere else in the run. With a GPU, nothing changes: the kernels
+    compile.
     """
     pytest.importorskip("triton")
     if torch.cuda.is_available():
@@ -25,3 +28,12 @@ def triton_interpreter():
         if not interpreted():
             pytest.skip("the Triton kernels were compiled before TRITON_INTERPRET=1 was set")
         yield
+
+
+@pytest.fixture(autouse=True)
+def _engine_fixture(request):
+    """The fixture that the test's ``engine`` parameter names (:attr:`Engine.fixture`)."""
+    callspec = getattr(request.node, "callspec", None)
+    engine = callspec.params.get("engine") if callspec is not None else None
+    if isinstance(engine, Engine) and engine.fixture is not None:
+        request.getfixturevalue(engine.fixture)

@@ -1,8 +1,10 @@
-"""The fused CPU engine against the reference engine: outputs, final states, every gradient.
+"""What the fused CPU engine alone does, against the reference engine where it computes.
 
-Same covering grid as the reference engine's tests (``grid.MODULE_CASES``), plus sizes that
-reach the kernels' threaded and partial-vector paths, gradcheck on tiny layers, dropout,
-saturated gates, double backward and the fallback when the kernels cannot be built.
+The suites of every fast engine (``test_engines.py``, ``test_engine_variants.py``) hold it to
+the reference on the covering grids; here are the sizes that reach its kernels' threaded and
+partial-vector paths and its blocks of steps, BLAS thread counts, output gradients of any
+strides, peak memory, and the dispatch: what ``engine="auto"`` picks, and the fallback when the
+kernels cannot be built.
 """
 
 from __future__ import annotations
@@ -15,41 +17,19 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import rnnkit
+from engines import (
+    FUSED,
+    VariantCase,
+    assert_matches_reference,
+    check_case,
+    check_variant_case,
+    layer,
+    with_reference,
+)
 from grid import ModuleCase, module_params
-from parity import assert_same_structure, engines_picked
+from parity import engines_picked
 from rnnkit.engines import cpu as fused_engine
 from rnnkit.engines.cpu import build
-from rnnkit.testing import compare, engine_tolerance
-
-
-def assert_matches_reference(case: ModuleCase, *, seed: int = 0, scale: float = 1.0) -> None:
-    """Fused and reference on the same weights (times ``scale``) and inputs agree within
-    :data:`rnnkit.testing.ENGINE_TOLERANCES`; with ``case.dropout`` both train from the same seed."""
-    _, fused = case.modules("fused")
-    with torch.no_grad():
-        for p in fused.parameters():
-            p.mul_(scale)
-    reference = copy.deepcopy(fused)
-    reference.engine = "reference"
-    runs = []
-    for module in (reference, fused):
-        module.train(case.dropout > 0)
-        torch.manual_seed(seed)
-        runs.append(case.run(module, case.inputs(seed)))
-    (expected, expected_structure), (actual, structure) = runs
-    assert_same_structure(expected_structure, structure)
-    failures = []
-    for name, e in expected.items():
-        result = compare(actual[name], e, what=name, tol=engine_tolerance(e, name))
-        if not result.ok:
-            failures.append(str(result))
-    assert not failures, "fused differs from reference:\n  " + "\n  ".join(failures)
-
-
-@pytest.mark.parametrize("case", module_params())
-def test_matches_reference(case):
-    assert_matches_reference(case)
-
 
 # Sizes past the covering grid's: a step wide enough for the threaded pointwise pass (N*H >=
 # 16384), H spanning several vectors plus a partial one, a long sequence with N=1, the
@@ -81,7 +61,19 @@ EXTRA_CASES = [
 
 @pytest.mark.parametrize("case", module_params(EXTRA_CASES))
 def test_matches_reference_wide_and_long(case):
-    assert_matches_reference(case)
+    check_case(FUSED, case)
+
+
+# A step wide enough for BLAS threads, H over several vectors plus a partial one.
+WIDE_VARIANT_CASES = [
+    VariantCase(ModuleCase("LSTM", size=(4, 48, 20, 200), h0=True), "all", True),
+    VariantCase(ModuleCase("LSTM", size=(4, 48, 20, 200), proj=True), "layer_norm", False),
+]
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in WIDE_VARIANT_CASES])
+def test_variant_matches_reference_wide(case):
+    check_variant_case(FUSED, case)
 
 
 @pytest.mark.parametrize("threads", [1, 3])
@@ -99,143 +91,9 @@ def test_any_thread_count(case, threads):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        assert_matches_reference(case)
+        check_case(FUSED, case)
     finally:
         torch.set_num_threads(before)
-
-
-@pytest.mark.parametrize(
-    "case",
-    module_params(
-        [
-            ModuleCase(mode, size=(6, 3, 4, 5), dtype=dtype, h0=True)
-            for mode in ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")
-            for dtype in (torch.float32, torch.float64)
-        ]
-    ),
-)
-def test_saturated_gates(case):
-    """Pre-activations around +-1e3: exp overflows inside sigmoid and tanh, no NaN appears."""
-    assert_matches_reference(case, scale=300.0)
-
-
-@pytest.mark.parametrize(
-    "case",
-    module_params(
-        [
-            ModuleCase(mode, num_layers=3, bidirectional=bidir, packed=packed, dropout=0.4)
-            for mode in ("LSTM", "GRU", "RNN_TANH")
-            for bidir, packed in ((False, "none"), (True, "unsorted"))
-        ]
-        + [ModuleCase("LSTM", num_layers=2, proj=True, h0=True, dropout=0.5, dtype=torch.float64)]
-    ),
-)
-def test_dropout_masks_match_reference(case):
-    """Inter-layer dropout draws the reference's (and so torch's) masks under one seed."""
-    assert_matches_reference(case)
-
-
-def _layer(mode: str, **kw) -> torch.nn.Module:
-    cls = {"RNN_TANH": "RNN", "RNN_RELU": "RNN"}.get(mode, mode)
-    if mode.startswith("RNN_"):
-        kw["nonlinearity"] = mode[4:].lower()
-    return getattr(rnnkit, cls)(engine="fused", dtype=torch.float64, **kw)
-
-
-@pytest.mark.parametrize(
-    "mode, kw, packed",
-    [
-        pytest.param("LSTM", dict(num_layers=2), False, id="LSTM-l2"),
-        pytest.param(
-            "LSTM", dict(bidirectional=True, proj_size=2), True, id="LSTM-bidir-proj2-packed"
-        ),
-        pytest.param("GRU", dict(bidirectional=True), True, id="GRU-bidir-packed"),
-        pytest.param("GRU", dict(bias=False, batch_first=True), False, id="GRU-nobias-bf"),
-        pytest.param(
-            "RNN_TANH", dict(num_layers=2, bidirectional=True), False, id="RNNtanh-l2-bidir"
-        ),
-        pytest.param("RNN_RELU", dict(), True, id="RNNrelu-packed"),
-    ],
-)
-def test_gradcheck(mode, kw, packed):
-    """The hand-written backward against finite differences, in float64 on tiny layers."""
-    torch.manual_seed(0)
-    module = _layer(mode, input_size=3, hidden_size=4, **kw)
-    L, N = 4, 3
-    bf = kw.get("batch_first", False)
-    x = torch.randn((N, L, 3) if bf else (L, N, 3), dtype=torch.float64, requires_grad=True)
-    D, H_out = (2 if kw.get("bidirectional") else 1), kw.get("proj_size") or 4
-    lead = (D * kw.get("num_layers", 1), N)
-    h0 = torch.randn(*lead, H_out, dtype=torch.float64, requires_grad=True)
-    c0 = torch.randn(*lead, 4, dtype=torch.float64, requires_grad=True)
-    params = list(module.parameters())
-    lengths = torch.tensor([4, 2, 3])
-
-    names = [name for name, _ in module.named_parameters()]
-
-    def fn(x, h0, c0, *weights):
-        inp = pack_padded_sequence(x, lengths, bf, enforce_sorted=False) if packed else x
-        hx = (h0, c0) if mode == "LSTM" else h0
-        out, hidden = torch.func.functional_call(
-            module, dict(zip(names, weights, strict=True)), (inp, hx)
-        )
-        out = out.data if packed else out
-        return (out, *(hidden if mode == "LSTM" else (hidden,)))
-
-    inputs = (x, h0, c0, *params)
-    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, nondet_tol=0.0)
-
-
-@pytest.mark.parametrize(
-    "mode, kw, packed",
-    [
-        pytest.param("LSTM", dict(proj_size=2, bidirectional=True), False, id="LSTM-proj-bidir"),
-        pytest.param("GRU", dict(num_layers=2), True, id="GRU-l2-packed"),
-        pytest.param("RNN_TANH", dict(bias=False, bidirectional=True), True, id="RNN-packed"),
-    ],
-)
-def test_double_backward(mode, kw, packed):
-    """create_graph=True recomputes through torch ops: gradgradcheck holds on this engine."""
-    module = _layer(mode, input_size=3, hidden_size=4, **kw)
-    names = [name for name, _ in module.named_parameters()]
-    x = torch.randn(4, 3, 3, dtype=torch.float64, requires_grad=True)
-    lengths = torch.tensor([4, 2, 3])
-
-    def fn(x, *weights):
-        inp = pack_padded_sequence(x, lengths, enforce_sorted=False) if packed else x
-        out, _ = torch.func.functional_call(module, dict(zip(names, weights, strict=True)), (inp,))
-        return out.data if packed else out
-
-    params = [p.detach().clone().requires_grad_() for p in module.parameters()]
-    assert torch.autograd.gradgradcheck(fn, (x, *params), fast_mode=True)
-
-
-@pytest.mark.parametrize(
-    "mode, kw, packed",
-    [
-        pytest.param("LSTM", dict(bidirectional=True), False, id="LSTM-bidir"),
-        pytest.param(
-            "LSTM", dict(bidirectional=True, proj_size=2), True, id="LSTM-bidir-proj2-packed"
-        ),
-        pytest.param("GRU", dict(bidirectional=True), False, id="GRU-bidir"),
-        pytest.param("GRU", dict(num_layers=2), True, id="GRU-l2-packed"),
-        pytest.param("RNN_TANH", dict(bidirectional=True), True, id="RNNtanh-bidir-packed"),
-    ],
-)
-def test_backward_twice_with_retain_graph(mode, kw, packed):
-    """The saved buffers survive a backward with retain_graph=True; the last backward, which
-    writes its gate gradients over them, gives the same gradients, bit for bit."""
-    module = _layer(mode, input_size=3, hidden_size=4, **kw)
-    x = torch.randn(50, 4, 3, dtype=torch.float64, requires_grad=True)
-    lengths = torch.tensor([50, 17, 49, 3])
-    out, _ = module(pack_padded_sequence(x, lengths, enforce_sorted=False) if packed else x)
-    loss = (out.data if packed else out).sum()
-    leaves = [x, *module.parameters()]
-    first = torch.autograd.grad(loss, leaves, retain_graph=True)
-    second = torch.autograd.grad(loss, leaves, retain_graph=True)
-    last = torch.autograd.grad(loss, leaves)
-    for a, b, c in zip(first, second, last, strict=True):
-        assert torch.equal(a, b) and torch.equal(a, c)
 
 
 @pytest.mark.parametrize(
@@ -250,9 +108,7 @@ def test_backward_twice_with_retain_graph(mode, kw, packed):
 def test_strided_output_gradients(mode, kw, packed, loss):
     """Output gradients that are not a dense [R, D*H_out] block: the output's sum or mean
     (stride 0 everywhere), a weight per feature (rows broadcast), a transposed tensor."""
-    module = _layer(mode, input_size=3, hidden_size=5, **kw)
-    reference = copy.deepcopy(module)
-    reference.engine = "reference"
+    module, reference = with_reference(layer(FUSED, mode, input_size=3, hidden_size=5, **kw))
     x = torch.randn(40, 4, 3, dtype=torch.float64, requires_grad=True)
     lengths = torch.tensor([40, 17, 39, 3])
     results = []
@@ -271,9 +127,9 @@ def test_strided_output_gradients(mode, kw, packed, loss):
             g = torch.randn(out.shape[::-1], generator=torch.Generator().manual_seed(0))
             g = g.to(out.dtype).permute(*range(g.dim() - 1, -1, -1))
             results.append(torch.autograd.grad(out, leaves, g))
-    for e, a in zip(*results, strict=True):
-        result = compare(a, e, tol=engine_tolerance(e, "grad"))
-        assert result.ok, str(result)
+    names = ["grad_input", *(f"grad_{name}" for name, _ in module.named_parameters())]
+    expected, actual = (dict(zip(names, r, strict=True)) for r in results)
+    assert_matches_reference(actual, expected, engine="fused")
 
 
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bidir"])
@@ -291,7 +147,7 @@ def test_training_step_peak_memory_within_torch(mode, bidirectional):
         getattr(torch.nn, mode.removesuffix("_TANH"))(
             H_in, H, bidirectional=bidirectional, dtype=torch.float64
         ),
-        _layer(mode, input_size=H_in, hidden_size=H, bidirectional=bidirectional),
+        layer(FUSED, mode, input_size=H_in, hidden_size=H, bidirectional=bidirectional),
     ):
 
         def step(module=module):
@@ -303,21 +159,6 @@ def test_training_step_peak_memory_within_torch(mode, bidirectional):
         peaks.append(_peak_mb(step, torch.device("cpu")))
     expected, actual = peaks
     assert actual <= expected, f"fused {actual:.3f} MiB, torch.nn {expected:.3f} MiB"
-
-
-def test_non_contiguous_states_and_empty_batch():
-    module = _layer("LSTM", input_size=3, hidden_size=4, num_layers=2)
-    h0 = torch.randn(2, 4, 2, dtype=torch.float64).transpose(1, 2)  # [2, 2, 4], strided
-    c0 = torch.randn(2, 2, 4, dtype=torch.float64)
-    x = torch.randn(5, 2, 3, dtype=torch.float64)
-    out, (h_n, c_n) = module(x, (h0, c0))
-    reference = copy.deepcopy(module)
-    reference.engine = "reference"
-    expected, (e_h, e_c) = reference(x, (h0, c0))
-    for a, e in ((out, expected), (h_n, e_h), (c_n, e_c)):
-        assert compare(a, e, tol=engine_tolerance(e)).ok
-    out, (h_n, _) = module(torch.randn(5, 0, 3, dtype=torch.float64))
-    assert out.shape == (5, 0, 4) and h_n.shape == (2, 0, 4)
 
 
 @pytest.mark.parametrize(
@@ -335,22 +176,24 @@ def test_unsupported_dtype_falls_back_under_auto(dtype, reason):
     assert torch.equal(auto(x)[0], reference(x)[0])
 
 
-def test_variants_go_to_the_reference():
-    """GRU and RNN variants are the reference engine's (LSTM's: test_cpu_variants.py)."""
-    x = torch.randn(3, 2, 4)
-    with pytest.raises(RuntimeError, match=r"fused: variant gate_clip=0\.5 not supported"):
-        rnnkit.GRU(4, 5, gate_clip=0.5, engine="fused")(x)
-    auto = rnnkit.GRU(4, 5, gate_clip=0.5)
-    reference = copy.deepcopy(auto)
-    reference.engine = "reference"
-    assert torch.equal(auto(x)[0], reference(x)[0])
-
-
 def test_auto_picks_fused_on_cpu(monkeypatch):
     picked = engines_picked(monkeypatch)
     rnnkit.GRU(4, 5)(torch.randn(3, 2, 4))
     rnnkit.LSTM(4, 5, dtype=torch.float16)(torch.randn(3, 2, 4, dtype=torch.float16))
     assert picked == ["fused", "reference"]
+
+
+def test_auto_picks_fused_for_lstm_variants(monkeypatch):
+    picked = engines_picked(monkeypatch)
+    rnnkit.LSTM(4, 5, layer_norm=True, zoneout=0.1)(torch.randn(3, 2, 4))
+    assert picked == ["fused"]
+
+
+def test_variant_parameters_of_another_dtype_are_refused():
+    module = rnnkit.LSTM(4, 5, peephole=True, engine="fused")
+    module.peephole_l0.data = module.peephole_l0.data.double()
+    with pytest.raises(RuntimeError, match="one dtype"):
+        module(torch.randn(3, 2, 4))
 
 
 def test_unavailable_build_warns_once_and_falls_back(monkeypatch):
