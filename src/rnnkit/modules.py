@@ -34,7 +34,9 @@ class RNNBase(nn.Module):
     """Shared construction of :class:`LSTM`, :class:`GRU` and :class:`RNN`.
 
     Takes ``torch.nn.RNNBase``'s arguments plus the keyword-only ``engine`` (``"auto"`` picks
-    the fastest engine that supports a call; ``"reference"`` is the plain-torch ground truth).
+    the first engine of ``rnnkit.functional.ENGINES`` that declares a call: the fused engine on
+    CPU where it runs it, else the reference; ``"reference"`` is the plain-torch ground
+    truth).
     """
 
     def __init__(
