@@ -229,6 +229,13 @@ class DirectionCall:
     params: CellParams
     state: State
 
+    def seq_rows(self) -> tuple[Tensor | None, ...]:
+        """``seq`` as time-major rows, each tensor ``[R, *]`` (a view where it can be one):
+        what a kernel that walks :attr:`plan` over rows takes."""
+        seq = self.seq if isinstance(self.seq, tuple) else (self.seq,)
+        R = self.layer.x.shape[:-1].numel()
+        return tuple(None if t is None else t.reshape(R, t.size(-1)) for t in seq)
+
 
 # A direction: runs ``DirectionCall``, gives its output to the LayerOutput, returns the final
 # state.

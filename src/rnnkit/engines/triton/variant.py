@@ -248,11 +248,7 @@ def _direction(dc: DirectionCall, out: LayerOutput) -> State:
     """One prepared direction (``dc.seq`` is ``(gates_x, keep_h, keep_c)`` with the layer
     input's leading dims) on the kernels, its rows in time-major order."""
     lc = dc.layer
-    gx, keep_h, keep_c = dc.seq
-    H = dc.params.w_hh.size(0) // 4
-    gx = gx.reshape(-1, 4 * H)
-    keep_h = keep_h.reshape(gx.size(0), -1) if keep_h is not None else None
-    keep_c = keep_c.reshape(gx.size(0), H) if keep_c is not None else None
+    gx, keep_h, keep_c = dc.seq_rows()
     h0, c0 = dc.state
     with launch.on_device(gx), torch.autocast(gx.device.type, enabled=False):
         y, h_n, c_n = _run((lc.variant, lc.train, dc.plan), gx, h0, c0, dc.params, keep_h, keep_c)
