@@ -219,8 +219,10 @@ class Support:
         if unknown:
             raise ValueError(f"unknown call options {sorted(unknown)}; known: {list(OPTIONS)}")
 
-    def misses(self, call: RNNCall | CellCall) -> list[str]:
-        """What of ``call`` lies outside this region, in words (empty: it lies inside)."""
+    def misses(self, call: RNNCall | CellCall, options: frozenset[str] | None = None) -> list[str]:
+        """What of ``call`` lies outside this region, in words (empty: it lies inside).
+        ``options``: :func:`call_options` of the call, where the caller has them."""
+        options = call_options(call) if options is None else options
         missing = []
         if call.mode not in self.modes:
             missing.append(f"mode {call.mode}")
@@ -230,7 +232,7 @@ class Support:
         dtype = call.input.dtype
         if self.dtypes is not None and dtype not in self.dtypes:
             missing.append(str(dtype))
-        missing += [OPTIONS[o] for o in sorted(call_options(call) - self.options)]
+        missing += [OPTIONS[o] for o in sorted(options - self.options)]
         fields_ = sorted(variant_fields(call.variant) - self.variant_fields)
         missing += [f"variant {name}={getattr(call.variant, name)!r}" for name in fields_]
         return missing
@@ -242,7 +244,8 @@ def refusal(support: tuple[Support, ...], call: RNNCall | CellCall) -> str | Non
     if not support:
         kind = "cells" if isinstance(call, CellCall) else "layers"
         return f"{kind} not supported"
-    misses = [s.misses(call) for s in support]
+    options = call_options(call)
+    misses = [s.misses(call, options) for s in support]
     if any(not m for m in misses):
         return None
     fewest = min(len(m) for m in misses)
