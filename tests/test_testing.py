@@ -38,6 +38,18 @@ def test_compare_exact_and_within_tolerance():
     assert not result.ok and result.max_abs == pytest.approx(1e-9, rel=1e-3)
 
 
+def test_float32_needs_a_truth():
+    e = torch.linspace(-2, 2, 11)
+    with pytest.raises(ValueError, match="float64 truth"):
+        compare(e.clone(), e)
+    with pytest.raises(ValueError, match="float64 truth"):
+        tolerance(F32)
+    # bits need no truth, and neither do integers
+    assert compare(e.clone(), e, tol=EXACT).ok
+    assert compare(torch.arange(3), torch.arange(3)).bitwise
+    assert not compare(torch.tensor([0, 1, 3]), torch.arange(3), truth=torch.zeros(3)).ok
+
+
 def _noisy(truth: torch.Tensor, ulps: float, seed: int) -> torch.Tensor:
     """``truth`` in float32 with a random error of up to ``ulps`` units of eps at each entry."""
     gen = torch.Generator().manual_seed(seed)
@@ -92,19 +104,16 @@ def test_gradients_get_the_grad_row():
 
 
 def test_tolerance_table():
-    for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+    for dtype in (torch.float64, torch.float16, torch.bfloat16):
         fwd, grad = tolerance(dtype, "fwd"), tolerance(dtype, "grad")
         assert 0 < fwd.atol <= grad.atol and TOLERANCES[dtype]["fwd"] == fwd
+    assert F32 not in TOLERANCES
     # finer dtypes, tighter tolerances
-    assert (
-        tolerance(torch.float64).atol
-        < tolerance(torch.float32).atol
-        < tolerance(torch.float16).atol
-    )
+    assert tolerance(torch.float64).atol < tolerance(torch.float16).atol
     with pytest.raises(ValueError):
         tolerance(torch.int32)
     with pytest.raises(ValueError):
-        tolerance(torch.float32, "backward")
+        tolerance(torch.float64, "backward")
 
 
 def test_compare_all_reports_missing_names():
