@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator, Mapping
 import torch
 from torch import Tensor
 
-from rnnkit.testing import below_float64, compare_all, float64_copy
+from rnnkit.testing import below_float64, compare, compare_all, engine_tolerance, float64_copy
 
 # The engines that the module-level tests run on: the reference, bit for bit against torch's
 # ATen path, and the default, to rounding (tests/engines/ name the others).
@@ -117,6 +117,28 @@ def assert_parity(
         assert_bitwise(expected, actual, dtype)
     else:
         assert_close(expected, actual, dtype, truth=truth)
+
+
+def assert_engine_close(
+    expected: Named, actual: Named, truth: Named | None, title: str = "engine differs"
+) -> None:
+    """A fast engine's results to rounding of the reference engine's (``expected``).
+
+    Below float64 against ``truth``, the reference engine's run in float64 on the same values
+    (``ModuleCase.truth(reference, inp)``, or :func:`truth_of`): the engine's error within a
+    small factor of the reference's own. In float64 (where ``truth`` is None) within
+    ``rnnkit.testing.engine_tolerance``, which allows for the other order of summation.
+    """
+    assert list(actual) == list(expected), f"names differ: {list(actual)} != {list(expected)}"
+    failures = []
+    for name, e in expected.items():
+        t = None if truth is None else truth[name]
+        engine = e is not None and not below_float64(e.dtype) and e.is_floating_point()
+        tol = engine_tolerance(e, name) if engine else None
+        result = compare(actual[name], e, what=name, tol=tol, truth=t)
+        if not result.ok:
+            failures.append(str(result))
+    assert not failures, f"{title}:\n  " + "\n  ".join(failures)
 
 
 def grads(outputs: Mapping[str, Tensor], inputs: Mapping[str, Tensor], seed: int = 1):

@@ -14,8 +14,7 @@ import pytest
 import torch
 
 import rnnkit
-from parity import truth_of
-from rnnkit.testing import compare, engine_tolerance
+from parity import assert_engine_close, truth_of
 
 MODELS = [
     pytest.param("LSTM", {}, id="LSTM"),
@@ -34,14 +33,7 @@ MODELS = [
 
 def _close(actual: dict, expected: dict, truth: dict | None) -> None:
     """In float64 within the engine tolerance; below it against ``truth``, eager in float64."""
-    failures = []
-    for name, e in expected.items():
-        tol = None if truth is not None else engine_tolerance(e, name)
-        t = None if truth is None else truth[name]
-        result = compare(actual[name], e, what=name, tol=tol, truth=t)
-        if not result.ok:
-            failures.append(str(result))
-    assert not failures, "compiled differs from eager:\n  " + "\n  ".join(failures)
+    assert_engine_close(expected, actual, truth, "compiled differs from eager")
 
 
 def _layer_run(module, x) -> dict:

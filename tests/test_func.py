@@ -31,8 +31,7 @@ from torch.func import (
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import rnnkit
-from parity import engines_picked, randomize_variant_parameters, truth_of
-from rnnkit.testing import below_float64, compare, engine_tolerance
+from parity import assert_engine_close, engines_picked, randomize_variant_parameters, truth_of
 
 # torch's forward-mode decompositions still go through torch.jit.script
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
@@ -100,13 +99,12 @@ def _stack(results: list) -> list[torch.Tensor]:
 def _assert_close(actual, expected, what: str = "output", truth=None) -> None:
     """In float64 within the engine tolerance; below it against ``truth``, the float64 run of
     ``expected``'s computation (``rnnkit.testing.compare``)."""
-    actual, expected = _flat(actual), _flat(expected)
-    truths = [None] * len(expected) if truth is None else _flat(truth)
-    assert len(actual) == len(expected) == len(truths)
-    for i, (a, e, t) in enumerate(zip(actual, expected, truths, strict=True)):
-        tol = None if below_float64(e.dtype) else engine_tolerance(e, what)
-        result = compare(a, e, what=f"{what}[{i}]", tol=tol, truth=t)
-        assert result.ok, str(result)
+
+    def named(tensors):
+        return {f"{what}[{i}]": t for i, t in enumerate(_flat(tensors))}
+
+    truth = None if truth is None else named(truth)
+    assert_engine_close(named(expected), named(actual), truth, "transformed call differs")
 
 
 def _loss(out) -> torch.Tensor:

@@ -20,7 +20,8 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import rnnkit
-from rnnkit.testing import below_float64, compare, engine_tolerance, float64_copy
+from parity import assert_engine_close
+from rnnkit.testing import float64_copy
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -48,9 +49,8 @@ def assert_close(actual, expected, what: str, truth) -> None:
     """onnxruntime's ``actual`` to rounding of eager's ``expected``: in float32 about as close
     to ``truth`` (eager in float64, :func:`in_float64`) as eager is; in float64 within a fast
     engine's tolerance."""
-    tol = None if below_float64(expected.dtype) else engine_tolerance(expected, what)
-    result = compare(actual, expected, what=what, tol=tol, truth=truth)
-    assert result.ok, str(result)
+    truth = None if truth is None else {what: truth}
+    assert_engine_close({what: expected}, {what: actual}, truth, "onnxruntime differs from eager")
 
 
 def in_float64(module, *inputs) -> list[torch.Tensor]:
