@@ -19,7 +19,14 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import rnnkit
 from covering import all_pairs
-from parity import assert_close, assert_parity, assert_same_structure, default_path, grads
+from parity import (
+    assert_close,
+    assert_parity,
+    assert_same_structure,
+    default_path,
+    grads,
+    truth_of,
+)
 from rnnkit.testing import aten_path
 
 MODES = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")
@@ -184,6 +191,11 @@ class ModuleCase:
         leaves = {"input": inp.x, **inp.states, **dict(module.named_parameters())}
         return {**tensors, **grads(tensors, leaves)}, structure
 
+    def truth(self, module: nn.Module, inp: CaseInputs, seed: int | None = None) -> dict | None:
+        """The float64 truth of :meth:`run` of ``module`` on ``inp`` (None in float64), from
+        ``torch.manual_seed(seed)`` if given (:func:`parity.truth_of`)."""
+        return truth_of(lambda m, i: self.run(m, i)[0], module, inp, seed=seed)
+
 
 @dataclass
 class CaseInputs:
@@ -296,6 +308,10 @@ class CellCase:
         leaves = {"input": inp.x, **inp.states, **dict(module.named_parameters())}
         return {**tensors, **grads(tensors, leaves)}, structure
 
+    def truth(self, module: nn.Module, inp: CaseInputs) -> dict | None:
+        """As :meth:`ModuleCase.truth`, for one step of the cell."""
+        return truth_of(lambda m, i: self.run(m, i)[0], module, inp)
+
 
 # (N, H_in, H): N=1, N=0 (torch allows an empty batch for cells), odd and round sizes
 CELL_SIZES = ((1, 3, 5), (0, 4, 3), (4, 7, 9), (8, 16, 16))
@@ -319,11 +335,13 @@ def cell_params(cases=CELL_CASES):
 
 
 def check_module_case(case: ModuleCase, engine: str = "auto", *, seed: int = 0) -> None:
-    """rnnkit on ``case`` against torch's ATen path, and within tolerance of its default path.
+    """rnnkit on ``case`` against torch's ATen path, and to rounding against its default path.
 
     Against the ATen path the reference engine is bit-identical and any other engine (or
-    ``"auto"``) within tolerance (:func:`parity.assert_parity`). With ``case.dropout`` the
-    modules train, and torch and rnnkit start from the same seed.
+    ``"auto"``) within rounding (:func:`parity.assert_parity`); both float32 comparisons
+    measure each side against one float64 run of torch on the case's values. With
+    ``case.dropout`` the modules train, and every run starts from the same seed (the masks do
+    not depend on the dtype).
     """
     ref, ours = case.modules(engine)
     ref.train(case.dropout > 0)
@@ -335,11 +353,12 @@ def check_module_case(case: ModuleCase, engine: str = "auto", *, seed: int = 0) 
     torch.manual_seed(seed)
     actual, structure = case.run(ours, inp)
     assert_same_structure(expected_structure, structure)
-    assert_parity(expected, actual, engine)
+    truth = case.truth(ref, inp, seed)
+    assert_parity(expected, actual, engine, truth=truth)
     with default_path():
         torch.manual_seed(seed)
         default, _ = case.run(ref, inp)
-    assert_close(default, actual)
+    assert_close(default, actual, truth=truth)
 
 
 def check_cell_case(case: CellCase, engine: str = "auto") -> None:
@@ -350,7 +369,8 @@ def check_cell_case(case: CellCase, engine: str = "auto") -> None:
         expected, expected_structure = case.run(ref, inp)
     actual, structure = case.run(ours, inp)
     assert structure == expected_structure
-    assert_parity(expected, actual, engine)
+    truth = case.truth(ref, inp)
+    assert_parity(expected, actual, engine, truth=truth)
     with default_path():
         default, _ = case.run(ref, inp)
-    assert_close(default, actual)
+    assert_close(default, actual, truth=truth)

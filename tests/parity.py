@@ -1,12 +1,17 @@
-"""Shared checks of the suite, on top of ``rnnkit.testing``'s tolerance table and comparison.
+"""Shared checks of the suite, on top of ``rnnkit.testing``'s comparison.
 
 ``torch.nn``'s recurrent layers on CPU take one of two paths: ATen's native loops
 (``aten/src/ATen/native/RNN.cpp``) or, for LSTM in float32, oneDNN's fused kernel. rnnkit's
 reference engine promises bit-identical results to the ATen path, so the suite compares it
-against torch run under ``rnnkit.testing.aten_path``, and within tolerance against torch's
-default path. Every other engine, and ``engine="auto"`` which picks the fastest that can run a
-call, promises the tolerance table against both paths: :func:`assert_parity` picks the check
-that an engine promises, and the tests that hold for every engine run on :data:`ENGINES`.
+against torch run under ``rnnkit.testing.aten_path``, and to rounding against torch's default
+path. Every other engine, and ``engine="auto"`` which picks the fastest that can run a call,
+promises rounding against both paths: :func:`assert_parity` picks the check that an engine
+promises, and the tests that hold for every engine run on :data:`ENGINES`.
+
+"To rounding" is :func:`rnnkit.testing.compare`'s rule: in float64 a fixed tolerance; in
+float32 each side is measured against a float64 truth of the same case (:func:`truth_of` on
+the side that is expected, or ``rnnkit.testing.float64_copy`` of its module and leaves), and
+rnnkit's error must stay within a small factor of the other side's.
 """
 
 from __future__ import annotations
@@ -18,11 +23,13 @@ from collections.abc import Callable, Iterator, Mapping
 import torch
 from torch import Tensor
 
-from rnnkit.testing import Tolerance, compare, compare_all, kind_of, tolerance
+from rnnkit.testing import below_float64, compare, compare_all, engine_tolerance, float64_copy
 
 # The engines that the module-level tests run on: the reference, bit for bit against torch's
-# ATen path, and the default, within tolerance (tests/engines/ name the others).
+# ATen path, and the default, to rounding (tests/engines/ name the others).
 ENGINES = ("reference", "auto")
+
+Named = Mapping[str, Tensor | None]
 
 
 @contextlib.contextmanager
@@ -33,76 +40,105 @@ def default_path() -> Iterator[None]:
         yield
 
 
-def _check(expected, actual, dtype, exact: bool, title: str) -> None:
+def truth_of(fn: Callable[..., Named], *args, seed: int | None = None) -> dict | None:
+    """``fn(*args)`` on float64 copies of ``args`` (``rnnkit.testing.float64_copy``: modules,
+    tensors, containers of them), from ``torch.manual_seed(seed)`` if given: the float64 truth
+    of a float32 run ``fn(*args)``. None where ``args`` hold no floating tensor below float64,
+    since float64 results keep their fixed tolerances."""
+    if not any(below_float64(dtype) for dtype in _dtypes(args)):
+        return None
+    copies = float64_copy(args)
+    if seed is not None:
+        torch.manual_seed(seed)
+    return fn(*copies)
+
+
+def _dtypes(obj) -> Iterator[torch.dtype]:
+    if isinstance(obj, Tensor):
+        yield obj.dtype
+    elif isinstance(obj, torch.nn.Module):
+        yield from (p.dtype for p in obj.parameters())
+    elif isinstance(obj, Mapping):
+        for v in obj.values():
+            yield from _dtypes(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _dtypes(v)
+    elif hasattr(obj, "__dataclass_fields__") and not isinstance(obj, type):
+        for name in obj.__dataclass_fields__:
+            yield from _dtypes(getattr(obj, name))
+
+
+def _check(expected, actual, dtype, exact: bool, title: str, truth=None) -> None:
     dtype = dtype or next(t.dtype for t in expected.values() if t is not None)
-    results = compare_all(actual, expected, dtype, exact=exact)
+    results = compare_all(actual, expected, dtype, exact=exact, truth=truth)
     failures = [str(r) for r in results if not r.ok]
     assert not failures, title + "\n  " + "\n  ".join(failures)
 
 
-def assert_bitwise(
-    expected: Mapping[str, Tensor | None],
-    actual: Mapping[str, Tensor | None],
-    dtype: torch.dtype | None = None,
-) -> None:
+def assert_bitwise(expected: Named, actual: Named, dtype: torch.dtype | None = None) -> None:
     """Every named tensor of ``actual`` equals ``expected``'s bit for bit (NaN where NaN)."""
     _check(expected, actual, dtype, True, "not bit-identical to torch:")
 
 
 def assert_close(
-    expected: Mapping[str, Tensor | None],
-    actual: Mapping[str, Tensor | None],
+    expected: Named,
+    actual: Named,
     dtype: torch.dtype | None = None,
+    *,
+    truth: Named | None = None,
 ) -> None:
-    """Every named tensor within ``rnnkit.testing``'s tolerance for ``dtype`` of ``expected``.
+    """Every named tensor of ``actual`` as close to ``expected`` as ``dtype`` asks.
 
-    Forward values and gradients (``grad_*``) have their own rows; ``dtype`` defaults to the
-    tensors'.
+    Below float64 against ``truth`` (the float64 run of the same case, the same names), if
+    given: ``actual``'s error within a small factor of ``expected``'s own
+    (``rnnkit.testing.compare``); float32 needs it. In float64 (and half precision without a
+    truth) within the tolerance table, forward values and gradients (``grad_*``) on their own
+    rows. ``dtype`` defaults to the tensors'.
     """
-    _check(expected, actual, dtype, False, "not within tolerance of torch:")
+    _check(expected, actual, dtype, False, "not within rounding of torch:", truth)
 
 
 def assert_parity(
-    expected: Mapping[str, Tensor | None],
-    actual: Mapping[str, Tensor | None],
+    expected: Named,
+    actual: Named,
     engine: str,
     dtype: torch.dtype | None = None,
+    *,
+    truth: Named | None = None,
 ) -> None:
     """What ``engine`` promises against torch's ATen path (``expected``).
 
-    Bit for bit on the reference engine; within tolerance on any other (``"auto"`` included,
-    since it may pick a faster engine that agrees with the reference only to rounding).
+    Bit for bit on the reference engine; to rounding on any other (``"auto"`` included, since
+    it may pick a faster engine that agrees with the reference only to rounding), as
+    :func:`assert_close` with ``truth``.
     """
     if engine == "reference":
         assert_bitwise(expected, actual, dtype)
     else:
-        assert_close(expected, actual, dtype)
+        assert_close(expected, actual, dtype, truth=truth)
 
 
-def assert_close_to_scale(
-    expected: Mapping[str, Tensor | None],
-    actual: Mapping[str, Tensor | None],
-    dtype: torch.dtype | None = None,
+def assert_engine_close(
+    expected: Named, actual: Named, truth: Named | None, title: str = "engine differs"
 ) -> None:
-    """Within the tolerance table's rows, ``rtol`` taken of each tensor's largest ``|entry|``.
+    """A fast engine's results to rounding of the reference engine's (``expected``).
 
-    For inputs far from unit scale, where rounding follows the magnitudes that a tensor is
-    computed from rather than each entry (a ReLU layer at input scale 1e4 cancels terms of
-    1e4 into entries near zero): the error relative to the tensor's scale (``Result.max_rel``)
-    is what two summation orders agree on.
+    Below float64 against ``truth``, the reference engine's run in float64 on the same values
+    (``ModuleCase.truth(reference, inp)``, or :func:`truth_of`): the engine's error within a
+    small factor of the reference's own. In float64 (where ``truth`` is None) within
+    ``rnnkit.testing.engine_tolerance``, which allows for the other order of summation.
     """
     assert list(actual) == list(expected), f"names differ: {list(actual)} != {list(expected)}"
-    dtype = dtype or next(t.dtype for t in expected.values() if t is not None)
     failures = []
     for name, e in expected.items():
-        tol = tolerance(dtype, kind_of(name))
-        scale = e.detach().abs().max().item() if e is not None and e.numel() else 0.0
-        result = compare(
-            actual[name], e, dtype, name, tol=Tolerance(tol.atol + tol.rtol * scale, 0.0)
-        )
+        t = None if truth is None else truth[name]
+        engine = e is not None and not below_float64(e.dtype) and e.is_floating_point()
+        tol = engine_tolerance(e, name) if engine else None
+        result = compare(actual[name], e, what=name, tol=tol, truth=t)
         if not result.ok:
             failures.append(str(result))
-    assert not failures, "not within tolerance of torch's scale:\n  " + "\n  ".join(failures)
+    assert not failures, f"{title}:\n  " + "\n  ".join(failures)
 
 
 def grads(outputs: Mapping[str, Tensor], inputs: Mapping[str, Tensor], seed: int = 1):

@@ -22,6 +22,7 @@ from torch import nn
 
 import rnnkit
 from parity import assert_close
+from rnnkit.testing import float64_copy
 
 WORLD_SIZE = 2
 STEPS = 3
@@ -58,7 +59,8 @@ def train(model: nn.Module, rows: slice, full=lambda t: t) -> list[dict[str, tor
     and the final parameters, by name, each made whole by ``full`` (FSDP shards them)."""
     params = {k.removeprefix("module."): p for k, p in model.named_parameters()}
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
-    x, y = _data()
+    dtype = next(model.parameters()).dtype
+    x, y = (t.to(dtype) for t in _data())
     records = []
     for _ in range(STEPS):
         optimizer.zero_grad()
@@ -148,8 +150,11 @@ def test_matches_single_process(wrapper, engine, distributed_results):
         pytest.skip("torch.distributed.fsdp.fully_shard needs torch 2.6 or newer")
     torch.manual_seed(0)
     model = Model(engine)
+    # the single process's training in float64 from the same init: the truth of every step
+    truth = train(float64_copy(model), slice(None))
     expected = train(model, slice(None))
     for rank, results in enumerate(distributed_results):
-        for step, (e, a) in enumerate(zip(expected, results[wrapper, engine], strict=True)):
+        records = zip(expected, results[wrapper, engine], truth, strict=True)
+        for step, (e, a, t) in enumerate(records):
             assert list(a) == list(e), f"rank {rank}, step {step}: other parameters"
-            assert_close(e, a)
+            assert_close(e, a, truth=t)

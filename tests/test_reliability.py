@@ -16,7 +16,7 @@ from torch import nn
 
 import rnnkit
 from grid import ModuleCase
-from parity import assert_bitwise
+from parity import assert_bitwise, assert_engine_close, truth_of
 from rnnkit.testing import aten_path, compare, engine_tolerance
 
 CPU_ENGINES = ("reference", "fused", "auto")
@@ -75,15 +75,20 @@ def test_nan_and_inf_propagate_as_in_torch(case, where, index, value):
     assert any(_nonfinite(expected).values()), "the poison must reach the outputs"
 
 
-def assert_same_nonfinite(expected, actual):
-    """NaN and infinities where ``expected`` has them, finite values within the engine
-    tolerance."""
-    failures = [
-        str(result)
-        for name, e in expected.items()
-        if not (result := compare(actual[name], e, what=name, tol=engine_tolerance(e, name))).ok
-    ]
-    assert not failures, "fused differs from reference:\n  " + "\n  ".join(failures)
+def assert_same_nonfinite(expected, actual, truth=None):
+    """NaN and infinities where ``expected`` has them, finite values to rounding: against
+    ``truth`` (a float64 run of the reference, the same names) by
+    :func:`parity.assert_engine_close`; without one (a float64 case, or a caller that has not
+    computed one) within the engine tolerance."""
+    if truth is None:
+        failures = [
+            str(result)
+            for name, e in expected.items()
+            if not (result := compare(actual[name], e, what=name, tol=engine_tolerance(e, name))).ok
+        ]
+        assert not failures, "differs from the reference engine:\n  " + "\n  ".join(failures)
+    else:
+        assert_engine_close(expected, actual, truth, "differs from the reference engine")
     assert _nonfinite(actual) == _nonfinite(expected)
 
 
@@ -92,7 +97,8 @@ def test_nan_and_inf_propagate_on_fused_as_on_reference(case, where, index, valu
     _, reference = case.modules("reference")
     _, fused = case.modules("fused")
     inp = _poisoned(case, where, index, value)
-    assert_same_nonfinite(case.run(reference, inp)[0], case.run(fused, inp)[0])
+    expected, actual = case.run(reference, inp)[0], case.run(fused, inp)[0]
+    assert_same_nonfinite(expected, actual, case.truth(reference, inp))
 
 
 @pytest.mark.parametrize("where", ["x", "h0", "c0"])
@@ -105,16 +111,19 @@ def test_nan_propagates_through_fused_variants_as_on_reference(where):
     hx = [torch.randn(2, 3, 3), torch.randn(2, 3, 6)]
     with torch.no_grad():
         {"x": x, "h0": hx[0], "c0": hx[1]}[where][1, 1, 1] = float("nan")
-    runs = []
-    for module in (reference, fused):
-        leaves = [t.clone().requires_grad_() for t in (x, *hx)]
+
+    def run(module, x, h0, c0):
+        leaves = [t.clone().requires_grad_() for t in (x, h0, c0)]
         out, (h, c) = module(leaves[0], tuple(leaves[1:]))
-        weights = torch.linspace(-1, 1, out.numel()).view_as(out)
+        # drawn in float32 whatever the run's dtype: its float64 truth gets the same weights
+        weights = torch.linspace(-1, 1, out.numel()).to(out.dtype).view_as(out)
         loss = (out * weights).sum() + h.sum() + c.sum()
         grads = torch.autograd.grad(loss, [*leaves, *module.parameters()])
         named = {f"grad_{i}": g for i, g in enumerate(grads)}
-        runs.append({"output": out, "h_n": h, "c_n": c, **named})
-    assert_same_nonfinite(*runs)
+        return {"output": out, "h_n": h, "c_n": c, **named}
+
+    runs = [run(module, x, *hx) for module in (reference, fused)]
+    assert_same_nonfinite(*runs, truth_of(run, reference, x, *hx))
 
 
 DETERMINISM_CASES = [

@@ -3,8 +3,9 @@
 For every shape the runner builds one ``torch.nn`` layer (torch's default init, seeded) and,
 with the same weights, one rnnkit layer per engine. Each engine must first pass a parity check
 against ``torch.nn`` on a short version of the shape (``L`` capped at ``parity_max_L``): the
-no-grad forward, the training forward and every gradient (input and parameters), within
-``rnnkit.testing``'s tolerance for the dtype. An engine that fails gets no timings. The LSTM
+no-grad forward, the training forward and every gradient (input and parameters), to rounding
+by ``rnnkit.testing.compare``'s rule (below float64: about as close to a float64 run of
+torch on the same values as torch is). An engine that fails gets no timings. The LSTM
 variants (``rnnkit bench --variants``, :mod:`rnnkit.bench.variants`) run on the same machinery,
 but their math is not torch's: each engine is checked against the reference engine on the same
 variant instead, and the reference engine's own row, the spec of the variants, is not checked.
@@ -47,7 +48,7 @@ import rnnkit
 from rnnkit import functional as RF
 from rnnkit.bench.shapes import BenchShape
 from rnnkit.engines.base import RNNCall
-from rnnkit.testing import Result, compare, compare_all, run_pair
+from rnnkit.testing import Result, compare, compare_all, run_pair, run_truth
 
 __all__ = [
     "REFERENCE",
@@ -229,12 +230,15 @@ def check_parity(shape: BenchShape, engine: str, config: BenchConfig) -> list[Re
     short = shape.with_length(min(shape.L, config.parity_max_L))
     case = short.case(config.dtype)
     actual, expected = run_pair(case, engine, config.device, seed=config.seed)
-    results = compare_all(actual, expected, config.dtype)
+    # torch's training forward in float64 is its inference forward too (no dropout here)
+    truth = run_truth(case, config.seed)
+    results = compare_all(actual, expected, config.dtype, truth=truth)
     work = build_workloads(short, config, [TORCH_NN, engine])
     names = ["output", "h_n", "c_n"]
     inference = {impl: dict(zip(names, w.forward(), strict=False)) for impl, w in work.items()}
     for name, e in inference[TORCH_NN].items():
-        results.append(compare(inference[engine][name], e, config.dtype, f"eval_{name}"))
+        t = None if truth is None else truth[name]
+        results.append(compare(inference[engine][name], e, config.dtype, f"eval_{name}", truth=t))
     return results
 
 
