@@ -17,7 +17,7 @@ from torch import nn
 import rnnkit
 from grid import ModuleCase
 from parity import assert_bitwise, assert_engine_close, truth_of
-from rnnkit.testing import aten_path, compare, engine_tolerance
+from rnnkit.testing import aten_path
 
 CPU_ENGINES = ("reference", "fused", "auto")
 
@@ -75,20 +75,11 @@ def test_nan_and_inf_propagate_as_in_torch(case, where, index, value):
     assert any(_nonfinite(expected).values()), "the poison must reach the outputs"
 
 
-def assert_same_nonfinite(expected, actual, truth=None):
+def assert_same_nonfinite(expected, actual, truth):
     """NaN and infinities where ``expected`` has them, finite values to rounding: against
-    ``truth`` (a float64 run of the reference, the same names) by
-    :func:`parity.assert_engine_close`; without one (a float64 case, or a caller that has not
-    computed one) within the engine tolerance."""
-    if truth is None:
-        failures = [
-            str(result)
-            for name, e in expected.items()
-            if not (result := compare(actual[name], e, what=name, tol=engine_tolerance(e, name))).ok
-        ]
-        assert not failures, "differs from the reference engine:\n  " + "\n  ".join(failures)
-    else:
-        assert_engine_close(expected, actual, truth, "differs from the reference engine")
+    ``truth`` (a float64 run of the reference, the same names; None for a float64 case) by
+    :func:`parity.assert_engine_close`."""
+    assert_engine_close(expected, actual, truth, "differs from the reference engine")
     assert _nonfinite(actual) == _nonfinite(expected)
 
 

@@ -23,7 +23,7 @@ from torch import Tensor
 import rnnkit
 from grid import CaseInputs, ModuleCase
 from parity import assert_same_structure, randomize_variant_parameters
-from rnnkit.testing import as_accurate, compare, engine_tolerance, kind_of, tolerance
+from rnnkit.testing import compare, engine_tolerance, kind_of, tolerance
 
 CUDA = torch.cuda.is_available()
 
@@ -111,11 +111,12 @@ def assert_matches_reference(
     """``engine``'s results against the reference engine's on the same case and values, name
     by name (outputs, final states, every gradient: ``grad_*``); every mismatch is reported.
 
-    In float32 and float64 each tensor must be within :func:`rnnkit.testing.engine_tolerance`
-    of the reference's. ``truth`` is the reference engine's run on float64 copies of the same
-    values (or a function that makes it, called only when needed): a float32 tensor that
-    misses the engine tolerance still passes if it is about as accurate as the reference's own
-    against it (:func:`rnnkit.testing.as_accurate`).
+    In float64 each tensor must be within :func:`rnnkit.testing.engine_tolerance` of the
+    reference's. In float32, ``truth`` is the reference engine's run on float64 copies of the
+    same values (or a function that makes it): the engine's error against it must be within a
+    small factor of the reference's own (``rnnkit.testing.compare``'s one float32 rule, as
+    :func:`parity.assert_engine_close` applies it elsewhere); a float32 comparison without a
+    truth is an error.
 
     ``dtype`` (float16 or bfloat16) is the precision that both ran in, for tensors that may be
     of another dtype (a float32 leaf's gradient under autocast): then the tolerance table of
@@ -149,15 +150,12 @@ def assert_matches_reference(
             continue
         elif half:
             result = compare(a, e, what=name, tol=tolerance(dtype, "grad"))
+        elif e.dtype == torch.float32:
+            if truth is None:
+                raise ValueError(f"{name}: a float32 comparison needs its float64 truth")
+            result = compare(a, e, what=name, truth=truth_of(name))
         else:
             result = compare(a, e, what=name, tol=engine_tolerance(e, name))
-            if not result.ok and e.dtype == torch.float32 and truth is not None:
-                ok, error, own = as_accurate(a, e, truth_of(name))
-                if not ok:
-                    failures.append(
-                        f"{result}; against float64: {engine} {error:.3e}, reference {own:.3e}"
-                    )
-                continue
         if not result.ok:
             failures.append(str(result))
     assert not failures, f"{engine} differs from reference:\n  " + "\n  ".join(failures)
@@ -215,12 +213,10 @@ def run_as(engine: Engine, case: ModuleCase, module, dtype: torch.dtype, seed: i
     return run(case, module, on_device(engine, case.inputs(seed), dtype), seed)
 
 
-def check_module(
-    engine: Engine, case: ModuleCase, module, *, seed: int = 0, truth: bool = False
-) -> None:
+def check_module(engine: Engine, case: ModuleCase, module, *, seed: int = 0) -> None:
     """``module`` (on ``engine``) and a reference copy on the case's inputs, from one seed
-    (the masks): the same structure, and :func:`assert_matches_reference`; with ``truth``, the
-    reference on float64 copies is the truth of a float32 case (made only when needed)."""
+    (the masks): the same structure, and :func:`assert_matches_reference`, the reference on
+    float64 copies the truth of a float32 case (made only when needed)."""
     module, reference = with_reference(module)
     (expected, expected_structure), (actual, structure) = (
         run_as(engine, case, m, case.dtype, seed) for m in (reference, module)
@@ -230,7 +226,7 @@ def check_module(
     def float64():
         return run_as(engine, case, reference, torch.float64, seed)[0]
 
-    assert_matches_reference(actual, expected, engine=engine.name, truth=float64 if truth else None)
+    assert_matches_reference(actual, expected, engine=engine.name, truth=float64)
 
 
 def check_case(engine: Engine, case: ModuleCase, *, seed: int = 0, scale: float = 1.0) -> None:
@@ -299,7 +295,7 @@ class VariantCase:
 
 
 def check_variant_case(engine: Engine, case: VariantCase, seed: int = 0) -> None:
-    """:func:`check_module` on the variant's module, with the reference in float64 as the
-    truth (LayerNorm of a few nearly equal units divides by a standard deviation near
-    sqrt(eps), where float32 rounding grows in every implementation)."""
-    check_module(engine, case.core, case.module(engine), seed=seed, truth=True)
+    """:func:`check_module` on the variant's module (with LayerNorm of a few nearly equal
+    units, which divides by a standard deviation near sqrt(eps), float32 rounding grows in
+    every implementation: the float64 truth says by how much)."""
+    check_module(engine, case.core, case.module(engine), seed=seed)

@@ -10,6 +10,7 @@ which needs no GPU. Without CUDA the kernels run in Triton's interpreter on CPU 
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -189,9 +190,8 @@ def test_nan_and_inf_propagate_as_on_reference(case, where, index, value):
     inp = _poisoned(case, where, index, value)
     expected = run(case, reference, on_device(TRITON, inp))[0]
     actual = run(case, module, on_device(TRITON, inp))[0]
-    assert_same_nonfinite(
-        {k: v.cpu() for k, v in expected.items()}, {k: v.cpu() for k, v in actual.items()}
-    )
+    truth = run(case, copy.deepcopy(reference).double(), on_device(TRITON, inp, torch.float64))[0]
+    assert_same_nonfinite(*({k: v.cpu() for k, v in r.items()} for r in (expected, actual, truth)))
 
 
 def _f32(*shape):
