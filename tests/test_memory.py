@@ -86,6 +86,22 @@ def test_long_sequence_no_grad_memory_is_output_plus_a_constant(engine):
     assert extra < 16 * MiB, f"{extra / MiB:.1f} MiB above output and input projection"
 
 
+def test_bidirectional_no_grad_frees_each_direction_input_projection():
+    """The reference engine, as ATen: a direction's input projection is freed before the next
+    direction's is computed, so a bidirectional layer holds one at a time (the driver keeps
+    no prepared input past its direction's run)."""
+    from rnnkit.bench.runner import _peak_mb
+
+    L, N, H_in, H = 200, 8, 16, 64
+    module = rnnkit.LSTM(H_in, H, bidirectional=True, engine="reference").eval()
+    x = torch.randn(L, N, H_in)
+    with torch.no_grad():
+        peak = _peak_mb(lambda: module(x), torch.device("cpu")) * MiB
+    output, projection = L * N * 2 * H * 4, L * N * 4 * H * 4
+    # both projections alive at once would be output + 2 projections
+    assert peak < output + 1.5 * projection, f"{peak / MiB:.2f} MiB"
+
+
 def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

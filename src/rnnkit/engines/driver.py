@@ -250,12 +250,14 @@ def by_direction(direction: DirectionFn) -> LayerFn:
         prepare = make_prepare(lc.mode, lc.variant, lc.train, bool(transforms()))
         tensors = [lc.x, lc.h0, lc.c0, *(t for p in lc.params for t in p)]
         out = LayerOutput(lc, in_place=not records_graph(tensors))
-        finals = []
-        for d in range(lc.D):
+        def prepared(d: int) -> DirectionCall:
             seq, p = prepare(lc.x, lc.params[d], lc.N)
             state = lc.h0[d] if lc.c0 is None else (lc.h0[d], lc.c0[d])
-            call = DirectionCall(lc, d, lc.plan(d), seq, p, state)
-            finals.append(direction(call, out))
+            return DirectionCall(lc, d, lc.plan(d), seq, p, state)
+
+        # nothing here holds a direction's prepared input past its run (without a graph it is
+        # freed before the next direction's is made, as in ATen's bidirectional layer)
+        finals = [direction(prepared(d), out) for d in range(lc.D)]
         if lc.c0 is None:
             return out.result(), torch.stack(finals, 0), None
         h_n = torch.stack([f[0] for f in finals], 0)
