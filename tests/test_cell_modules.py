@@ -233,3 +233,23 @@ def test_forward_error_matches_torch(name, kwargs, make_input, make_hx, message)
         warnings.simplefilter("ignore")
         error = same_outcome(lambda: ref(x, state), lambda: ours(x, state), message=message)
     assert error is not None, "the case is meant to be an error in torch.nn"
+
+
+@pytest.mark.parametrize("name", ["LSTMCell", "GRUCell", "RNNCell"])
+def test_plain_cells_never_read_training(name):
+    """As torch's cells: a module whose ``training`` attribute is gone still runs (code that
+    builds modules without ``nn.Module.__init__``'s attributes, or deletes them, relies on
+    it). A cell whose variant draws masks in training does read it."""
+    x = torch.randn(2, 3)
+    ours, theirs = getattr(rnnkit, name)(3, 4), getattr(nn, name)(3, 4)
+    ours.load_state_dict(theirs.state_dict())
+    del ours.training, theirs.training
+    expected, actual = theirs(x), ours(x)
+    for e, a in zip(
+        *(t if isinstance(t, tuple) else (t,) for t in (expected, actual)), strict=True
+    ):
+        assert torch.equal(e, a)
+    zoned = getattr(rnnkit, name)(3, 4, zoneout=0.1)
+    del zoned.training
+    with pytest.raises(AttributeError, match="training"):
+        zoned(x)

@@ -263,8 +263,16 @@ def test_checkpoints_round_trip_exactly(make):
     state = torch.load(buffer, weights_only=True)
     fresh = make()
     fresh.load_state_dict(state, strict=True)
+    # the whole module under torch.load's default weights_only=True, only its public class
+    # allowlisted (rnnkit's Variant, plain values, is allowlisted by rnnkit itself)
+    whole = io.BytesIO()
+    torch.save(torch.nn.Sequential(module), whole)
+    whole.seek(0)
+    with torch.serialization.safe_globals([torch.nn.Sequential, type(module)]):
+        loaded = torch.load(whole)[0]
     copies = {
         "state_dict": fresh,
+        "whole module, weights_only": loaded,
         "pickle": pickle.loads(pickle.dumps(module)),
         "deepcopy": copy.deepcopy(module),
     }

@@ -123,9 +123,11 @@ class RNNCellBase(nn.Module):
         if fn is None:
             raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
         check_cell_parameters(self, name)
+        # as torch's cells, a plain cell never reads self.training
+        train = self.variant.draws_in_training and self.training
         out = fn(
             input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
-            engine=self.engine, variant=self.variant, train=self.training,
+            engine=self.engine, variant=self.variant, train=train,
             extra_weights=[getattr(self, name) for name in self._variant_names],
         )  # fmt: skip
         if not is_batched:

@@ -102,6 +102,12 @@ class Variant:
         """True when the step math is torch's own (``forget_bias`` only changes the init)."""
         return self == Variant(forget_bias=self.forget_bias)
 
+    @property
+    def draws_in_training(self) -> bool:
+        """True when training changes the math: masks drawn per call (zoneout, recurrent and
+        weight dropout)."""
+        return any(self.zoneout) or self.recurrent_dropout > 0 or self.weight_dropout > 0
+
     def activation_fns(self, mode: str) -> tuple[Callable[[Tensor], Tensor], ...]:
         return tuple(ACTIVATIONS[a] for a in self.activations or _DEFAULT_ACTIVATIONS[mode])
 
@@ -134,6 +140,13 @@ class Variant:
             if value != f.default:
                 parts.append(f"{f.name}={value!r}")
         return ", ".join(parts)
+
+
+# A whole saved module (``torch.save(model)``) holds its Variant, whose fields are plain
+# values: torch.load's default unpickler (weights_only=True) may rebuild it, so a user
+# allowlists only the public module classes, as for torch.nn's own.
+if hasattr(torch.serialization, "add_safe_globals"):
+    torch.serialization.add_safe_globals([Variant])
 
 
 def _check_probability(name: str, p) -> float:

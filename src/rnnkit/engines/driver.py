@@ -250,6 +250,7 @@ def by_direction(direction: DirectionFn) -> LayerFn:
         prepare = make_prepare(lc.mode, lc.variant, lc.train, bool(transforms()))
         tensors = [lc.x, lc.h0, lc.c0, *(t for p in lc.params for t in p)]
         out = LayerOutput(lc, in_place=not records_graph(tensors))
+
         def prepared(d: int) -> DirectionCall:
             seq, p = prepare(lc.x, lc.params[d], lc.N)
             state = lc.h0[d] if lc.c0 is None else (lc.h0[d], lc.c0[d])
