@@ -17,7 +17,7 @@ from torch._C import _functorch
 
 from rnnkit.engines.base import transforms
 
-__all__ = ["backward_needs_graph", "grad_or_zeros", "graph_grads"]
+__all__ = ["backward_needs_graph", "batched_grads", "grad_or_zeros", "graph_grads", "regrads"]
 
 
 def grad_or_zeros(grad: Tensor | None, like: Tensor) -> Tensor:
@@ -59,6 +59,42 @@ def graph_grads(
     wanted = [i for i, (t, n) in enumerate(zip(inputs, needs, strict=True)) if n and t is not None]
     got = torch.autograd.grad(
         outputs, [inputs[i] for i in wanted], grads, create_graph=True, allow_unused=True
+    )
+    result: list[Tensor | None] = [None] * len(inputs)
+    for i, g in zip(wanted, got, strict=True):
+        result[i] = g
+    return result
+
+
+def batched_grads(grads: Sequence[Tensor | None]) -> bool:
+    """Whether a backward receives a batch of gradients (``torch.autograd.grad(...,
+    is_grads_batched=True)``, ``gradcheck(check_batched_grad=True)``): torch's legacy vmap,
+    under which only torch's own ops have batching rules, not the compiled ones."""
+    is_batched = getattr(_functorch, "is_legacy_batchedtensor", None)
+    if is_batched is None or torch.compiler.is_compiling():
+        # a traced backward (torch.compile) is never run under the legacy vmap
+        return False
+    return any(g is not None and is_batched(g) for g in grads)
+
+
+def regrads(
+    recompute,
+    grads: Sequence[Tensor],
+    inputs: Sequence[Tensor | None],
+    needs: Sequence[bool],
+) -> list[Tensor | None]:
+    """The gradients of ``recompute(*inputs)`` (a graph of torch ops) weighted by ``grads``,
+    for the ``inputs`` whose ``needs`` is set, None for the others: a compiled backward
+    computed again through torch ops, where its kernels cannot run (batched gradients)."""
+    leaves = [
+        None if t is None else t.detach().requires_grad_(bool(n))
+        for t, n in zip(inputs, needs, strict=True)
+    ]
+    with torch.enable_grad():
+        outputs = [o for o in recompute(*leaves) if o is not None]
+    wanted = [i for i, t in enumerate(leaves) if t is not None and t.requires_grad]
+    got = torch.autograd.grad(
+        outputs, [leaves[i] for i in wanted], grads[: len(outputs)], allow_unused=True
     )
     result: list[Tensor | None] = [None] * len(inputs)
     for i, g in zip(wanted, got, strict=True):

@@ -17,7 +17,13 @@ from torch import Tensor
 from rnnkit.cells import split_flat
 from rnnkit.engines.cpu.build import kernels
 from rnnkit.engines.driver import LayerCall
-from rnnkit.engines.grads import backward_needs_graph, grad_or_zeros, graph_grads
+from rnnkit.engines.grads import (
+    backward_needs_graph,
+    batched_grads,
+    grad_or_zeros,
+    graph_grads,
+    regrads,
+)
 from rnnkit.engines.reference import layer_graph
 from rnnkit.modes import MODES
 
@@ -76,6 +82,13 @@ class FusedLayer(torch.autograd.Function):
         grad_cn = grad_or_zeros(grad_cn, c0) if ctx.mode == _LSTM else None
         grads = (grad_out, grad_hn) if grad_cn is None else (grad_out, grad_hn, grad_cn)
         need = ctx.needs_input_grad
+        if batched_grads(grads):
+            # a batch of gradients: torch's ops have batching rules there, the kernels none
+            def recompute(x, h0, c0, *weights):
+                return _reference_graph(ctx.mode, ctx.batch_sizes, ctx.has_bias, x, h0, c0, weights)
+
+            inputs = [x, h0, c0, *weights]
+            return (None, None, None, *regrads(recompute, grads, inputs, need[3:]))
         if backward_needs_graph([x, h0, c0, *weights, *grads]):
             # create_graph=True: the gradient must itself be differentiable, which the compiled
             # loops are not; recompute the layer as a graph of torch ops and differentiate that.

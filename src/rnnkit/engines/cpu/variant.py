@@ -22,7 +22,13 @@ from torch import Tensor
 from rnnkit.cells import CellParams, State
 from rnnkit.engines.cpu.build import kernels
 from rnnkit.engines.driver import DirectionCall, LayerOutput, by_direction
-from rnnkit.engines.grads import backward_needs_graph, grad_or_zeros, graph_grads
+from rnnkit.engines.grads import (
+    backward_needs_graph,
+    batched_grads,
+    grad_or_zeros,
+    graph_grads,
+    regrads,
+)
 from rnnkit.engines.reference import direction_graph
 from rnnkit.variants import Variant
 
@@ -90,6 +96,11 @@ class VariantLSTM(torch.autograd.Function):
             grad_or_zeros(grad_hn, h0),
             grad_or_zeros(grad_cn, c0),
         )
+        if batched_grads(grads):
+            # a batch of gradients: torch's ops have batching rules there, the kernel none
+            inputs = [gx, h0, c0, *params]
+            grads = regrads(_recompute(ctx, masks), grads, inputs, ctx.needs_input_grad[1:11])
+            return (None, *grads, None, None, None)
         if backward_needs_graph([gx, h0, c0, *params, *grads]):
             # create_graph=True: the compiled backward is no graph; differentiate the same
             # direction rebuilt from torch ops instead
@@ -111,18 +122,28 @@ class VariantLSTM(torch.autograd.Function):
         )  # fmt: skip
 
 
+def _recompute(ctx, masks):
+    """The direction as a function of ``(gx, h0, c0, *params)`` on the reference engine's ops,
+    with the call's masks (no new random numbers): ``(out, h_n, c_n)``."""
+    variant, _, batch_sizes, reverse = ctx.static
+    rec_mask, keep_h, keep_c = masks
+
+    def direction(gx, h0, c0, w_hh, b_hh, w_hr, peep, ln_hh, ln_cw, ln_cb):
+        p = CellParams(None, w_hh, None, b_hh, w_hr, peep, None, ln_hh, ln_cw, ln_cb, rec_mask)  # type: ignore[arg-type]
+        out, (h_n, c_n) = direction_graph(
+            "LSTM", variant, (gx, keep_h, keep_c), batch_sizes, (h0, c0), p, reverse
+        )
+        return out, h_n, c_n
+
+    return direction
+
+
 def _double_backward(ctx, gx, h0, c0, params, masks, grads):
     """Gradients as a graph: the direction recomputed by the reference engine's ops from the
-    same inputs and masks (no new random numbers), differentiated by autograd."""
-    variant, _, batch_sizes, reverse = ctx.static
-    w_hh, b_hh, w_hr, peep, ln_hh, ln_cw, ln_cb = params
-    rec_mask, keep_h, keep_c = masks
-    p = CellParams(None, w_hh, None, b_hh, w_hr, peep, None, ln_hh, ln_cw, ln_cb, rec_mask)  # type: ignore[arg-type]
-    out, (h_n, c_n) = direction_graph(
-        "LSTM", variant, (gx, keep_h, keep_c), batch_sizes, (h0, c0), p, reverse
-    )
+    same inputs and masks, differentiated by autograd."""
     inputs = [gx, h0, c0, *params]
-    return graph_grads((out, h_n, c_n), grads, inputs, ctx.needs_input_grad[1:11])
+    outputs = _recompute(ctx, masks)(*inputs)
+    return graph_grads(outputs, grads, inputs, ctx.needs_input_grad[1:11])
 
 
 def _run(variant, train, gx, h0, c0, p, keep_h, keep_c, batch_sizes, reverse):

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from rnnkit.cells import CellParams, split_flat
 from rnnkit.engines.driver import LayerCall
-from rnnkit.engines.grads import graph_grads
+from rnnkit.engines.grads import batched_grads, graph_grads, regrads
 from rnnkit.engines.reference import layer_graph
 from rnnkit.engines.triton import launch, recurrence
 from rnnkit.engines.triton.launch import acc_dtype
@@ -77,6 +77,16 @@ class TritonLayer(torch.autograd.Function):
         x, h0, c0, out, *rest = ctx.saved_tensors
         n_weights, n_saved = ctx.counts
         weights = rest[:n_weights]
+        grads = (grad_out, grad_hn, grad_cn)
+        if batched_grads(grads):
+            # a batch of gradients: torch's ops have batching rules there, the kernels none
+            mode, batch_sizes, _, has_bias = ctx.static
+
+            def recompute(x, h0, c0, *weights):
+                return _reference_graph(mode, batch_sizes, has_bias, x, h0, c0, weights)
+
+            inputs = [x, h0, c0, *weights]
+            return (None, *regrads(recompute, grads, inputs, ctx.needs_input_grad[1:]))
         if torch.is_grad_enabled():
             # create_graph=True: the gradient must itself be differentiable, which the kernels
             # are not; recompute the layer as a graph of torch ops and differentiate that.

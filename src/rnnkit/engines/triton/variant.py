@@ -22,7 +22,7 @@ from torch import Tensor
 
 from rnnkit.cells import LN_EPS, CellParams, State
 from rnnkit.engines.driver import DirectionCall, LayerOutput, StepPlan, by_direction
-from rnnkit.engines.grads import graph_grads
+from rnnkit.engines.grads import batched_grads, graph_grads, regrads
 from rnnkit.engines.reference import direction_graph
 from rnnkit.engines.triton import launch
 from rnnkit.engines.triton.recurrence import prev_rows
@@ -125,6 +125,11 @@ class VariantDirection(torch.autograd.Function):
     def backward(ctx, grad_out, grad_hn, grad_cn):
         gx, h0, c0, *rest = ctx.saved_tensors
         params, masks, saved = rest[:7], rest[7:10], rest[10:]
+        if batched_grads((grad_out, grad_hn, grad_cn)):
+            # a batch of gradients: torch's ops have batching rules there, the kernels none
+            inputs, need = [gx, h0, c0, *params], ctx.needs_input_grad[1:11]
+            grads = regrads(_recompute(ctx, masks), (grad_out, grad_hn, grad_cn), inputs, need)
+            return (None, *grads, None, None, None)
         if torch.is_grad_enabled():
             # create_graph=True: differentiate the same direction rebuilt from torch ops
             grads = _double_backward(ctx, gx, h0, c0, params, masks, (grad_out, grad_hn, grad_cn))
@@ -219,18 +224,29 @@ def _batch_rows(plan: StepPlan, device) -> Tensor:
     return index.to(device)
 
 
-def _double_backward(ctx, gx, h0, c0, params, masks, grads):
-    """Gradients as a graph: the direction recomputed by the reference engine's ops from the
-    same inputs and masks (no new random numbers), differentiated by autograd."""
+def _recompute(ctx, masks):
+    """The direction as a function of ``(gx, h0, c0, *params)`` on the reference engine's ops,
+    with the call's masks (no new random numbers): ``(out, h_n, c_n)``."""
     v, _, plan = ctx.static
     rec_mask, keep_h, keep_c = masks
-    p = _params(params)._replace(rec_mask=rec_mask)
     batch_sizes = tuple(plan.bs[::-1] if plan.reverse else plan.bs)
-    out, (h_n, c_n) = direction_graph(
-        "LSTM", v, (gx, keep_h, keep_c), batch_sizes, (h0, c0), p, plan.reverse
-    )
+
+    def direction(gx, h0, c0, *params):
+        p = _params(params)._replace(rec_mask=rec_mask)
+        out, (h_n, c_n) = direction_graph(
+            "LSTM", v, (gx, keep_h, keep_c), batch_sizes, (h0, c0), p, plan.reverse
+        )
+        return out, h_n, c_n
+
+    return direction
+
+
+def _double_backward(ctx, gx, h0, c0, params, masks, grads):
+    """Gradients as a graph: the direction recomputed by the reference engine's ops from the
+    same inputs and masks, differentiated by autograd."""
     inputs = [gx, h0, c0, *params]
-    return graph_grads((out, h_n, c_n), grads, inputs, ctx.needs_input_grad[1:11])
+    outputs = _recompute(ctx, masks)(*inputs)
+    return graph_grads(outputs, grads, inputs, ctx.needs_input_grad[1:11])
 
 
 def _run(static, gx, h0, c0, p: CellParams, keep_h, keep_c):
