@@ -70,6 +70,13 @@ class CellParams(NamedTuple):
         return [t for t in (self.w_ih, self.w_hh, self.b_ih, self.b_hh, self.w_hr) if t is not None]
 
 
+def split_layer(weights: Sequence[Tensor], D: int, has_biases: bool) -> tuple[CellParams, ...]:
+    """One layer's plain weights, its slice of ``_flat_weights``, as one :class:`CellParams`
+    per direction (whether it has projections follows from the count)."""
+    has_proj = len(weights) // D == (5 if has_biases else 3)
+    return split_flat(weights, D, has_biases, has_proj)
+
+
 # A variant parameter's role (``Variant.extra_param_roles``) -> its CellParams field
 EXTRA_FIELDS = {
     "peephole": "peephole",

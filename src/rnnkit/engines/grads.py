@@ -48,6 +48,19 @@ def backward_needs_graph(tensors: list[Tensor | None]) -> bool:
     return True
 
 
+def _grads(outputs, grads, inputs, needs, create_graph: bool) -> list[Tensor | None]:
+    """``torch.autograd.grad`` of ``outputs`` for the ``inputs`` whose ``needs`` is set, in
+    the inputs' places; None for the others."""
+    wanted = [i for i, (t, n) in enumerate(zip(inputs, needs, strict=True)) if n and t is not None]
+    got = torch.autograd.grad(
+        outputs, [inputs[i] for i in wanted], grads, create_graph=create_graph, allow_unused=True
+    )
+    result: list[Tensor | None] = [None] * len(inputs)
+    for i, g in zip(wanted, got, strict=True):
+        result[i] = g
+    return result
+
+
 def graph_grads(
     outputs: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -56,14 +69,7 @@ def graph_grads(
 ) -> list[Tensor | None]:
     """The gradients of ``outputs`` (weighted by ``grads``) with respect to the ``inputs``
     whose ``needs`` is set, as a graph (``create_graph=True``); None for the others."""
-    wanted = [i for i, (t, n) in enumerate(zip(inputs, needs, strict=True)) if n and t is not None]
-    got = torch.autograd.grad(
-        outputs, [inputs[i] for i in wanted], grads, create_graph=True, allow_unused=True
-    )
-    result: list[Tensor | None] = [None] * len(inputs)
-    for i, g in zip(wanted, got, strict=True):
-        result[i] = g
-    return result
+    return _grads(outputs, grads, inputs, needs, create_graph=True)
 
 
 def batched_grads(grads: Sequence[Tensor | None]) -> bool:
@@ -92,11 +98,4 @@ def regrads(
     ]
     with torch.enable_grad():
         outputs = [o for o in recompute(*leaves) if o is not None]
-    wanted = [i for i, t in enumerate(leaves) if t is not None and t.requires_grad]
-    got = torch.autograd.grad(
-        outputs, [leaves[i] for i in wanted], grads[: len(outputs)], allow_unused=True
-    )
-    result: list[Tensor | None] = [None] * len(inputs)
-    for i, g in zip(wanted, got, strict=True):
-        result[i] = g
-    return result
+    return _grads(outputs, grads[: len(outputs)], leaves, needs, create_graph=False)

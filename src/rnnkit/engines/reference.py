@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rnnkit.cells import CellParams, State, Step, make_prepare, make_step
+from rnnkit.cells import CellParams, State, Step, make_prepare, make_step, split_layer
 from rnnkit.engines.base import ALL_MODES, OPTIONS, CellCall, Engine, Support, transforms
 from rnnkit.engines.driver import (
     DirectionCall,
@@ -31,7 +31,7 @@ from rnnkit.engines.driver import (
 )
 from rnnkit.variants import PLAIN, Variant
 
-__all__ = ["REFERENCE", "direction_graph", "layer_graph"]
+__all__ = ["REFERENCE", "direction_graph", "flat_layer_graph", "layer_graph"]
 
 
 def _as_output(state: State) -> Tensor:
@@ -148,6 +148,16 @@ def layer_graph(
     a double backward, since their compiled backward has no graph of its own."""
     lc = LayerCall(mode, PLAIN, False, x, tuple(batch_sizes), True, h0, c0, params)
     return _layer(lc)
+
+
+def flat_layer_graph(
+    mode: str, batch_sizes, has_bias: bool, x: Tensor, h0: Tensor, c0: Tensor | None, weights
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """:func:`layer_graph` of a layer whose weights are its slice of ``_flat_weights`` (per
+    direction ``w_ih, w_hh[, b_ih, b_hh][, w_hr]``), as the fast engines' autograd Functions
+    keep them."""
+    params = split_layer(weights, h0.size(0), has_bias)
+    return layer_graph(mode, x, tuple(batch_sizes), h0, c0, params)
 
 
 def direction_graph(

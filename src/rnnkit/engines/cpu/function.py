@@ -14,7 +14,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rnnkit.cells import split_flat
 from rnnkit.engines.cpu.build import kernels
 from rnnkit.engines.driver import LayerCall
 from rnnkit.engines.grads import (
@@ -24,7 +23,7 @@ from rnnkit.engines.grads import (
     graph_grads,
     regrads,
 )
-from rnnkit.engines.reference import layer_graph
+from rnnkit.engines.reference import flat_layer_graph
 from rnnkit.modes import MODES
 
 __all__ = ["FusedLayer", "layer"]
@@ -36,10 +35,7 @@ _NAMES = {m.code: m.name for m in MODES.values()}
 def _reference_graph(mode: int, batch_sizes, has_bias, x, h0, c0, weights):
     """The layer again on the reference engine's ops, as an autograd graph: what a double
     backward differentiates."""
-    D = h0.size(0)
-    has_proj = len(weights) // D == (5 if has_bias else 3)
-    params = split_flat(weights, D, has_bias, has_proj)
-    return layer_graph(_NAMES[mode], x, tuple(batch_sizes), h0, c0, params)
+    return flat_layer_graph(_NAMES[mode], batch_sizes, has_bias, x, h0, c0, weights)
 
 
 class FusedLayer(torch.autograd.Function):

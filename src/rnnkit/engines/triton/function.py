@@ -14,10 +14,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rnnkit.cells import CellParams, split_flat
+from rnnkit.cells import split_layer
 from rnnkit.engines.driver import LayerCall
 from rnnkit.engines.grads import batched_grads, graph_grads, regrads
-from rnnkit.engines.reference import layer_graph
+from rnnkit.engines.reference import flat_layer_graph
 from rnnkit.engines.triton import launch, recurrence
 from rnnkit.engines.triton.launch import acc_dtype
 
@@ -30,7 +30,7 @@ def layer_forward(mode, x, h0, c0, weights, plans, has_bias, train):
     buffers."""
     D, _, H_out = h0.shape
     out = x.new_empty(x.size(0), D * H_out)
-    ws = _split(weights, D, has_bias)
+    ws = split_layer(weights, D, has_bias)
     h_n, c_n, saved = [], [], []
     for d in range(D):
         out_d = out[:, d * H_out : (d + 1) * H_out]
@@ -44,16 +44,9 @@ def layer_forward(mode, x, h0, c0, weights, plans, has_bias, train):
     return out, torch.stack(h_n), None if c0 is None else torch.stack(c_n), saved
 
 
-def _split(weights, D: int, has_bias: bool) -> tuple[CellParams, ...]:
-    """A layer's slice of ``_flat_weights`` as one CellParams per direction."""
-    has_proj = len(weights) // D == (5 if has_bias else 3)
-    return split_flat(weights, D, has_bias, has_proj)
-
-
 def _reference_graph(mode, batch_sizes, has_bias, x, h0, c0, weights):
     """The layer again on the reference engine's ops, as an autograd graph."""
-    D = h0.size(0)
-    out, h_n, c_n = layer_graph(mode, x, tuple(batch_sizes), h0, c0, _split(weights, D, has_bias))
+    out, h_n, c_n = flat_layer_graph(mode, batch_sizes, has_bias, x, h0, c0, weights)
     return (out, h_n) if c_n is None else (out, h_n, c_n)
 
 
@@ -107,7 +100,7 @@ def _backward(ctx, x, h0, c0, out, weights, saved, grads):
     grad_out, grad_hn, grad_cn = grads
     need = ctx.needs_input_grad
     D, _, H_out = h0.shape
-    ws = _split(weights, D, has_bias)
+    ws = split_layer(weights, D, has_bias)
     grad_out = grad_out.contiguous()
     dx, dh0, dc0, dweights = None, [], [], []
     for d in range(D):
