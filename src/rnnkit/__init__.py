@@ -13,6 +13,11 @@ from rnnkit.cell_modules import GRUCell, LSTMCell, RNNCell, RNNCellBase
 from rnnkit.convert import convert, revert
 from rnnkit.modules import GRU, LSTM, RNN, RNNBase
 
+# The compiled ops' schemas, defined now, so that a saved graph that holds them (a
+# torch.export program) loads and runs after `import rnnkit`; their kernels are built or
+# loaded on first use (engines/cpu/ops.py, build.py).
+importlib.import_module("rnnkit.engines.cpu")
+
 __all__ = [
     "GRU",
     "GRUCell",

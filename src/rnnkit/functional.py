@@ -9,6 +9,7 @@ co. take. Every function validates its input, builds an :class:`~rnnkit.engines.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -85,18 +86,36 @@ def select_engine(engine: str, call: RNNCall | CellCall) -> Engine:
     :data:`ENGINES` that can (:meth:`Engine.unsupported
     <rnnkit.engines.base.Engine.unsupported>`: what it declares, then its environment).
 
-    An explicitly named engine that cannot run the call raises; it never falls back.
+    An explicitly named engine that cannot run the call raises; it never falls back. ``"auto"``
+    passing over an engine for a fault of the installation says so in one warning.
     """
     check_engine_name(engine)
     names = ENGINES if engine == "auto" else [engine]
-    reasons = []
+    reasons, faulty = [], []
     for name in names:
         candidate = ENGINES[name]()
         reason = candidate.unsupported(call)
         if reason is None:
+            for skipped, fault in faulty:
+                _warn_fallback(skipped, fault, name)
             return candidate
         reasons.append(f"{name}: {reason}")
+        if engine == "auto" and candidate.refused(call) is None and reason == candidate.fault():
+            faulty.append((name, reason))
     raise RuntimeError(f"no rnnkit engine can run this call ({'; '.join(reasons)})")
+
+
+_warned: set[tuple[str, str]] = set()
+
+
+def _warn_fallback(skipped: str, fault: str, chosen: str) -> None:
+    if (skipped, fault) not in _warned:
+        _warned.add((skipped, fault))
+        warnings.warn(
+            f"rnnkit: {fault}; engine='auto' runs the slower {chosen} engine instead",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
 
 def gather_params(

@@ -28,7 +28,6 @@ from engines import (
 )
 from grid import ModuleCase, module_params
 from parity import engines_picked
-from rnnkit.engines import cpu as fused_engine
 from rnnkit.engines.cpu import build
 
 # Sizes past the covering grid's: a step wide enough for the threaded pointwise pass (N*H >=
@@ -197,10 +196,11 @@ def test_variant_parameters_of_another_dtype_are_refused():
 
 
 def test_unavailable_build_warns_once_and_falls_back(monkeypatch):
-    """A failed build: auto warns once per process and runs the reference; fused raises why."""
-    monkeypatch.setattr(build, "_ops", None)
-    monkeypatch.setattr(build, "_error", "CalledProcessError: c++ not found")
-    monkeypatch.setattr(fused_engine, "_warned", False)
+    """A failed build: auto warns once per process, in one line that names the cause first,
+    and runs the reference; fused raises why, with no word of a fallback."""
+    monkeypatch.setattr(build, "_loaded", None)
+    monkeypatch.setattr(build, "_error", "no C++ compiler: 'c++' is not on PATH")
+    monkeypatch.setattr(rnnkit.functional, "_warned", set())
     x = torch.randn(3, 2, 4)
     auto = rnnkit.LSTM(4, 5)
     reference = copy.deepcopy(auto)
@@ -209,10 +209,17 @@ def test_unavailable_build_warns_once_and_falls_back(monkeypatch):
         warnings.simplefilter("always")
         out = auto(x)[0]
         auto(x)
-    fallback = [w for w in caught if "falls back to the slower reference" in str(w.message)]
-    assert len(fallback) == 1 and "c++ not found" in str(fallback[0].message)
+    fallback = [str(w.message) for w in caught if "engine='auto' runs" in str(w.message)]
+    assert fallback == [
+        "rnnkit: the fused CPU engine is unavailable: no C++ compiler: 'c++' is not on PATH; "
+        "engine='auto' runs the slower reference engine instead"
+    ]
     assert torch.equal(out, reference(x)[0])
     named = copy.deepcopy(auto)
     named.engine = "fused"
-    with pytest.raises(RuntimeError, match="fused: .*unavailable.*c\\+\\+ not found"):
-        named(x)
+    monkeypatch.setattr(rnnkit.functional, "_warned", set())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(RuntimeError, match="fused: .*unavailable.*not on PATH"):
+            named(x)
+    assert not [w for w in caught if "engine='auto'" in str(w.message)]

@@ -35,12 +35,12 @@ def test_step_plan_walks_the_rows(batch_sizes, reverse):
 @pytest.mark.parametrize("batch_sizes", PLANS, ids=lambda b: "-".join(map(str, b)))
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 def test_the_compiled_kernels_walk_the_same_plan(batch_sizes, reverse):
-    from rnnkit.engines.cpu.build import build_error, kernels
+    from rnnkit.engines.cpu.build import build_error
 
     if build_error() is not None:
         pytest.skip(build_error())
     plan = StepPlan.of(batch_sizes, reverse)
-    rows, N, uniform, *rest = kernels().step_plan(list(batch_sizes), reverse)
+    rows, N, uniform, *rest = torch.ops.rnnkit_cpu_plan.step_plan(list(batch_sizes), reverse)
     T = len(batch_sizes)
     assert (rows, N, bool(uniform)) == (plan.rows, plan.N, plan.uniform)
     assert (tuple(rest[:T]), tuple(rest[T:])) == (plan.off, plan.bs)

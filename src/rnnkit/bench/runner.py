@@ -48,6 +48,7 @@ import rnnkit
 from rnnkit import functional as RF
 from rnnkit.bench.shapes import BenchShape
 from rnnkit.engines.base import RNNCall
+from rnnkit.engines.cpu import build
 from rnnkit.testing import Result, compare, compare_all, run_pair, run_truth
 
 __all__ = [
@@ -402,6 +403,8 @@ def machine_info(config: BenchConfig) -> dict:
         "cpu": cpu,
         "cores": os.cpu_count(),
         "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        # the vector width torch dispatches to, which the fused kernels are built for
+        "isa": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(),
         "platform": platform.platform(),
         "python": platform.python_version(),
@@ -414,6 +417,9 @@ def machine_info(config: BenchConfig) -> dict:
         "device": config.device,
         "dtype": str(config.dtype).removeprefix("torch."),
     }
+    if config.device == "cpu":
+        # built (or loaded) before anything is timed; the build's seconds are reported apart
+        info["fused_kernels"] = build.summary()
     if config.device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(torch.device(config.device))
         info["cuda"] = torch.version.cuda

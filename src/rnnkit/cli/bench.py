@@ -209,6 +209,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         torch.set_num_threads(threads)
     report["command"] = command_line(args)
+    print(machine_line(report["machine"]))
     print(format_table(report))
     if args.json:
         with open(args.json, "w") as f:
@@ -223,6 +224,18 @@ def run(args: argparse.Namespace) -> int:
         )
         return 1
     return 0
+
+
+def machine_line(machine: dict) -> str:
+    """What the numbers were measured on, and what the fused kernels' build cost apart."""
+    line = f"{machine['cpu']} ({machine['isa']}), {machine['threads']} thread(s), torch {machine['torch']}"
+    kernels = machine.get("fused_kernels")
+    if kernels is None:
+        return line
+    if "error" in kernels:
+        return f"{line}; fused kernels unavailable: {kernels['error']}"
+    how = f"built in {kernels['build_s']:.1f} s" if kernels["build_s"] else "loaded from the cache"
+    return f"{line}; fused kernels {how}, before any timing"
 
 
 def command_line(args: argparse.Namespace) -> str:

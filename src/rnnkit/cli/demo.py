@@ -22,6 +22,7 @@ from torch import Tensor, nn
 import rnnkit
 from rnnkit.cli.progress import add_argument as add_progress_argument
 from rnnkit.cli.progress import progress
+from rnnkit.engines.cpu import build
 
 # The mean squared error of the constant prediction 1.0: the variance of a sum of two U[0, 1).
 TRIVIAL_MSE = 1 / 6
@@ -245,9 +246,24 @@ def run(args: argparse.Namespace) -> int:
         f"rnnkit demo: rnnkit.LSTM(2, {config.hidden_size}, engine={config.engine!r}{keywords}) "
         f"on the adding problem, T={config.seq_len}, {torch.get_num_threads()} thread(s)"
     )
+    if config.engine in ("auto", "fused"):
+        print(kernels_line())
     result = train(config)
     print(report(result))
     return 0 if result.solved else 1
+
+
+def kernels_line() -> str:
+    """The fused kernels made ready before training, so that their build (once per
+    environment) is not in the training time."""
+    kernels = build.summary()
+    if "error" in kernels:
+        return f"fused CPU kernels unavailable: {kernels['error']}"
+    if kernels["build_s"]:
+        return (
+            f"fused CPU kernels: built in {kernels['build_s']:.1f} s (once; not in the time below)"
+        )
+    return f"fused CPU kernels: loaded in {1000 * kernels['load_s']:.0f} ms (built before)"
 
 
 def report(result: DemoResult) -> str:

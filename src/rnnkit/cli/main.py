@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import rnnkit
 
 # In the order ``rnnkit --help`` lists them.
-COMMANDS = ("demo", "check", "bench")
+COMMANDS = ("demo", "check", "bench", "build")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -260,6 +260,10 @@ def _runs(call) -> str | None:
     return None
 
 
+def _sound() -> str | None:
+    return None
+
+
 # One layer of a call: see ``engines/driver.py``'s ``LayerCall``.
 LayerFn = Callable[..., "tuple[Tensor, Tensor, Tensor | None]"]
 
@@ -276,10 +280,21 @@ class Engine:
     # what data cannot say: None when the environment lets the engine run the call, else why
     rnn_unsupported: Callable[[RNNCall], str | None] = _runs
     cell_unsupported: Callable[[CellCall], str | None] = _runs
+    # None, or what is broken in the installation (kernels that failed to build): then
+    # engine="auto" moves on with one warning that names it, and a request by name raises it
+    fault: Callable[[], str | None] = _sound
+
+    def refused(self, call: RNNCall | CellCall) -> str | None:
+        """None when this engine declares ``call``, else what it does not declare."""
+        support = self.cell_support if isinstance(call, CellCall) else self.rnn_support
+        return refusal(support, call)
 
     def unsupported(self, call: RNNCall | CellCall) -> str | None:
         """None when this engine can run ``call``, else why not: first what it does not
-        declare, then what its environment check says."""
+        declare, then its fault, then what its environment check says."""
+        reason = self.refused(call) or self.fault()
+        if reason is not None:
+            return reason
         if isinstance(call, CellCall):
-            return refusal(self.cell_support, call) or self.cell_unsupported(call)
-        return refusal(self.rnn_support, call) or self.rnn_unsupported(call)
+            return self.cell_unsupported(call)
+        return self.rnn_unsupported(call)

@@ -3,9 +3,10 @@
 Runs every mode and option of :class:`~rnnkit.engines.base.RNNCall` (``proj_size``,
 bidirectional, stacked layers, packed input, inter-layer dropout) on CPU tensors of float32 or
 float64, and the LSTM variants except custom activations (``variant.py``). The C++ kernels
-(``csrc/``) are compiled on first use, not at import; if that fails, ``engine="auto"`` moves on
-to the reference engine after one warning, and ``engine="fused"`` raises with the compiler's
-reason. Cells are a single step, where a fused loop gains nothing:
+(``csrc/``) are compiled once per environment (``build.py``: by ``python -m rnnkit build``, or on
+first use), never at import; if that fails, ``engine="auto"`` moves on to the reference engine
+after one warning, and ``engine="fused"`` raises with the compiler's reason. The ops' schemas
+are defined at import (``ops.py``). Cells are a single step, where a fused loop gains nothing:
 ``engine="auto"`` gives them to the reference engine.
 
 torch.func: ``vmap`` (over inputs, states or stacked weights), ``grad``, ``vjp``, ``jacrev``
@@ -17,11 +18,9 @@ gives them to the reference engine.
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 
-from rnnkit.engines.base import ALL_MODES, Engine, RNNCall, Support
+from rnnkit.engines.base import ALL_MODES, Engine, Support
 from rnnkit.engines.cpu import build, function, variant
 
 __all__ = ["FUSED"]
@@ -40,22 +39,6 @@ SUPPORT = (
     Support(ALL_MODES, frozenset({"cpu"}), _DTYPES, _OPTIONS, frozenset({"forget_bias"})),
     Support(frozenset({"LSTM"}), frozenset({"cpu"}), _DTYPES, _OPTIONS, variant.VARIANT_FIELDS),
 )
-_warned = False
-
-
-def rnn_unsupported(call: RNNCall) -> str | None:
-    """None when the kernels load (building them on first use), else the build's reason,
-    with one warning that ``engine="auto"`` falls back."""
-    global _warned
-    reason = build.build_error()
-    if reason is not None and not _warned:
-        _warned = True
-        warnings.warn(
-            f"rnnkit: {reason}; engine='auto' falls back to the slower reference engine",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-    return reason
 
 
 def _layer(lc):
@@ -72,5 +55,6 @@ FUSED = Engine(
     layer=_layer,
     run_cell=_run_cell,
     rnn_support=SUPPORT,
-    rnn_unsupported=rnn_unsupported,
+    # the kernels, built on first use: a build that failed is the engine's fault
+    fault=build.build_error,
 )

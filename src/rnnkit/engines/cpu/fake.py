@@ -2,8 +2,8 @@
 
 A tracer runs an op on tensors without data and needs its outputs' shapes and dtypes: these
 functions give them, one per op of ``csrc/``, mirroring what the C++ returns (the buffers a
-training forward keeps for backward included). :func:`register` installs them once the
-kernels are loaded.
+training forward keeps for backward included). :func:`register` installs them at import,
+with the ops' schemas (``ops.py``), before any kernel is built.
 """
 
 from __future__ import annotations
@@ -84,6 +84,6 @@ def lstm_variant_backward(grad_out, grad_hn, grad_cn, out, saved, h0, c0, w_hh, 
 
 
 def register(namespace: str) -> None:
-    """Install the fake implementations of ``namespace``'s ops (the loaded kernels)."""
+    """Install the fake implementations of ``namespace``'s ops."""
     for fn in (layer_forward, layer_backward, lstm_variant_forward, lstm_variant_backward):
         torch.library.register_fake(f"{namespace}::{fn.__name__}", fn)

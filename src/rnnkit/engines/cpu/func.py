@@ -8,7 +8,7 @@ the sequence (row ``r`` of sample ``b`` becomes row ``r*B + b``, state row ``n``
 state are the sequences still running, as packing wants, and every output unfolds to a view
 with the vmapped dim second. A forward op with batched weights (an ensemble of models), and
 every backward op, whose weight gradients are each sample's own, run once per sample.
-:func:`register` installs the rules once the kernels are loaded.
+:func:`register` installs the rules at import, with the ops' schemas (``ops.py``).
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def _backward_rule(op, reuse_saved_last: bool):
 
 
 def register(namespace: str) -> None:
-    """Install the batching rules of ``namespace``'s ops (the loaded kernels)."""
+    """Install the batching rules of ``namespace``'s ops."""
     ops = getattr(torch.ops, namespace)
     for name in _FORWARD:
         torch.library.register_vmap(f"{namespace}::{name}", _forward_rule(name, getattr(ops, name)))

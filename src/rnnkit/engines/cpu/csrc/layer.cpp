@@ -449,23 +449,22 @@ std::vector<int64_t> step_plan(c10::IntArrayRef batch_sizes, bool reverse) {
 
 }  // namespace rnnkit
 
-// Schemas here, kernels under the CPU key: a key of their own lets torch.compile and
-// torch.export trace the ops through their fake implementations (fake.py). layer_backward
-// writes over `saved` only with reuse_saved, which eager autograd passes when the buffers die
-// with the call and a traced graph never does (function.py): the schema declares no mutation.
-TORCH_LIBRARY(rnnkit_cpu, m) {
-  m.def("blas_available() -> bool", &rnnkit::blas_available);
-  m.def("step_plan(int[] batch_sizes, bool reverse) -> int[]", &rnnkit::step_plan);
-  m.def(
-      "layer_forward(int mode, Tensor x, Tensor h0, Tensor? c0, Tensor[] weights, "
-      "int[] batch_sizes, bool has_bias, bool train) -> Tensor[]");
-  m.def(
-      "layer_backward(int mode, Tensor grad_out, Tensor grad_hn, Tensor? grad_cn, Tensor x, "
-      "Tensor h0, Tensor? c0, Tensor[] weights, Tensor out, Tensor[] saved, int[] batch_sizes, "
-      "bool has_bias, bool need_dx, bool reuse_saved) -> Tensor[]");
-}
-
+// The schemas are rnnkit's Python (engines/cpu/ops.py), defined at `import rnnkit` so that
+// traced and exported graphs resolve the ops before this library is built: it registers the
+// kernels alone, under the CPU key, where torch.compile and torch.export reach them through
+// their fake implementations (fake.py). layer_backward writes over `saved` only with
+// reuse_saved, which eager autograd passes when the buffers die with the call and a traced
+// graph never does (function.py): the schema declares no mutation.
 TORCH_LIBRARY_IMPL(rnnkit_cpu, CPU, m) {
   m.impl("layer_forward", &rnnkit::layer_forward);
   m.impl("layer_backward", &rnnkit::layer_backward);
 }
+
+// For the tests alone, in a namespace of its own that no graph holds.
+TORCH_LIBRARY(rnnkit_cpu_plan, m) {
+  m.def("step_plan(int[] batch_sizes, bool reverse) -> int[]", &rnnkit::step_plan);
+}
+
+// Asked by the loader (build.py) through ctypes, not as an op: a check that a tracer could
+// record into a graph has no place in one.
+extern "C" int rnnkit_blas_available() { return rnnkit::blas_available() ? 1 : 0; }

@@ -652,20 +652,7 @@ std::vector<Tensor> lstm_variant_backward(
 }  // namespace
 }  // namespace rnnkit
 
-TORCH_LIBRARY_FRAGMENT(rnnkit_cpu, m) {
-  m.def(
-      "lstm_variant_forward(Tensor gx, Tensor h0, Tensor c0, Tensor w_hh, Tensor? b_hh, "
-      "Tensor? w_hr, Tensor? peephole, Tensor? ln_hh, Tensor? ln_c_weight, Tensor? ln_c_bias, "
-      "Tensor? rec_mask, Tensor? keep_h, Tensor? keep_c, float[] rates, bool coupled, "
-      "int[] batch_sizes, bool reverse, bool train) -> Tensor[]");
-  m.def(
-      "lstm_variant_backward(Tensor grad_out, Tensor grad_hn, Tensor grad_cn, Tensor out, "
-      "Tensor[] saved, Tensor h0, Tensor c0, Tensor w_hh, Tensor? b_hh, Tensor? w_hr, "
-      "Tensor? peephole, Tensor? ln_hh, Tensor? ln_c_weight, Tensor? ln_c_bias, "
-      "Tensor? rec_mask, Tensor? keep_h, Tensor? keep_c, float[] rates, bool coupled, "
-      "int[] batch_sizes, bool reverse) -> Tensor[]");
-}
-
+// The schemas are in engines/cpu/ops.py (see layer.cpp).
 TORCH_LIBRARY_IMPL(rnnkit_cpu, CPU, m) {
   m.impl("lstm_variant_forward", &rnnkit::lstm_variant_forward);
   m.impl("lstm_variant_backward", &rnnkit::lstm_variant_backward);
