@@ -1,7 +1,7 @@
 """The fused CPU engine's compiled library: built once per environment, verified, loaded.
 
 :func:`kernels` loads the library on first use, building it first when no finished build is
-cached (about a minute on two cores; ``python -m rnnkit build`` does it ahead of time, and
+cached (15-60 s on two cores; ``python -m rnnkit build`` does it ahead of time, and
 ``make venv`` runs that). It says so on stderr when it starts and when it is done.
 
 Where: ``RNNKIT_BUILD_DIR`` if set, else ``$TORCH_EXTENSIONS_DIR/rnnkit``, else
@@ -211,7 +211,7 @@ def _build(c: Cached, force: bool = False) -> float:
             return 0.0
         _say(
             f"building the fused CPU engine's kernels, once for this torch, Python and CPU "
-            f"(about a minute) in {c.directory}"
+            f"(15-60 s) in {c.directory}"
         )
         start = time.perf_counter()
         # a failed or killed build may have left these: under the lock nobody uses them
