@@ -28,7 +28,6 @@ later call; an interrupted one (Ctrl-C) is not, and the next call builds again.
 from __future__ import annotations
 
 import ctypes
-import errno
 import fcntl
 import hashlib
 import json
@@ -155,19 +154,27 @@ class _FileLock:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
             raise BuildError(_unwritable(self.path.parent, e)) from None
+        try:
+            self._wait(fd)
+        except BaseException:  # given up, or interrupted while waiting
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        self.fd = fd
+        return self
+
+    def _wait(self, fd: int) -> None:
         start, told = time.monotonic(), False
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as e:
-                if e.errno not in (errno.EAGAIN, errno.EACCES):
-                    os.close(fd)
-                    raise
+                return
+            except BlockingIOError:
+                pass
             waited = time.monotonic() - start
             owner = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
             if waited > self.wait_s:
-                os.close(fd)
                 raise BuildError(
                     f"gave up after {waited:.0f} s waiting for {owner} to finish building in "
                     f"{self.path.parent} (RNNKIT_BUILD_WAIT sets the wait)"
@@ -176,10 +183,6 @@ class _FileLock:
                 _say(f"waiting for {owner} to finish building the fused CPU engine")
                 told = True
             time.sleep(0.2)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
-        self.fd = fd
-        return self
 
     def __exit__(self, *exc) -> None:
         os.ftruncate(self.fd, 0)
