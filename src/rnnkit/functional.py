@@ -22,6 +22,7 @@ from rnnkit.cells import CellParams, State, split_flat
 from rnnkit.engines.base import CellCall, Engine, RNNCall
 from rnnkit.engines.driver import run_stack
 from rnnkit.modes import MODES
+from rnnkit.resets import check_reset
 from rnnkit.variants import Variant, make_variant
 
 __all__ = [
@@ -174,6 +175,7 @@ def _rnn(
     batch_first: bool,
     engine: str,
     variants: dict,
+    reset: Tensor | PackedSequence | None = None,
 ):
     check_engine_name(engine)
     V.check_layer_options(num_layers, dropout)
@@ -230,6 +232,8 @@ def _rnn(
             ("hx[0]", "hx[1]") if mode == "LSTM" else ("hx",), states, strict=False
         ):
             V.expect_dtype(name, state, data.dtype, "input")
+    if reset is not None:
+        reset = _reset_rows(reset, data, batch_sizes, batch_first)
     if hx is not None and sorted_indices is not None:
         states = [s.index_select(1, sorted_indices) for s in states]
     data, states, params = cast_like_torch(mode, data, batch_sizes, states, params, variant)
@@ -246,6 +250,7 @@ def _rnn(
         bidirectional=bool(bidirectional),
         batch_first=bool(batch_first),
         variant=variant,
+        reset=reset,
     )
     output, *hidden = run_stack(call, select_engine(engine, call).layer)
     if packed:
@@ -253,6 +258,24 @@ def _rnn(
         if unsorted_indices is not None:
             hidden = [h.index_select(1, unsorted_indices) for h in hidden]
     return (output, *hidden)
+
+
+def _reset_rows(reset, data: Tensor, batch_sizes: Tensor | None, batch_first: bool) -> Tensor:
+    """``reset`` as the driver takes it: time-major ``[L, N]``, or the packed rows of it for
+    packed input, where only a ``reset`` packed alike (as ``forward(lengths=)`` packs it) fits."""
+    if batch_sizes is None:
+        return check_reset("", reset, data, batch_first)
+    if not isinstance(reset, PackedSequence) or not torch.equal(reset.batch_sizes, batch_sizes):
+        raise ValueError(
+            "reset cannot be given with a packed input; pass the padded input with lengths= "
+            "and reset= instead"
+        )
+    if reset.data.dtype != torch.bool or reset.data.shape != data.shape[:1]:
+        raise RuntimeError(
+            f"reset must be packed bool rows, one per input row ({data.size(0)}), got "
+            f"{reset.data.dtype} of shape {list(reset.data.shape)}"
+        )
+    return reset.data
 
 
 _RNN_DOC = """
@@ -266,6 +289,8 @@ _RNN_DOC = """
         has_biases, num_layers, dropout, bidirectional, batch_first: as on ``nn.{cls}``.
         train: apply inter-layer dropout.
         engine: ``"auto"`` or an engine name from :func:`available_engines`.
+        reset: where sequences start over (see :mod:`rnnkit.resets`): bool ``[L, N]``
+            (``[N, L]`` if ``batch_first``); not with packed input.
         **variants: the variant keywords of :mod:`rnnkit.variants` (``layer_norm``,
             ``zoneout``, ...); their parameters follow each layer's in ``weights``.
 """
@@ -284,12 +309,13 @@ def lstm(
     bidirectional: bool = False,
     batch_first: bool = False,
     engine: str = "auto",
+    reset: Tensor | None = None,
     **variants,
 ) -> tuple[Tensor | PackedSequence, Tensor, Tensor]:
     """Multi-layer LSTM over a sequence; returns ``(output, h_n, c_n)`` as ``nn.LSTM``."""
     return _rnn(
         "LSTM", input, weights, hx, batch_sizes, has_biases, num_layers, dropout, train,
-        bidirectional, batch_first, engine, variants,
+        bidirectional, batch_first, engine, variants, reset,
     )  # fmt: skip
 
 
@@ -307,11 +333,12 @@ def _one_hidden(mode: str, cls: str):
         bidirectional: bool = False,
         batch_first: bool = False,
         engine: str = "auto",
+        reset: Tensor | None = None,
         **variants,
     ) -> tuple[Tensor | PackedSequence, Tensor]:
         return _rnn(
             mode, input, weights, hx, batch_sizes, has_biases, num_layers, dropout, train,
-            bidirectional, batch_first, engine, variants,
+            bidirectional, batch_first, engine, variants, reset,
         )  # fmt: skip
 
     fn.__name__ = fn.__qualname__ = mode.lower()

@@ -31,6 +31,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from rnnkit.engines.base import transforms
+from rnnkit.resets import check_reset
 
 __all__ = ["check_lengths", "run_with_lengths"]
 
@@ -89,12 +90,15 @@ def run_with_lengths(
     hx,
     lengths: Tensor | Sequence[int],
     batch_first: bool,
+    reset: Tensor | None = None,
 ):
-    """``run(input, hx)`` on the packing of the padded ``input``, padded back to its length.
+    """``run(input, hx, reset)`` on the packing of the padded ``input``, padded back to its
+    length.
 
     ``run`` is a layer's validated forward (``RNNBase._run``); ``name`` its class name for
     messages. The states keep the input's batch order (``enforce_sorted=False`` sorts and
-    unsorts them).
+    unsorts them). ``reset`` (``rnnkit.resets``, shaped as the padded input's steps) is packed
+    alike.
     """
     if isinstance(input, PackedSequence):
         raise ValueError(
@@ -108,28 +112,44 @@ def run_with_lengths(
                 f"shape {list(input.shape)}"
             )
         # not a tensor, or of a rank no layer takes: the layer's own error
-        return run(input, hx)
+        return run(input, hx, reset)
     L, N = (input.size(1), input.size(0)) if batch_first else (input.size(0), input.size(1))
     if L == 0:
         # the layer's error for an empty sequence
-        return run(input, hx)
+        return run(input, hx, reset)
     if N == 0:
         # an empty batch has nothing to pack
         check_lengths(lengths, N, L)
-        return run(input, hx)
+        return run(input, hx, reset)
     lengths = check_lengths(lengths, N, L)
+    if reset is not None:
+        reset = check_reset(name, reset, input, batch_first)  # time-major [L, N]
     if hx is not None and not _fits(hx, N):
         # the layer's own error for a state that does not fit the padded batch (packing
         # would first reorder it along the wrong dimension)
-        return run(input, hx)
+        return run(input, hx, None if reset is None else _batch_major(reset, batch_first))
     if transforms():
         packed, rows = _pack_by_index(input, lengths, batch_first)
-        output, hidden = run(packed, hx)
+        output, hidden = run(packed, hx, _packed_like(reset, packed, rows))
         return _pad_by_index(output.data, rows, L, N, batch_first), hidden
     packed = pack_padded_sequence(input, lengths, batch_first, enforce_sorted=False)
-    output, hidden = run(packed, hx)
+    if reset is not None:
+        reset = pack_padded_sequence(reset, lengths, enforce_sorted=False)
+    output, hidden = run(packed, hx, reset)
     output, _ = pad_packed_sequence(output, batch_first, total_length=L)
     return output, hidden
+
+
+def _batch_major(reset: Tensor, batch_first: bool) -> Tensor:
+    return reset.t() if batch_first else reset
+
+
+def _packed_like(reset: Tensor | None, packed: PackedSequence, rows: Tensor):
+    """Time-major ``reset`` ``[L, N]`` packed as ``packed`` was, whose rows came from
+    ``rows`` of the time-major input."""
+    if reset is None:
+        return None
+    return packed._replace(data=reset.reshape(-1).index_select(0, rows))
 
 
 def _pack_by_index(input: Tensor, lengths: Tensor, batch_first: bool):

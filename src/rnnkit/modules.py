@@ -18,6 +18,7 @@ from rnnkit import functional as RF
 from rnnkit import streaming
 from rnnkit.lengths import run_with_lengths
 from rnnkit.modes import MODES
+from rnnkit.resets import check_reset
 from rnnkit.validation import check_layer_parameters, expect_dense, expect_tensor
 from rnnkit.variants import check_keywords, init_parameters, make_variant
 
@@ -183,19 +184,25 @@ class RNNBase(nn.Module):
         variant = self.variant.describe()
         return f"{s}, {variant}" if variant else s
 
-    def _forward(self, input, hx, lengths):
-        if lengths is None:
-            return self._run(input, hx)
+    def _forward(self, input, hx, reset, lengths):
         name = _NAMES[self.mode]
-        return run_with_lengths(self._run, name, input, hx, lengths, self.batch_first)
+        if reset is not None and isinstance(input, PackedSequence):
+            raise ValueError(
+                f"{name}: reset cannot be given with a PackedSequence input; pass the padded "
+                "input with lengths= and reset= instead"
+            )
+        if lengths is None:
+            return self._run(input, hx, reset)
+        return run_with_lengths(self._run, name, input, hx, lengths, self.batch_first, reset)
 
-    def step(self, input: Tensor, hx=None):
+    def step(self, input: Tensor, hx=None, *, reset=None):
         """One time step for online inference: ``forward`` on a length-1 sequence.
 
         ``input`` is ``[N, H_in]`` (``[H_in]`` unbatched) and ``hx`` as ``forward``'s (zeros
         if omitted); returns ``(output_t, hx)``, ``output_t`` ``[N, H_out]`` (``[H_out]``) and
-        the new state. Unidirectional layers only: a bidirectional one raises ``ValueError``.
-        See :mod:`rnnkit.streaming`.
+        the new state. ``reset`` (bool ``[N]``, 0-D unbatched) starts the sequences where it is
+        true over from zeros (:mod:`rnnkit.resets`). Unidirectional layers only: a
+        bidirectional one raises ``ValueError``. See :mod:`rnnkit.streaming`.
 
         Examples::
 
@@ -206,9 +213,9 @@ class RNNBase(nn.Module):
             >>> out_t.shape, h.shape
             (torch.Size([3, 20]), torch.Size([2, 3, 20]))
         """
-        return streaming.step(self, input, hx)
+        return streaming.step(self, input, hx, reset)
 
-    def _run(self, input, hx):
+    def _run(self, input, hx, reset=None):
         """Validate shapes as ``torch.nn`` does, then call the functional layer."""
         name = _NAMES[self.mode]
         is_lstm = self.mode == "LSTM"
@@ -226,6 +233,13 @@ class RNNBase(nn.Module):
                     f"{name}: Expected input to be 2D or 3D, got {input.dim()}D{tensor} instead"
                 )
             is_batched = input.dim() == 3
+            if reset is not None:
+                reset = check_reset(name, reset, input, self.batch_first, batched=is_batched)
+                # back in the input's layout, which the functional layer takes
+                if not is_batched:
+                    reset = reset.unsqueeze(batch_dim)
+                elif self.batch_first:
+                    reset = reset.t()
             if not is_batched:
                 input = input.unsqueeze(batch_dim)
             if hx is not None:
@@ -244,6 +258,7 @@ class RNNBase(nn.Module):
             batch_first=self.batch_first,
             engine=self.engine,
             variant=self.variant,
+            reset=reset,
         )
         if not is_batched:
             output = output.squeeze(batch_dim)
@@ -276,10 +291,15 @@ def _check_hx_dims(name: str, hx, is_lstm: bool, is_batched: bool):
 
 
 _SHAPES_DOC = r"""
-    Inputs: input, hx, lengths
+    Inputs: input, hx, reset, lengths
         * **input**: ``[L, H_in]`` unbatched, ``[L, N, H_in]`` (``[N, L, H_in]`` with
           ``batch_first=True``), or a :class:`torch.nn.utils.rnn.PackedSequence`.
         * **hx**: {hx}; zeros when not given. ``batch_first`` does not apply to it.
+        * **reset** (keyword-only): where the sequences start over, a bool tensor ``[L, N]``
+          (``[N, L]`` with ``batch_first``, ``[L]`` unbatched; not with a
+          ``PackedSequence``). The call equals cutting each sequence before every step where
+          it is true and running the pieces as separate sequences, the first from ``hx``, the
+          others from zeros (see :mod:`rnnkit.resets`).
         * **lengths** (keyword-only): the length of each sequence of a padded batched
           ``input``, a 1-D integer tensor (any device) or a list of ``N`` ints in ``[1, L]``.
           The call then equals packing (``enforce_sorted=False``), the layer and unpacking
@@ -322,8 +342,8 @@ class LSTM(RNNBase):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__("LSTM", *args, **kwargs)
 
-    def forward(self, input, hx=None, *, lengths=None):
-        return self._forward(input, hx, lengths)
+    def forward(self, input, hx=None, *, reset=None, lengths=None):
+        return self._forward(input, hx, reset, lengths)
 
 
 LSTM.__doc__ += _SHAPES_DOC.format(
@@ -359,8 +379,8 @@ class GRU(RNNBase):
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
         super().__init__("GRU", *args, **kwargs)
 
-    def forward(self, input, hx=None, *, lengths=None):
-        return self._forward(input, hx, lengths)
+    def forward(self, input, hx=None, *, reset=None, lengths=None):
+        return self._forward(input, hx, reset, lengths)
 
 
 class RNN(RNNBase):
@@ -399,8 +419,8 @@ class RNN(RNNBase):
             )
         super().__init__(mode, *args, **kwargs)
 
-    def forward(self, input, hx=None, *, lengths=None):
-        return self._forward(input, hx, lengths)
+    def forward(self, input, hx=None, *, reset=None, lengths=None):
+        return self._forward(input, hx, reset, lengths)
 
 
 for _cls in (GRU, RNN):

@@ -49,12 +49,16 @@ def detach_state(hx: State | None) -> State | None:
     return hx.detach()
 
 
-def step(module: nn.Module, input: Tensor, hx: State | None = None) -> tuple[Tensor, State]:
+def step(
+    module: nn.Module, input: Tensor, hx: State | None = None, reset: Tensor | None = None
+) -> tuple[Tensor, State]:
     """One time step of a unidirectional layer: ``module`` on a length-1 sequence.
 
     ``input`` is ``[N, H_in]`` (or ``[H_in]`` unbatched), whatever ``batch_first`` says;
     returns ``(output_t, hx)``, ``output_t`` ``[N, H_out]`` (or ``[H_out]``) and the new state
-    shaped as ``module``'s ``h_n`` (``(h_n, c_n)``). Forward hooks run, as on any call.
+    shaped as ``module``'s ``h_n`` (``(h_n, c_n)``). ``reset`` (bool ``[N]``; 0-D unbatched)
+    starts the sequences where it is true over from zeros (:mod:`rnnkit.resets`). Forward
+    hooks run, as on any call.
     """
     name = type(module).__name__
     if module.bidirectional:
@@ -71,5 +75,16 @@ def step(module: nn.Module, input: Tensor, hx: State | None = None) -> tuple[Ten
         )
     # the time dimension of a batched sequence follows batch_first; an unbatched one is [L, H_in]
     time_dim = 1 if module.batch_first and input.dim() == 2 else 0
-    output, hx = module(input.unsqueeze(time_dim), hx)
+    if reset is None:
+        output, hx = module(input.unsqueeze(time_dim), hx)
+        return output.squeeze(time_dim), hx
+    want = list(input.shape[:1]) if input.dim() == 2 else []
+    if isinstance(reset, Tensor) and list(reset.shape) != want:
+        legend = "[N]" if want else "0-D (unbatched input)"
+        raise RuntimeError(
+            f"{name}.step: reset must have shape {legend} = {want} to match the input, got "
+            f"{list(reset.shape)}"
+        )
+    reset = reset.unsqueeze(time_dim) if isinstance(reset, Tensor) else reset
+    output, hx = module(input.unsqueeze(time_dim), hx, reset=reset)
     return output.squeeze(time_dim), hx

@@ -74,6 +74,9 @@ class RNNCall:
     bidirectional: bool
     batch_first: bool
     variant: Variant = PLAIN
+    # restarts inside the sequences (rnnkit.resets): bool, time-major [L, N], or the packed
+    # rows [R] of it with packed input; None without
+    reset: Tensor | None = None
 
     @property
     def proj_size(self) -> int:
@@ -140,6 +143,7 @@ OPTIONS: dict[str, str] = {
     "dropout": "inter-layer dropout in training",
     "no_bias": "bias=False",
     "batch_first": "batch_first=True",
+    "reset": "reset= (restarts inside a sequence)",
     "mixed_dtypes": "input, states and weights of more than one dtype",
     "autocast": "autocast",
     "forward_ad": "forward-mode AD (torch.func.jvp, jacfwd, forward_ad)",
@@ -170,6 +174,7 @@ def call_options(call: RNNCall | CellCall) -> frozenset[str]:
                 ("dropout", call.dropout != 0 and call.train and call.num_layers > 1),
                 ("no_bias", call.params[0].b_ih is None),
                 ("batch_first", call.batch_first),
+                ("reset", call.reset is not None),
             )
             if on
         )

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from rnnkit.cells import CellParams, State, make_prepare
 from rnnkit.engines.base import LayerFn, RNNCall, RNNResult, time_major, transforms
+from rnnkit.resets import Restarts, row_restarts
 from rnnkit.variants import Variant
 
 __all__ = [
@@ -104,6 +105,8 @@ class LayerCall:
     h0: Tensor
     c0: Tensor | None
     params: tuple[CellParams, ...]
+    # per direction, where rows restart (rnnkit.resets); None without resets
+    restart: tuple[Restarts, ...] | None = None
 
     @property
     def D(self) -> int:
@@ -133,6 +136,12 @@ def run_stack(call: RNNCall, layer: LayerFn) -> RNNResult:
     x, batch_sizes = time_major(call)
     lstm = call.mode == "LSTM"
     h0_all, c0_all = call.hx if lstm else (call.hx, None)
+    restart = None
+    if call.reset is not None:
+        packed, known = call.batch_sizes is not None, not _traced()
+        restart = tuple(
+            row_restarts(call.reset, tuple(batch_sizes), packed, d == 1, known) for d in range(D)
+        )
     h_n, c_n = [], []
     for k in range(call.num_layers):
         states = slice(k * D, (k + 1) * D)
@@ -146,6 +155,7 @@ def run_stack(call: RNNCall, layer: LayerFn) -> RNNResult:
             h0=h0_all[states],
             c0=None if c0_all is None else c0_all[states],
             params=call.params[states],
+            restart=restart,
         )
         x, h, c = layer(lc)
         h_n.append(h)
@@ -158,6 +168,11 @@ def run_stack(call: RNNCall, layer: LayerFn) -> RNNResult:
     if lstm:
         return x, h_n, torch.cat(c_n, 0) if len(c_n) > 1 else c_n[0]
     return x, h_n
+
+
+def _traced() -> bool:
+    """Whether data-dependent Python values would break a trace here."""
+    return bool(transforms()) or torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
 def records_graph(tensors: list[Tensor | None]) -> bool:
@@ -228,6 +243,8 @@ class DirectionCall:
     seq: object
     params: CellParams
     state: State
+    # where rows restart (rnnkit.resets), or None
+    restart: Restarts | None = None
 
     def seq_rows(self) -> tuple[Tensor | None, ...]:
         """``seq`` as time-major rows, each tensor ``[R, *]`` (a view where it can be one):
@@ -254,7 +271,8 @@ def by_direction(direction: DirectionFn) -> LayerFn:
         def prepared(d: int) -> DirectionCall:
             seq, p = prepare(lc.x, lc.params[d], lc.N)
             state = lc.h0[d] if lc.c0 is None else (lc.h0[d], lc.c0[d])
-            return DirectionCall(lc, d, lc.plan(d), seq, p, state)
+            restart = None if lc.restart is None else lc.restart[d]
+            return DirectionCall(lc, d, lc.plan(d), seq, p, state, restart)
 
         # nothing here holds a direction's prepared input past its run (without a graph it is
         # freed before the next direction's is made, as in ATen's bidirectional layer)

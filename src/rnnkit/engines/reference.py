@@ -29,6 +29,7 @@ from rnnkit.engines.driver import (
     StepPlan,
     by_direction,
 )
+from rnnkit.resets import INITIAL, ZERO, Restarts
 from rnnkit.variants import PLAIN, Variant
 
 __all__ = ["REFERENCE", "direction_graph", "flat_layer_graph", "layer_graph"]
@@ -75,40 +76,66 @@ def _select(seq, t: int):
     return seq.select(0, t)
 
 
-def _full(step: Step, seq, reverse: bool, state: State, p, out: LayerOutput, d: int, N: int):
+def _restarted(state: State, r: Restarts | None, t: int, row: int, n: int, initial: State):
+    """``state`` (``n`` rows) with the rows of step ``t`` (``row:row+n`` of the codes) that
+    restart there: from zeros, or from their ``initial`` rows (rnnkit.resets)."""
+    bits = 0 if r is None else r.at(t)
+    if not bits:
+        return state
+
+    def one(s: Tensor, s0: Tensor) -> Tensor:
+        if bits & ZERO:
+            s = torch.where(r.zero.narrow(0, row, n), 0.0, s)
+        if bits & INITIAL:
+            s = torch.where(r.initial.narrow(0, row, n), s0.narrow(0, 0, n), s)
+        return s
+
+    if isinstance(state, tuple):
+        return tuple(one(s, s0) for s, s0 in zip(state, initial, strict=True))
+    return one(state, initial)
+
+
+def _full(step: Step, dc: DirectionCall, out: LayerOutput):
     """ATen's ``FullLayer`` over a padded ``seq`` ``[L, N, *]``: the output ``[L, N, H_out]``
     (None when written into ``out``) and the final state."""
+    seq, state, p, N = dc.seq, dc.state, dc.params, dc.layer.N
+    L = _length(seq) if isinstance(seq, tuple) else seq.size(0)
+    order = range(L - 1, -1, -1) if dc.plan.reverse else range(L)
     if not out.in_place:
         outputs = []
         steps = _unbind(seq)
-        for gates_x in steps[::-1] if reverse else steps:
-            state = step(gates_x, state, p)
+        for t in order:
+            state = _restarted(state, dc.restart, t, t * N, N, dc.state)
+            state = step(steps[t], state, p)
             outputs.append(_as_output(state))
-        return torch.stack(outputs[::-1] if reverse else outputs, 0), state
-    L = _length(seq) if isinstance(seq, tuple) else seq.size(0)
-    for t in reversed(range(L)) if reverse else range(L):
+        return torch.stack(outputs[::-1] if dc.plan.reverse else outputs, 0), state
+    for t in order:
+        state = _restarted(state, dc.restart, t, t * N, N, dc.state)
         state = step(_select(seq, t), state, p)
-        out.put(d, t * N, _as_output(state))
+        out.put(dc.d, t * N, _as_output(state))
     return None, state
 
 
-def _packed(step: Step, seq, plan: StepPlan, state: State, p, out: LayerOutput, d: int):
+def _packed(step: Step, dc: DirectionCall, out: LayerOutput):
     """ATen's ``PackedLayer`` (forward: the batch shrinks, finished rows keep their state) and
     ``ReversedPackedLayer`` (reverse: it grows from the ``h_0`` rows) over packed rows."""
+    seq, plan, p = dc.seq, dc.plan, dc.params
     outputs, finished = [], []
-    initial, last = state, plan.bs[0] if plan.bs else 0
-    if plan.reverse:
-        state = _slice(initial, 0, last)
-    for row, batch in zip(plan.off, plan.bs, strict=True):
+    initial, last = dc.state, plan.bs[0] if plan.bs else 0
+    state = _slice(initial, 0, last) if plan.reverse else initial
+    T = len(plan.bs)
+    for s, (row, batch) in enumerate(zip(plan.off, plan.bs, strict=True)):
         if plan.reverse and batch > last:
             state = _concat([state, _slice(initial, last, batch)])
         elif batch < last:
             finished.append(_slice(state, batch, last))
             state = _slice(state, 0, batch)
         last = batch
+        t = T - 1 - s if plan.reverse else s
+        state = _restarted(state, dc.restart, t, row, batch, initial)
         state = step(_narrow(seq, row, batch), state, p)
         if out.in_place:
-            out.put(d, row, _as_output(state))
+            out.put(dc.d, row, _as_output(state))
         else:
             outputs.append(_as_output(state))
     if plan.reverse:
@@ -123,10 +150,7 @@ def _direction(dc: DirectionCall, out: LayerOutput) -> State:
     lc = dc.layer
     # out of place under a torch.func transform (vmap cannot write into unbatched tensors)
     step = make_step(lc.mode, lc.variant, bool(transforms()))
-    if lc.packed:
-        y, final = _packed(step, dc.seq, dc.plan, dc.state, dc.params, out, dc.d)
-    else:
-        y, final = _full(step, dc.seq, dc.plan.reverse, dc.state, dc.params, out, dc.d, lc.N)
+    y, final = (_packed if lc.packed else _full)(step, dc, out)
     if y is not None:
         out.set(dc.d, y)
     return final

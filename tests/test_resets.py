@@ -1,0 +1,313 @@
+"""``forward(reset=)`` against its definition: each sequence cut before every reset, the
+pieces run as separate sequences (the first from ``hx``, the others from zeros) and put back.
+
+The definition runs the same module on every piece alone (:func:`by_pieces`); the call with
+``reset=`` must give the same output, final states and every gradient (input, initial states,
+each parameter), on every engine that runs it, with ``lengths=``, layers, directions,
+projections, ``batch_first``, unbatched input and the variants; and refuse bad masks clearly.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import Tensor
+
+import rnnkit
+from parity import assert_engine_close, truth_of
+
+_CLASSES = {"LSTM": rnnkit.LSTM, "GRU": rnnkit.GRU, "RNN_TANH": rnnkit.RNN, "RNN_RELU": rnnkit.RNN}
+
+
+@dataclass(frozen=True)
+class ResetCase:
+    mode: str = "LSTM"
+    L: int = 7
+    N: int = 3
+    num_layers: int = 1
+    bidirectional: bool = False
+    proj: bool = False
+    batch_first: bool = False
+    hx: bool = True
+    lengths: bool = False
+    unbatched: bool = False
+    variant: tuple = ()
+    dtype: torch.dtype = torch.float64
+    engine: str = "auto"
+
+    def module(self) -> torch.nn.Module:
+        torch.manual_seed(0)
+        kwargs = dict(
+            num_layers=self.num_layers,
+            bidirectional=self.bidirectional,
+            batch_first=self.batch_first,
+            engine=self.engine,
+            **dict(self.variant),
+        )
+        if self.mode.startswith("RNN"):
+            kwargs["nonlinearity"] = "relu" if self.mode == "RNN_RELU" else "tanh"
+        if self.proj:
+            kwargs["proj_size"] = 3
+        return _CLASSES[self.mode](4, 5, **kwargs).to(self.dtype).eval()
+
+    def inputs(self, module) -> dict:
+        """x, hx, reset (in the module's layout) and lengths, drawn from a fixed seed: a reset
+        at step 0 of one sequence, two inside another, none in the last."""
+        gen = torch.Generator().manual_seed(1)
+        L, N = self.L, 1 if self.unbatched else self.N
+        D = 2 if self.bidirectional else 1
+        x = torch.randn(L, N, 4, generator=gen, dtype=self.dtype)
+        reset = torch.zeros(L, N, dtype=torch.bool)
+        reset[0, 0] = reset[3, 0] = True
+        if N > 1:
+            reset[2, 1] = reset[L - 1, 1] = True
+        lengths = [L, L - 2, 2][:N] if self.lengths else None
+        hx = None
+        if self.hx:
+            H_out = 3 if self.proj else 5
+            h = torch.randn(self.num_layers * D, N, H_out, generator=gen, dtype=self.dtype)
+            c = torch.randn(self.num_layers * D, N, 5, generator=gen, dtype=self.dtype)
+            hx = (h, c) if self.mode == "LSTM" else h
+        return {"x": x, "hx": hx, "reset": reset, "lengths": lengths}
+
+
+def _layout(t: Tensor, case: ResetCase) -> Tensor:
+    """A time-major ``[L, N(, F)]`` tensor in the case's layout."""
+    if case.unbatched:
+        return t[:, 0]
+    return t.transpose(0, 1) if case.batch_first else t
+
+
+def _states(hx):
+    return list(hx) if isinstance(hx, tuple) else [hx]
+
+
+def _named(case, module, x, hx, out, final) -> dict[str, Tensor]:
+    """Output, final states and every gradient of a fixed weighted sum of them."""
+    gen = torch.Generator().manual_seed(2)
+    finals = _states(final)
+    loss = (out * torch.randn(out.shape, generator=gen, dtype=out.dtype)).sum()
+    for f in finals:
+        loss = loss + (f * torch.randn(f.shape, generator=gen, dtype=f.dtype)).sum()
+    leaves = {"x": x, **{f"hx{i}": s for i, s in enumerate(_states(hx)) if s is not None}}
+    leaves.update(dict(module.named_parameters()))
+    grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+    named = {"output": out.detach(), **{f"state{i}": f.detach() for i, f in enumerate(finals)}}
+    for (name, leaf), g in zip(leaves.items(), grads, strict=True):
+        named[f"grad_{name}"] = torch.zeros_like(leaf) if g is None else g
+    return named
+
+
+def _leaves(inputs: dict) -> tuple[Tensor, object]:
+    x = inputs["x"].clone().requires_grad_()
+    hx = inputs["hx"]
+    if hx is not None:
+        hx = tuple(s.clone().requires_grad_() for s in _states(hx))
+        hx = hx if len(hx) == 2 else hx[0]
+    return x, hx
+
+
+def with_reset(case: ResetCase, module, inputs: dict) -> dict[str, Tensor]:
+    """The call under test: one forward with ``reset=``."""
+    x, hx = _leaves(inputs)
+    state = hx
+    if case.unbatched and hx is not None:
+        state = tuple(s[:, 0] for s in _states(hx)) if case.mode == "LSTM" else hx[:, 0]
+    kwargs = {"reset": _layout(inputs["reset"], case)}
+    if inputs["lengths"] is not None:
+        kwargs["lengths"] = inputs["lengths"]
+    out, final = module(_layout(x, case), state, **kwargs)
+    if case.unbatched:
+        out = out.unsqueeze(1)
+        final = tuple(f.unsqueeze(1) for f in _states(final))
+    elif case.batch_first:
+        out = out.transpose(0, 1)
+    final = tuple(_states(final)) if case.mode == "LSTM" else _states(final)[0]
+    return _named(case, module, x, hx, out, final)
+
+
+def by_pieces(case: ResetCase, module, inputs: dict) -> dict[str, Tensor]:
+    """The definition: every sequence cut before each reset, each piece run alone (the first
+    from its ``hx`` rows, the others from zeros), the outputs put back in place (zeros past a
+    sequence's length); the forward direction's final state from the last piece, a reverse
+    direction's from the piece at step 0."""
+    x, hx = _leaves(inputs)
+    reset, lengths = inputs["reset"], inputs["lengths"]
+    L, N = x.shape[:2]
+    D = 2 if case.bidirectional else 1
+    columns, finals = [], []
+    for n in range(N):
+        end = L if lengths is None else lengths[n]
+        cuts = [t for t in range(end) if reset[t, n]]
+        bounds = [0, *cuts, end] if not cuts or cuts[0] != 0 else [*cuts, end]
+        pieces, first_final, last_final = [], None, None
+        for k, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+            if a == b:
+                continue
+            start = None
+            if k == 0 and a == 0 and hx is not None and not reset[0, n]:
+                rows = [s[:, n : n + 1] for s in _states(hx)]
+                start = tuple(rows) if case.mode == "LSTM" else rows[0]
+            piece = x[a:b, n : n + 1]
+            y, final = module(piece.transpose(0, 1) if case.batch_first else piece, start)
+            pieces.append(y.transpose(0, 1) if case.batch_first else y)
+            first_final = final if first_final is None else first_final
+            last_final = final
+        width = pieces[0].size(-1)
+        pad = x.new_zeros(L - end, 1, width)
+        columns.append(torch.cat([*pieces, pad]))
+        # per layer, direction 0 from the last piece, direction 1 from the first
+        parts = []
+        for s_first, s_last in zip(_states(first_final), _states(last_final), strict=True):
+            rows = [(s_last if i % D == 0 else s_first)[i : i + 1] for i in range(s_last.size(0))]
+            parts.append(torch.cat(rows))
+        finals.append(parts)
+    out = torch.cat(columns, 1)
+    final = [torch.cat([f[i] for f in finals], 1) for i in range(len(finals[0]))]
+    final = tuple(final) if case.mode == "LSTM" else final[0]
+    return _named(case, module, x, hx, out, final)
+
+
+# the engines that run reset= (the others decline it: auto then takes the reference)
+RESET_ENGINES = ["reference"]
+
+CASES = [
+    ResetCase(),
+    ResetCase(dtype=torch.float32),
+    ResetCase(mode="GRU", hx=False),
+    ResetCase(mode="RNN_TANH", batch_first=True),
+    ResetCase(mode="RNN_RELU", dtype=torch.float32),
+    ResetCase(num_layers=2, bidirectional=True),
+    ResetCase(mode="GRU", num_layers=2, bidirectional=True, dtype=torch.float32),
+    ResetCase(proj=True, bidirectional=True, batch_first=True),
+    ResetCase(lengths=True),
+    ResetCase(mode="GRU", lengths=True, bidirectional=True, batch_first=True),
+    ResetCase(proj=True, lengths=True, num_layers=2, dtype=torch.float32),
+    ResetCase(unbatched=True),
+    ResetCase(mode="GRU", unbatched=True, batch_first=True, bidirectional=True),
+    ResetCase(variant=(("layer_norm", True), ("peephole", True))),
+    ResetCase(variant=(("layer_norm", True),), bidirectional=True, dtype=torch.float32),
+    ResetCase(variant=(("zoneout", 0.2),), lengths=True),
+]
+
+
+def _id(case: ResetCase) -> str:
+    default = ResetCase()
+    parts = [case.mode]
+    for field in (
+        "num_layers",
+        "bidirectional",
+        "proj",
+        "batch_first",
+        "hx",
+        "lengths",
+        "unbatched",
+    ):
+        value = getattr(case, field)
+        if value != getattr(default, field):
+            parts.append(f"{field}={value}")
+    parts += [f"{k}" for k, _ in case.variant]
+    parts.append(str(case.dtype).removeprefix("torch."))
+    return "-".join(parts)
+
+
+@pytest.mark.parametrize("engine", ["reference", "auto"])
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_reset_equals_running_the_pieces_apart(case, engine):
+    case = ResetCase(**{**case.__dict__, "engine": engine})
+    module = case.module()
+    inputs = case.inputs(module)
+    pieces = copy.deepcopy(module)
+    pieces.engine = "reference"
+    expected = by_pieces(case, pieces, inputs)
+    actual = with_reset(case, module, inputs)
+    truth = truth_of(lambda m, i: by_pieces(case, m, i), pieces, inputs)
+    assert_engine_close(
+        expected, actual, truth, title=f"reset= differs from the pieces ({_id(case)})"
+    )
+
+
+def test_step_and_chunks_with_resets_equal_the_whole_call():
+    """Streaming: a reset in a chunk, or in ``step``, as in one call over the whole sequence."""
+    case = ResetCase(num_layers=2)
+    module = case.module()
+    inputs = case.inputs(module)
+    x, hx, reset = inputs["x"], inputs["hx"], inputs["reset"]
+    whole, final = module(x, hx, reset=reset)
+    outs, state = [], hx
+    for a, b in ((0, 3), (3, 4), (4, 7)):
+        out, state = module(x[a:b], state, reset=reset[a:b])
+        outs.append(out)
+    torch.testing.assert_close(torch.cat(outs), whole)
+    steps, state = [], hx
+    for t in range(x.size(0)):
+        out, state = module.step(x[t], state, reset=reset[t])
+        steps.append(out)
+    torch.testing.assert_close(torch.stack(steps), whole)
+    torch.testing.assert_close(state, final)
+
+
+def test_an_all_false_reset_changes_nothing():
+    for engine in RESET_ENGINES:
+        module = ResetCase(num_layers=2, bidirectional=True, engine=engine).module()
+        x = torch.randn(6, 3, 4, dtype=torch.float64)
+        plain = module(x)
+        with_mask = module(x, reset=torch.zeros(6, 3, dtype=torch.bool))
+        torch.testing.assert_close(with_mask, plain, rtol=0, atol=0)
+
+
+def test_resets_under_vmap_and_compile():
+    module = ResetCase(mode="GRU", dtype=torch.float32).module()
+    x = torch.randn(5, 7, 3, 4)
+    reset = torch.rand(5, 7, 3) < 0.3
+    looped = torch.stack([module(x[i], reset=reset[i])[0] for i in range(5)])
+    mapped = torch.func.vmap(lambda xi, ri: module(xi, reset=ri)[0])(x, reset)
+    torch.testing.assert_close(mapped, looped)
+    compiled = torch.compile(lambda xi, ri: module(xi, reset=ri)[0], fullgraph=True)
+    torch.testing.assert_close(compiled(x[0], reset[0]), looped[0])
+
+
+@pytest.mark.parametrize(
+    ("reset", "error", "match"),
+    [
+        ([True] * 6, TypeError, "reset must be a bool Tensor, got list"),
+        (torch.zeros(6, 2), RuntimeError, "reset must be a bool tensor, got dtype torch.float32"),
+        (
+            torch.zeros(2, 6, dtype=torch.bool),
+            RuntimeError,
+            r"reset must have shape \[L, N\] = \[6, 2\] to match the input, got \[2, 6\]",
+        ),
+        (
+            torch.zeros(6, dtype=torch.bool),
+            RuntimeError,
+            r"reset must have shape \[L, N\] = \[6, 2\]",
+        ),
+    ],
+)
+def test_bad_resets_are_refused(reset, error, match):
+    with pytest.raises(error, match=match):
+        rnnkit.LSTM(4, 5)(torch.randn(6, 2, 4), reset=reset)
+
+
+def test_bad_resets_of_other_layouts_and_calls_are_refused():
+    gru = rnnkit.GRU(4, 5, batch_first=True)
+    with pytest.raises(RuntimeError, match=r"GRU: reset must have shape \[N, L\] = \[2, 6\]"):
+        gru(torch.randn(2, 6, 4), reset=torch.zeros(6, 2, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match=r"reset must have shape \[L\] = \[6\]"):
+        gru(torch.randn(6, 4), reset=torch.zeros(6, 1, dtype=torch.bool))
+    packed = torch.nn.utils.rnn.pack_sequence([torch.randn(3, 4), torch.randn(2, 4)])
+    with pytest.raises(ValueError, match="reset cannot be given with a PackedSequence input"):
+        gru(packed, reset=torch.zeros(3, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="reset cannot be given with a packed input"):
+        rnnkit.functional.gru(
+            packed, list(gru._flat_weights), reset=torch.zeros(5, dtype=torch.bool)
+        )
+    with pytest.raises(RuntimeError, match=r"GRU.step: reset must have shape \[N\] = \[2\]"):
+        gru.step(torch.randn(2, 4), reset=torch.zeros(1, 2, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match=r"reset must have shape \[L, N\] = \[6, 2\]"):
+        rnnkit.LSTM(4, 5)(
+            torch.randn(6, 2, 4), reset=torch.zeros(6, 3, dtype=torch.bool), lengths=[6, 2]
+        )
