@@ -184,6 +184,15 @@ class RNNBase(nn.Module):
         return f"{s}, {variant}" if variant else s
 
     def _forward(self, input, hx, lengths):
+        if torch.jit.is_tracing() and torch.onnx.is_in_onnx_export():
+            # torch.onnx.export(dynamo=False) traces this layer: it exports as rnnkit.onnx's
+            # graph of the layer, not as the engine's ops
+            from rnnkit.onnx import export_traced_layer
+
+            return export_traced_layer(self, input, hx, lengths)
+        return self._eager_forward(input, hx, lengths)
+
+    def _eager_forward(self, input, hx, lengths):
         if lengths is None:
             return self._run(input, hx)
         name = _NAMES[self.mode]
@@ -280,7 +289,7 @@ _SHAPES_DOC = r"""
         * **input**: ``[L, H_in]`` unbatched, ``[L, N, H_in]`` (``[N, L, H_in]`` with
           ``batch_first=True``), or a :class:`torch.nn.utils.rnn.PackedSequence`.
         * **hx**: {hx}; zeros when not given. ``batch_first`` does not apply to it.
-        * **lengths** (keyword-only): the length of each sequence of a padded batched
+        * **lengths**: the length of each sequence of a padded batched
           ``input``, a 1-D integer tensor (any device) or a list of ``N`` ints in ``[1, L]``.
           The call then equals packing (``enforce_sorted=False``), the layer and unpacking
           (``total_length=L``): the output is zero past each length, the final states are
@@ -322,7 +331,7 @@ class LSTM(RNNBase):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__("LSTM", *args, **kwargs)
 
-    def forward(self, input, hx=None, *, lengths=None):
+    def forward(self, input, hx=None, lengths=None):
         return self._forward(input, hx, lengths)
 
 
@@ -359,7 +368,7 @@ class GRU(RNNBase):
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
         super().__init__("GRU", *args, **kwargs)
 
-    def forward(self, input, hx=None, *, lengths=None):
+    def forward(self, input, hx=None, lengths=None):
         return self._forward(input, hx, lengths)
 
 
@@ -399,7 +408,7 @@ class RNN(RNNBase):
             )
         super().__init__(mode, *args, **kwargs)
 
-    def forward(self, input, hx=None, *, lengths=None):
+    def forward(self, input, hx=None, lengths=None):
         return self._forward(input, hx, lengths)
 
 
