@@ -2,6 +2,14 @@
 
 Constructor, validation, parameter names and order, init, ``repr`` and the shape handling of
 ``forward`` follow ``torch/nn/modules/rnn.py``; only the recurrence is ours.
+
+The classes subclass ``nn.Module``, not ``torch.nn.RNNBase``, so ``isinstance(m,
+torch.nn.LSTM)`` is False, by choice: dynamo refuses instances of ``torch.nn.RNN``/``GRU``/
+``LSTM`` (``torch.compile(fullgraph=True)`` fails on them), dynamic quantization maps exact
+types (a subclass would not be quantized either; ``rnnkit.revert`` first is the route), and
+torch's ``_apply`` and ``__setstate__`` rebuild a ``_flat_weights`` list that rnnkit reads by
+name. What code calls after such a check is here: ``flatten_parameters`` (a no-op),
+``all_weights``, ``_flat_weights``, ``_flat_weights_names``.
 """
 
 from __future__ import annotations
