@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numbers
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +30,9 @@ from rnnkit.modes import MODES
 from rnnkit.validation import check_layer_parameters, expect_dense, expect_tensor
 from rnnkit.variants import check_keywords, init_parameters, make_variant
 
+# A layer's call while torch.onnx.export traces it (rnnkit.onnx.export_traced_layer, which
+# imports this module); the package sets it.
+onnx_traced_call: Callable | None = None
 _NAMES = {"LSTM": "LSTM", "GRU": "GRU", "RNN_TANH": "RNN", "RNN_RELU": "RNN"}
 _FUNCTIONS = {"LSTM": RF.lstm, "GRU": RF.gru, "RNN_TANH": RF.rnn_tanh, "RNN_RELU": RF.rnn_relu}
 
@@ -192,12 +196,10 @@ class RNNBase(nn.Module):
         return f"{s}, {variant}" if variant else s
 
     def _forward(self, input, hx, lengths):
-        if torch.jit.is_tracing() and torch.onnx.is_in_onnx_export():
+        if torch.jit.is_tracing() and torch.onnx.is_in_onnx_export() and onnx_traced_call:
             # torch.onnx.export(dynamo=False) traces this layer: it exports as rnnkit.onnx's
             # graph of the layer, not as the engine's ops
-            from rnnkit.onnx import export_traced_layer
-
-            return export_traced_layer(self, input, hx, lengths)
+            return onnx_traced_call(self, input, hx, lengths)
         return self._eager_forward(input, hx, lengths)
 
     def _eager_forward(self, input, hx, lengths):
