@@ -104,6 +104,28 @@ def test_flat_weights_and_all_weights_match_torch(pair):
     ]
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_not_an_instance_of_torch_classes(name):
+    """rnnkit's layers are not torch.nn.RNNBase subclasses (README: isinstance and torch's
+    type checks): dynamo refuses torch's recurrent classes, quantization maps exact types."""
+    m = build(rnnkit, name, (4, 6), {})
+    assert isinstance(m, rnnkit.RNNBase) and isinstance(m, nn.Module)
+    assert not isinstance(m, nn.RNNBase)
+    assert not isinstance(m, getattr(nn, name))
+
+
+def test_quantize_dynamic_needs_revert():
+    """quantize_dynamic swaps torch.nn's exact types: it leaves an rnnkit layer float, and
+    quantizes it once rnnkit.revert has made it torch's again."""
+    model = nn.Sequential(build(rnnkit, "LSTM", (4, 6), {}), build(rnnkit, "GRU", (6, 5), {}))
+    kept = torch.ao.quantization.quantize_dynamic(model, dtype=torch.qint8)
+    assert [type(m) for m in kept] == [rnnkit.LSTM, rnnkit.GRU]
+    assert kept[0].weight_hh_l0.dtype == torch.float32
+    quantized = torch.ao.quantization.quantize_dynamic(rnnkit.revert(model), dtype=torch.qint8)
+    dynamic = torch.ao.nn.quantized.dynamic
+    assert [type(m) for m in quantized] == [dynamic.LSTM, dynamic.GRU]
+
+
 def test_flatten_parameters_is_a_no_op(pair):
     _, ours = pair
     before = [(n, p.data_ptr(), p.clone()) for n, p in ours.named_parameters()]

@@ -382,6 +382,54 @@ class Packed(nn.Module):
         return self.lstm(pack_padded_sequence(x, lengths, enforce_sorted=False))[1][0]
 
 
+BARE = [
+    P("LSTM", {}, False, id="LSTM"),
+    P("LSTM", {}, True, id="LSTM-h0"),
+    P("LSTM", dict(bidirectional=True, batch_first=True), True, id="LSTM-bidir-batch_first-h0"),
+    P("LSTM", dict(num_layers=2), False, id="LSTM-2layers"),
+    P("GRU", {}, True, id="GRU-h0"),
+    P("GRU", dict(bidirectional=True, num_layers=2), False, id="GRU-bidir-2layers"),
+    P("RNN", dict(nonlinearity="relu", num_layers=2), True, id="RNN-relu-2layers-h0"),
+    P("RNN", dict(bidirectional=True), False, id="RNN-bidir"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("cls, kw, with_hx", BARE)
+def test_torch_onnx_export_of_a_bare_layer(cls, kw, with_hx):
+    """torch's own exporter on a bare layer: its forward's defaults come positionally, and the
+    layer exports as its ONNX nodes, with a dynamic sequence length and batch."""
+    torch.manual_seed(0)
+    m = getattr(rnnkit, cls)(4, 6, **kw).eval()
+    feeds, axes = _inputs(m, 5, 2, with_hx, False, False)
+    args = tuple(feeds.values())
+    if with_hx:
+        args = (args[0], args[1:]) if m.mode == "LSTM" else args
+    names = _output_names(m)
+    out_axes = {"output": axes["x"], "h_n": {1: "N"}, "c_n": {1: "N"}}
+    f = io.BytesIO()
+    torch.onnx.export(
+        m, args, f, dynamo=False, input_names=list(feeds), output_names=names,
+        dynamic_axes={**axes, **{k: v for k, v in out_axes.items() if k in names}},
+    )  # fmt: skip
+    proto = onnx.load_from_string(f.getvalue())
+    assert m.mode.split("_")[0] in op_types(proto)
+    call = Call(m, with_hx, False)
+    for L, N in SIZES:
+        feeds, _ = _inputs(m, L, N, with_hx, False, False)
+        got = ort_run(proto, feeds)
+        with torch.no_grad():
+            want = call(*feeds.values())
+        truth = in_float64(call, *feeds.values())
+        for j, name in enumerate(names):
+            assert_close(got[j], want[j], f"{name} L{L}-N{N}", truth[j])
+
+
+def test_torch_onnx_export_of_a_layer_that_needs_a_scan_raises():
+    m = rnnkit.LSTM(4, 6, proj_size=3).eval()
+    with pytest.raises(NotImplementedError, match="rnnkit.onnx.export"):
+        torch.onnx.export(m, (torch.randn(5, 2, 4),), io.BytesIO(), dynamo=False)
+
+
 def test_packed_input_raises():
     with pytest.raises(NotImplementedError, match="PackedSequence input is not supported"):
         rnnkit.onnx.export(Packed().eval(), (torch.randn(5, 2, 4), torch.tensor([5, 3])), None)

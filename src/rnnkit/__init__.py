@@ -8,7 +8,7 @@ that hold them to ONNX (imported on first use, as it needs the ``onnx`` package)
 
 import importlib
 
-from rnnkit import functional
+from rnnkit import functional, modules
 from rnnkit.cell_modules import GRUCell, LSTMCell, RNNCell, RNNCellBase
 from rnnkit.convert import convert, revert
 from rnnkit.modules import GRU, LSTM, RNN, RNNBase
@@ -33,6 +33,16 @@ __all__ = [
     "revert",
 ]
 __version__ = "0.1.0"
+
+
+def _export_traced_layer(layer, input, hx, lengths):
+    # rnnkit.onnx imports onnx: loaded when torch.onnx.export first traces a layer
+    from rnnkit.onnx import export_traced_layer
+
+    return export_traced_layer(layer, input, hx, lengths)
+
+
+modules.onnx_traced_call = _export_traced_layer
 
 
 def __getattr__(name: str):

@@ -2,12 +2,21 @@
 
 Constructor, validation, parameter names and order, init, ``repr`` and the shape handling of
 ``forward`` follow ``torch/nn/modules/rnn.py``; only the recurrence is ours.
+
+The classes subclass ``nn.Module``, not ``torch.nn.RNNBase``, so ``isinstance(m,
+torch.nn.LSTM)`` is False, by choice: dynamo refuses instances of ``torch.nn.RNN``/``GRU``/
+``LSTM`` (``torch.compile(fullgraph=True)`` fails on them), dynamic quantization maps exact
+types (a subclass would not be quantized either; ``rnnkit.revert`` first is the route), and
+torch's ``_apply`` and ``__setstate__`` rebuild a ``_flat_weights`` list that rnnkit reads by
+name. What code calls after such a check is here: ``flatten_parameters`` (a no-op),
+``all_weights``, ``_flat_weights``, ``_flat_weights_names``.
 """
 
 from __future__ import annotations
 
 import numbers
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +31,9 @@ from rnnkit.resets import check_reset
 from rnnkit.validation import check_layer_parameters, expect_dense, expect_tensor
 from rnnkit.variants import check_keywords, init_parameters, make_variant
 
+# A layer's call while torch.onnx.export traces it (rnnkit.onnx.export_traced_layer, which
+# imports this module); the package sets it.
+onnx_traced_call: Callable | None = None
 _NAMES = {"LSTM": "LSTM", "GRU": "GRU", "RNN_TANH": "RNN", "RNN_RELU": "RNN"}
 _FUNCTIONS = {"LSTM": RF.lstm, "GRU": RF.gru, "RNN_TANH": RF.rnn_tanh, "RNN_RELU": RF.rnn_relu}
 
@@ -185,6 +197,17 @@ class RNNBase(nn.Module):
         return f"{s}, {variant}" if variant else s
 
     def _forward(self, input, hx, reset, lengths):
+        if torch.jit.is_tracing() and torch.onnx.is_in_onnx_export() and onnx_traced_call:
+            # torch.onnx.export(dynamo=False) traces this layer: it exports as rnnkit.onnx's
+            # graph of the layer, not as the engine's ops
+            if reset is not None:
+                raise NotImplementedError(
+                    f"{_NAMES[self.mode]}: reset= does not export to ONNX yet (issue 17)"
+                )
+            return onnx_traced_call(self, input, hx, lengths)
+        return self._eager_forward(input, hx, lengths, reset)
+
+    def _eager_forward(self, input, hx, lengths, reset=None):
         name = _NAMES[self.mode]
         if reset is not None and isinstance(input, PackedSequence):
             raise ValueError(
@@ -295,12 +318,12 @@ _SHAPES_DOC = r"""
         * **input**: ``[L, H_in]`` unbatched, ``[L, N, H_in]`` (``[N, L, H_in]`` with
           ``batch_first=True``), or a :class:`torch.nn.utils.rnn.PackedSequence`.
         * **hx**: {hx}; zeros when not given. ``batch_first`` does not apply to it.
-        * **reset** (keyword-only): where the sequences start over, a bool tensor ``[L, N]``
-          (``[N, L]`` with ``batch_first``, ``[L]`` unbatched; not with a
-          ``PackedSequence``). The call equals cutting each sequence before every step where
-          it is true and running the pieces as separate sequences, the first from ``hx``, the
-          others from zeros (see :mod:`rnnkit.resets`).
-        * **lengths** (keyword-only): the length of each sequence of a padded batched
+        * **reset**: where the sequences start over, a bool tensor ``[L, N]`` (``[N, L]``
+          with ``batch_first``, ``[L]`` unbatched; not with a ``PackedSequence``). The call
+          equals cutting each sequence before every step where it is true and running the
+          pieces as separate sequences, the first from ``hx``, the others from zeros (see
+          :mod:`rnnkit.resets`). Best passed by keyword, as ``lengths``.
+        * **lengths**: the length of each sequence of a padded batched
           ``input``, a 1-D integer tensor (any device) or a list of ``N`` ints in ``[1, L]``.
           The call then equals packing (``enforce_sorted=False``), the layer and unpacking
           (``total_length=L``): the output is zero past each length, the final states are
@@ -342,7 +365,9 @@ class LSTM(RNNBase):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__("LSTM", *args, **kwargs)
 
-    def forward(self, input, hx=None, *, reset=None, lengths=None):
+    # no keyword-only parameters: torch.onnx.export(dynamo=False) passes every default
+    # positionally
+    def forward(self, input, hx=None, reset=None, lengths=None):
         return self._forward(input, hx, reset, lengths)
 
 
@@ -379,7 +404,9 @@ class GRU(RNNBase):
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
         super().__init__("GRU", *args, **kwargs)
 
-    def forward(self, input, hx=None, *, reset=None, lengths=None):
+    # no keyword-only parameters: torch.onnx.export(dynamo=False) passes every default
+    # positionally
+    def forward(self, input, hx=None, reset=None, lengths=None):
         return self._forward(input, hx, reset, lengths)
 
 
@@ -419,7 +446,9 @@ class RNN(RNNBase):
             )
         super().__init__(mode, *args, **kwargs)
 
-    def forward(self, input, hx=None, *, reset=None, lengths=None):
+    # no keyword-only parameters: torch.onnx.export(dynamo=False) passes every default
+    # positionally
+    def forward(self, input, hx=None, reset=None, lengths=None):
         return self._forward(input, hx, reset, lengths)
 
 

@@ -12,6 +12,10 @@ graph then replaces the placeholder. The rest of the model is torch's own export
 exported in eval mode, as ``torch.onnx.export`` does by default: dropout, zoneout's random
 masks, recurrent and weight dropout are the identity or zoneout's expected mix.
 
+``torch.onnx.export(..., dynamo=False)`` on its own exports the layers that ONNX's nodes
+compute: while it traces one, the layer's call (:func:`export_traced_layer`) is a placeholder
+whose symbolic emits the layer's nodes into torch's graph.
+
 Examples::
 
     >>> lstm = rnnkit.LSTM(8, 16, num_layers=2, proj_size=4).eval()
@@ -32,6 +36,7 @@ import os
 import warnings
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import onnx
 import torch
 from torch import Tensor, nn
@@ -39,7 +44,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from rnnkit.cell_modules import LSTMCell, RNNCellBase
 from rnnkit.modules import RNNBase
-from rnnkit.onnx_layers import LayerSpec, OnnxGraph, build_layer, layer_spec
+from rnnkit.onnx_layers import LayerSpec, OnnxGraph, build_layer, layer_spec, uses_onnx_node
 
 __all__ = ["export"]
 
@@ -78,6 +83,8 @@ class _Layer(torch.autograd.Function):
     @staticmethod
     def symbolic(g, exporter: _Exporter, index: int, present: str, *tensors):
         spec = exporter.specs[index]
+        if exporter.direct:
+            return exporter.emit(g, index, present, tensors)
         is_lstm = spec.mode == "LSTM"
         outs = g.op(
             f"{_DOMAIN}::Layer", *tensors, index_i=index, present_s=present,
@@ -93,15 +100,23 @@ class _Layer(torch.autograd.Function):
 
 
 class _Exporter:
-    """The rnnkit modules of a model, their placeholder forwards and the splice."""
+    """The rnnkit modules of a model, their placeholder forwards and the splice.
 
-    def __init__(self, model: nn.Module):
+    A ``direct`` exporter holds one layer that ``torch.onnx.export`` traces: its placeholder's
+    symbolic emits the layer's graph itself (:meth:`emit`), as there is no splice after
+    torch's export.
+    """
+
+    def __init__(self, model: nn.Module, direct: bool = False):
+        self.direct = direct
         self.modules: list[nn.Module] = []
         self.specs: list[LayerSpec] = []
         for name, module in model.named_modules():
             if isinstance(module, (RNNBase, RNNCellBase)):
                 self.modules.append(module)
                 self.specs.append(layer_spec(module, name))
+            if direct:
+                break
 
     @contextlib.contextmanager
     def placeholders(self):
@@ -115,9 +130,11 @@ class _Exporter:
             for module in self.modules:
                 del module.forward
 
-    def _forward(self, index: int, input, hx=None, *, lengths=None):
+    def _forward(self, index: int, input, hx=None, reset=None, lengths=None):
         module = self.modules[index]
         name = type(module).__name__
+        if reset is not None:
+            raise NotImplementedError(f"ONNX export of {name} with reset= is not supported yet")
         if isinstance(input, PackedSequence):
             raise NotImplementedError(
                 f"ONNX export of {name} with a PackedSequence input is not supported: pass the "
@@ -125,7 +142,7 @@ class _Exporter:
             )
         if not isinstance(input, Tensor) or input.dim() not in (2, 3):
             # the eager call raises torch's own error
-            return type(module).forward(module, input, hx, lengths=lengths)
+            return module._eager_forward(input, hx, lengths)
         batched = input.dim() == 3
         x = input if batched else input.unsqueeze(1)
         if batched and module.batch_first:
@@ -134,13 +151,13 @@ class _Exporter:
         if hx is not None:
             states = hx if module.mode == "LSTM" else (hx,)
             if not all(isinstance(s, Tensor) for s in states):
-                return type(module).forward(module, input, hx, lengths=lengths)
+                return module._eager_forward(input, hx, lengths)
             tensors += [s if batched else s.unsqueeze(1) for s in states]
             present += ["h0", "c0"][: len(states)]
         if lengths is not None:
             if not batched:
                 # the eager call raises rnnkit's own error
-                return type(module).forward(module, input, hx, lengths=lengths)
+                return module._eager_forward(input, hx, lengths)
             if not isinstance(lengths, Tensor):
                 lengths = torch.tensor(lengths)
             tensors.append(lengths.to(torch.int32))
@@ -190,11 +207,38 @@ class _Exporter:
             return tuple(t.clone() for t in (states[0], *states))
         if module.batch_first:
             x = x.transpose(0, 1)
-        output, states = type(module).forward(module, x, hx, lengths=lengths)
+        output, states = module._eager_forward(x, hx, lengths)
         if module.batch_first:
             output = output.transpose(0, 1)
         states = states if isinstance(states, tuple) else (states,)
         return tuple(t.clone() for t in (output, *states))
+
+    def emit(self, g, index: int, present: str, tensors) -> tuple:
+        """The layer's graph as nodes of torch's graph ``g``, for ``_Layer.symbolic``."""
+        spec = self.specs[index]
+        dtype = next(iter(self.modules[index].parameters())).dtype
+        built = OnnxGraph(f"{spec.name}layer", dtype, {})
+        names = dict(zip(_inputs(present), (f"input{j}" for j in range(len(tensors))), strict=True))
+        results = build_layer(
+            built, spec, names["x"], names.get("h0"), names.get("c0"), names.get("lengths")
+        )
+        values = dict(zip(names.values(), tensors, strict=True))
+        for name, initializer in built.initializers.items():
+            values[name] = g.op("Constant", value_t=torch.from_numpy(_array(initializer)))
+        missing = None
+        for node in built.nodes:
+            inputs = []
+            for name in node.input:
+                if not name and missing is None:
+                    missing = g.op("prim::Constant")
+                    missing.setType(torch._C.OptionalType.ofTensor())
+                inputs.append(values[name] if name else missing)
+            attrs = {_ATTR_KEYS[a.type](a.name): _torch_attribute(a) for a in node.attribute}
+            outs = g.op(node.op_type, *inputs, outputs=len(node.output), **attrs)
+            outs = outs if len(node.output) > 1 else (outs,)
+            values.update(zip(node.output, outs, strict=True))
+        n_out = 3 if spec.mode == "LSTM" else 2
+        return tuple(values[name] for name in results[:n_out])
 
     def splice(self, proto: onnx.ModelProto) -> None:
         """Replace every ``rnnkit::Layer`` node of ``proto`` by its layer's graph."""
@@ -235,6 +279,62 @@ def _inputs(present: str) -> list[str]:
 def _attribute(attribute: onnx.AttributeProto):
     value = onnx.helper.get_attribute_value(attribute)
     return value.decode() if isinstance(value, bytes) else value
+
+
+# ONNX attribute type -> the key suffix of torch's g.op (a list value makes it a list)
+_ATTR_KEYS = {
+    onnx.AttributeProto.INT: lambda n: f"{n}_i",
+    onnx.AttributeProto.INTS: lambda n: f"{n}_i",
+    onnx.AttributeProto.FLOAT: lambda n: f"{n}_f",
+    onnx.AttributeProto.FLOATS: lambda n: f"{n}_f",
+    onnx.AttributeProto.STRING: lambda n: f"{n}_s",
+    onnx.AttributeProto.STRINGS: lambda n: f"{n}_s",
+    onnx.AttributeProto.TENSOR: lambda n: f"{n}_t",
+}
+
+
+def _array(tensor: onnx.TensorProto) -> np.ndarray:
+    return onnx.numpy_helper.to_array(tensor).copy()
+
+
+def _torch_attribute(attribute: onnx.AttributeProto):
+    """An ONNX node's attribute as torch's ``g.op`` takes it."""
+    value = onnx.helper.get_attribute_value(attribute)
+    if attribute.type == onnx.AttributeProto.TENSOR:
+        return torch.from_numpy(_array(value))
+    if attribute.type == onnx.AttributeProto.STRING:
+        return value.decode()
+    if attribute.type == onnx.AttributeProto.STRINGS:
+        return [v.decode() for v in value]
+    return (
+        list(value)
+        if attribute.type in (onnx.AttributeProto.INTS, onnx.AttributeProto.FLOATS)
+        else value
+    )
+
+
+def export_traced_layer(module: RNNBase, input, hx, lengths):
+    """``module``'s call while ``torch.onnx.export(..., dynamo=False)`` traces it.
+
+    The call is one placeholder whose symbolic emits the layer's ONNX graph (LSTM/GRU/RNN
+    nodes), so torch's own exporter exports a model that holds rnnkit layers. A layer that
+    needs a ``Scan`` (``proj_size``, most variants, float64) raises: :func:`export` exports it.
+    """
+    spec = layer_spec(module)
+    dtype = next(iter(module.parameters())).dtype
+    name = type(module).__name__
+    if dtype != torch.float32 or not uses_onnx_node(spec):
+        raise NotImplementedError(
+            f"torch.onnx.export exports an rnnkit {name} only where ONNX's {spec.mode.split('_')[0]} "
+            "op computes it (float32, no proj_size, the variants ONNX defines); "
+            "rnnkit.onnx.export(model, args, f) exports this one"
+        )
+    if module.training and _is_random(module):
+        raise NotImplementedError(
+            f"{name} draws random numbers in training mode (dropout, zoneout, recurrent or "
+            "weight dropout), which ONNX export cannot express; export in eval mode"
+        )
+    return _Exporter(module, direct=True)._forward(0, input, hx, lengths=lengths)
 
 
 def _bind(forward, index: int):
