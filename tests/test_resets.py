@@ -10,6 +10,7 @@ projections, ``batch_first``, unbatched input and the variants; and refuse bad m
 from __future__ import annotations
 
 import copy
+import doctest
 from dataclasses import dataclass
 
 import pytest
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor
 
 import rnnkit
+import rnnkit.resets
 from parity import assert_engine_close, truth_of
 
 _CLASSES = {"LSTM": rnnkit.LSTM, "GRU": rnnkit.GRU, "RNN_TANH": rnnkit.RNN, "RNN_RELU": rnnkit.RNN}
@@ -311,3 +313,36 @@ def test_bad_resets_of_other_layouts_and_calls_are_refused():
         rnnkit.LSTM(4, 5)(
             torch.randn(6, 2, 4), reset=torch.zeros(6, 3, dtype=torch.bool), lengths=[6, 2]
         )
+
+
+def test_equals_torchrl_lstm_module_on_its_is_init():
+    """torchrl's LSTMModule cuts its rollouts at ``is_init`` in Python; rnnkit's layer with
+    ``reset=is_init`` gives its output in one call."""
+    tensordict = pytest.importorskip("tensordict")
+    torchrl_modules = pytest.importorskip("torchrl.modules")
+    torch.manual_seed(0)
+    N, T, F, H = 3, 8, 4, 6
+    policy = torchrl_modules.LSTMModule(input_size=F, hidden_size=H, in_key="embed", out_key="out")
+    x = torch.randn(N, T, F)
+    is_init = torch.zeros(N, T, 1, dtype=torch.bool)
+    is_init[:, 0] = is_init[0, 3] = is_init[1, 5] = is_init[2, 7] = True
+    zeros = torch.zeros(N, T, 1, H)
+    td = tensordict.TensorDict(
+        {"embed": x, "is_init": is_init, "recurrent_state_h": zeros, "recurrent_state_c": zeros},
+        batch_size=[N, T],
+    )
+    with torchrl_modules.set_recurrent_mode(True):
+        expected = policy(td)["out"]
+    layer = rnnkit.LSTM(F, H, batch_first=True)
+    layer.load_state_dict(policy.lstm.state_dict())
+    out, _ = layer(x, reset=is_init[..., 0])
+    torch.testing.assert_close(out, expected)
+
+
+def test_examples_run():
+    runner = doctest.DocTestRunner()
+    tests = doctest.DocTestFinder().find(rnnkit.resets, globs={"torch": torch, "rnnkit": rnnkit})
+    assert sum(len(t.examples) for t in tests) > 0
+    for test in tests:
+        runner.run(test)
+    assert runner.failures == 0
