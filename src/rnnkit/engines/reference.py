@@ -166,22 +166,31 @@ def layer_graph(
     h0: Tensor,
     c0: Tensor | None,
     params: tuple[CellParams, ...],
+    restart: tuple[Restarts, ...] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """One plain layer (every direction) over time-major rows ``x`` ``[R, H_in]`` on this
-    engine's ops: its output rows, ``h_n`` and ``c_n``. The fast engines differentiate it for
-    a double backward, since their compiled backward has no graph of its own."""
-    lc = LayerCall(mode, PLAIN, False, x, tuple(batch_sizes), True, h0, c0, params)
+    engine's ops, with the layer's ``restart`` codes (``LayerCall.restart``): its output rows,
+    ``h_n`` and ``c_n``. The fast engines differentiate it for a double backward, since their
+    compiled backward has no graph of its own."""
+    lc = LayerCall(mode, PLAIN, False, x, tuple(batch_sizes), True, h0, c0, params, restart)
     return _layer(lc)
 
 
 def flat_layer_graph(
-    mode: str, batch_sizes, has_bias: bool, x: Tensor, h0: Tensor, c0: Tensor | None, weights
+    mode: str,
+    batch_sizes,
+    has_bias: bool,
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor | None,
+    weights,
+    restart: tuple[Restarts, ...] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """:func:`layer_graph` of a layer whose weights are its slice of ``_flat_weights`` (per
     direction ``w_ih, w_hh[, b_ih, b_hh][, w_hr]``), as the fast engines' autograd Functions
     keep them."""
     params = split_layer(weights, h0.size(0), has_bias)
-    return layer_graph(mode, x, tuple(batch_sizes), h0, c0, params)
+    return layer_graph(mode, x, tuple(batch_sizes), h0, c0, params, restart)
 
 
 def direction_graph(
@@ -192,10 +201,11 @@ def direction_graph(
     state: State,
     p: CellParams,
     reverse: bool,
+    restart: Restarts | None = None,
 ) -> tuple[Tensor, State]:
     """One direction over packed rows whose prepared sequence ``seq`` (``(gates_x, keep_h,
-    keep_c)`` rows) and params (masks included) are given, as an autograd graph: no random
-    numbers are drawn. Returns the output rows and the final state."""
+    keep_c)`` rows), params (masks included) and ``restart`` codes are given, as an autograd
+    graph: no random numbers are drawn. Returns the output rows and the final state."""
     h0 = _as_output(state)
     c0 = state[1] if isinstance(state, tuple) else None
     batch_sizes = tuple(batch_sizes)
@@ -204,7 +214,8 @@ def direction_graph(
         None if c0 is None else c0[None], (p,),
     )  # fmt: skip
     out = LayerOutput(lc, in_place=False)
-    final = _direction(DirectionCall(lc, 0, StepPlan.of(batch_sizes, reverse), seq, p, state), out)
+    plan = StepPlan.of(batch_sizes, reverse)
+    final = _direction(DirectionCall(lc, 0, plan, seq, p, state, restart), out)
     return out.result(), final
 
 
