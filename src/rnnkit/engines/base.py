@@ -83,13 +83,15 @@ class RNNCall:
 
 def time_major(call: RNNCall) -> tuple[Tensor, list[int]]:
     """``call.input`` time-major (``[L, N, H_in]``; packed rows as given) and the batch size
-    of every step, as the fast engines' time loops take them."""
+    of every step of packed input; none for uniform input, whose steps all have the full
+    batch (``driver.step_batches``): a list of L sizes would be a constant of one sequence
+    length in a trace or an exported graph."""
     x = call.input
     if call.batch_sizes is not None:
         return x, call.batch_sizes.tolist()
     if call.batch_first:
         x = x.transpose(0, 1)
-    return x, [x.size(1)] * x.size(0)
+    return x, []
 
 
 @dataclass(frozen=True)

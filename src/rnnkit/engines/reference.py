@@ -144,8 +144,10 @@ def layer_graph(
     params: tuple[CellParams, ...],
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """One plain layer (every direction) over time-major rows ``x`` ``[R, H_in]`` on this
-    engine's ops: its output rows, ``h_n`` and ``c_n``. The fast engines differentiate it for
-    a double backward, since their compiled backward has no graph of its own."""
+    engine's ops: its output rows, ``h_n`` and ``c_n``; ``batch_sizes`` as the compiled ops
+    take them (empty: every step has the full batch, ``driver.step_batches``). The fast
+    engines differentiate it for a double backward, since their compiled backward has no graph
+    of its own."""
     lc = LayerCall(mode, PLAIN, False, x, tuple(batch_sizes), True, h0, c0, params)
     return _layer(lc)
 
@@ -174,13 +176,12 @@ def direction_graph(
     numbers are drawn. Returns the output rows and the final state."""
     h0 = _as_output(state)
     c0 = state[1] if isinstance(state, tuple) else None
-    batch_sizes = tuple(batch_sizes)
     lc = LayerCall(
-        mode, variant, True, _as_output(seq), batch_sizes, True, h0[None],
+        mode, variant, True, _as_output(seq), tuple(batch_sizes), True, h0[None],
         None if c0 is None else c0[None], (p,),
     )  # fmt: skip
     out = LayerOutput(lc, in_place=False)
-    final = _direction(DirectionCall(lc, 0, StepPlan.of(batch_sizes, reverse), seq, p, state), out)
+    final = _direction(DirectionCall(lc, 0, StepPlan.of(lc.steps(), reverse), seq, p, state), out)
     return out.result(), final
 
 
