@@ -153,6 +153,11 @@ OPTIONS: dict[str, str] = {
         "(pass detached tensors or call the transform under torch.no_grad())"
     ),
     "functionalize": "torch.func.functionalize",
+    "jit_trace": (
+        "torch.jit.trace (a time loop in Python is unrolled into the trace at the example's "
+        "sequence length; trace a layer that runs on engine='fused', or export with "
+        "torch.export or rnnkit.onnx.export)"
+    ),
 }
 
 
@@ -172,6 +177,7 @@ def call_options(call: RNNCall | CellCall) -> frozenset[str]:
                 ("dropout", call.dropout != 0 and call.train and call.num_layers > 1),
                 ("no_bias", call.params[0].b_ih is None),
                 ("batch_first", call.batch_first),
+                ("jit_trace", torch.jit.is_tracing()),
             )
             if on
         )

@@ -206,8 +206,9 @@ class LayerOutput:
 
     def _rows(self, like: Tensor) -> Tensor:
         if self.data is None:
-            # allocated at the first write: its dtype is the step's (autocast may lower it)
-            self.data = like.new_empty(self.lead.numel(), self.D * like.size(-1))
+            # allocated at the first write: its dtype is the step's (autocast may lower it);
+            # sized by the leading dims, not their product, which a trace would keep fixed
+            self.data = like.new_empty((*self.lead, self.D * like.size(-1))).flatten(0, -2)
         return self.data
 
     def put(self, d: int, row: int, h: Tensor) -> None:
@@ -250,8 +251,7 @@ class DirectionCall:
         """``seq`` as time-major rows, each tensor ``[R, *]`` (a view where it can be one):
         what a kernel that walks :attr:`plan` over rows takes."""
         seq = self.seq if isinstance(self.seq, tuple) else (self.seq,)
-        R = self.layer.x.shape[:-1].numel()
-        return tuple(None if t is None else t.reshape(R, t.size(-1)) for t in seq)
+        return tuple(None if t is None else t.reshape(-1, t.size(-1)) for t in seq)
 
 
 # A direction: runs ``DirectionCall``, gives its output to the LayerOutput, returns the final

@@ -17,6 +17,7 @@ gives them to the reference engine.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -27,12 +28,13 @@ from rnnkit.engines.cpu import build, function, variant
 __all__ = ["FUSED"]
 
 _DTYPES = frozenset({torch.float32, torch.float64})
-# what FusedLayer and VariantLSTM handle: the core options, and torch.func's vmap and
-# reverse-mode gradients through their batching rules and setup_context
+# what FusedLayer and VariantLSTM handle: the core options, torch.func's vmap and
+# reverse-mode gradients through their batching rules and setup_context, and torch.jit.trace
+# (one op per layer or direction, whose uniform input carries no per-step sizes)
 _OPTIONS = frozenset(
     {
         "layers", "bidirectional", "proj_size", "packed", "dropout", "no_bias", "batch_first",
-        "vmap", "grad", "functionalize",
+        "vmap", "grad", "functionalize", "jit_trace",
     }
 )  # fmt: skip
 SUPPORT = (
@@ -43,11 +45,24 @@ SUPPORT = (
 _warned = False
 
 
+@contextlib.contextmanager
+def _untraced():
+    """No torch.jit.trace recording: loading the kernels calls ops (``blas_available``)
+    that are no part of the traced call, and whose nodes break the trace."""
+    state = torch._C._get_tracing_state()
+    torch._C._set_tracing_state(None)
+    try:
+        yield
+    finally:
+        torch._C._set_tracing_state(state)
+
+
 def rnn_unsupported(call: RNNCall) -> str | None:
     """None when the kernels load (building them on first use), else the build's reason,
     with one warning that ``engine="auto"`` falls back."""
     global _warned
-    reason = build.build_error()
+    with _untraced():
+        reason = build.build_error()
     if reason is not None and not _warned:
         _warned = True
         warnings.warn(
