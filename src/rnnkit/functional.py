@@ -190,6 +190,13 @@ def _rnn(
         data = input
     if not isinstance(data, Tensor):
         raise TypeError(f"input must be a Tensor or PackedSequence, got {type(data).__name__}")
+    if batch_sizes is not None and torch.jit.is_tracing():
+        raise RuntimeError(
+            "torch.jit.trace cannot trace an rnnkit layer on packed input (a PackedSequence, "
+            "batch_sizes or lengths=): its batch sizes are data, which the trace would keep "
+            "as the example's; trace padded input, or export the model with "
+            "rnnkit.onnx.export, which takes padded input with lengths="
+        )
     V.expect_dense("input", data)
     # torch.nn's order: dtype, rank, feature size, hidden shapes; then ATen's empty sequence
     autocast = V.autocast_on()

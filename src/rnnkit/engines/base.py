@@ -86,13 +86,15 @@ class RNNCall:
 
 def time_major(call: RNNCall) -> tuple[Tensor, list[int]]:
     """``call.input`` time-major (``[L, N, H_in]``; packed rows as given) and the batch size
-    of every step, as the fast engines' time loops take them."""
+    of every step of packed input; none for uniform input, whose steps all have the full
+    batch (``driver.step_batches``): a list of L sizes would be a constant of one sequence
+    length in a trace or an exported graph."""
     x = call.input
     if call.batch_sizes is not None:
         return x, call.batch_sizes.tolist()
     if call.batch_first:
         x = x.transpose(0, 1)
-    return x, [x.size(1)] * x.size(0)
+    return x, []
 
 
 @dataclass(frozen=True)
@@ -155,6 +157,11 @@ OPTIONS: dict[str, str] = {
         "(pass detached tensors or call the transform under torch.no_grad())"
     ),
     "functionalize": "torch.func.functionalize",
+    "jit_trace": (
+        "torch.jit.trace (a time loop in Python is unrolled into the trace at the example's "
+        "sequence length; trace a layer that runs on engine='fused', or export with "
+        "torch.export or rnnkit.onnx.export)"
+    ),
 }
 
 
@@ -175,6 +182,7 @@ def call_options(call: RNNCall | CellCall) -> frozenset[str]:
                 ("no_bias", call.params[0].b_ih is None),
                 ("batch_first", call.batch_first),
                 ("reset", call.reset is not None),
+                ("jit_trace", torch.jit.is_tracing()),
             )
             if on
         )

@@ -39,7 +39,19 @@ __all__ = [
     "by_direction",
     "records_graph",
     "run_stack",
+    "step_batches",
 ]
+
+
+def step_batches(batch_sizes: tuple[int, ...], R: int, N: int) -> tuple[int, ...]:
+    """The batch of every step of ``R`` rows of widest batch ``N``: ``batch_sizes`` of packed
+    input as given, and for uniform input, which gives none, ``R / N`` steps of ``N`` (an
+    empty batch, ``N = 0``: one step of no rows). The compiled CPU ops take the same encoding
+    (``step_batches`` in ``cpu/csrc/kernels.h``), so that no per-step list, which a trace or
+    an exported graph would keep as a constant, reaches them for uniform input."""
+    if batch_sizes:
+        return tuple(batch_sizes)
+    return (N,) * (R // N) if N else (0,)
 
 
 @dataclass(frozen=True)
@@ -90,7 +102,8 @@ class LayerCall:
     """One layer of a stacked call, as the driver hands it to an engine.
 
     ``x`` is time-major: ``[L, N, H_in]`` padded, or ``[R, H_in]`` packed rows (``packed``);
-    ``batch_sizes`` the batch of every step (``N`` each when padded). ``h0`` is ``[D, N,
+    ``batch_sizes`` the batch of every step of packed input, and empty for uniform input
+    (every step ``N``; see :func:`step_batches`). ``h0`` is ``[D, N,
     H_out]``, ``c0`` ``[D, N, H]`` for LSTM (else None), ``params`` one :class:`CellParams` per
     direction. A layer returns its output with ``x``'s leading dims and ``D*H_out`` features,
     ``h_n`` ``[D, N, H_out]`` and ``c_n`` ``[D, N, H]`` (LSTM; else None).
@@ -116,9 +129,13 @@ class LayerCall:
     def N(self) -> int:
         return self.h0.size(1)
 
+    def steps(self) -> tuple[int, ...]:
+        """The batch of every step, resolved (:func:`step_batches`)."""
+        return step_batches(self.batch_sizes, self.x.shape[:-1].numel(), self.N)
+
     def plan(self, d: int) -> StepPlan:
         """Direction ``d``'s steps (``d == 1`` runs in reverse)."""
-        return StepPlan.of(self.batch_sizes, d == 1)
+        return StepPlan.of(self.steps(), d == 1)
 
     def rows(self) -> Tensor:
         """``x`` as ``[R, H_in]`` rows in time-major order (a view when it can be one)."""
@@ -204,8 +221,9 @@ class LayerOutput:
 
     def _rows(self, like: Tensor) -> Tensor:
         if self.data is None:
-            # allocated at the first write: its dtype is the step's (autocast may lower it)
-            self.data = like.new_empty(self.lead.numel(), self.D * like.size(-1))
+            # allocated at the first write: its dtype is the step's (autocast may lower it);
+            # sized by the leading dims, not their product, which a trace would keep fixed
+            self.data = like.new_empty((*self.lead, self.D * like.size(-1))).flatten(0, -2)
         return self.data
 
     def put(self, d: int, row: int, h: Tensor) -> None:
@@ -250,8 +268,7 @@ class DirectionCall:
         """``seq`` as time-major rows, each tensor ``[R, *]`` (a view where it can be one):
         what a kernel that walks :attr:`plan` over rows takes."""
         seq = self.seq if isinstance(self.seq, tuple) else (self.seq,)
-        R = self.layer.x.shape[:-1].numel()
-        return tuple(None if t is None else t.reshape(R, t.size(-1)) for t in seq)
+        return tuple(None if t is None else t.reshape(-1, t.size(-1)) for t in seq)
 
 
 # A direction: runs ``DirectionCall``, gives its output to the LayerOutput, returns the final

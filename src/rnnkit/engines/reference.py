@@ -170,8 +170,9 @@ def layer_graph(
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """One plain layer (every direction) over time-major rows ``x`` ``[R, H_in]`` on this
     engine's ops, with the layer's ``restart`` codes (``LayerCall.restart``): its output rows,
-    ``h_n`` and ``c_n``. The fast engines differentiate it for a double backward, since their
-    compiled backward has no graph of its own."""
+    ``h_n`` and ``c_n``; ``batch_sizes`` as the compiled ops take them (empty: every step has
+    the full batch, ``driver.step_batches``). The fast engines differentiate it for a double
+    backward, since their compiled backward has no graph of its own."""
     lc = LayerCall(mode, PLAIN, False, x, tuple(batch_sizes), True, h0, c0, params, restart)
     return _layer(lc)
 
@@ -208,13 +209,12 @@ def direction_graph(
     graph: no random numbers are drawn. Returns the output rows and the final state."""
     h0 = _as_output(state)
     c0 = state[1] if isinstance(state, tuple) else None
-    batch_sizes = tuple(batch_sizes)
     lc = LayerCall(
-        mode, variant, True, _as_output(seq), batch_sizes, True, h0[None],
+        mode, variant, True, _as_output(seq), tuple(batch_sizes), True, h0[None],
         None if c0 is None else c0[None], (p,),
     )  # fmt: skip
     out = LayerOutput(lc, in_place=False)
-    plan = StepPlan.of(batch_sizes, reverse)
+    plan = StepPlan.of(lc.steps(), reverse)
     final = _direction(DirectionCall(lc, 0, plan, seq, p, state, restart), out)
     return out.result(), final
 
@@ -246,11 +246,14 @@ _EVERYTHING = Support(
     options=frozenset(OPTIONS),
     variant_fields=VARIANT_FIELDS,
 )
+# Every call but a layer under torch.jit.trace, whose time loop in Python a trace would unroll
+# at one sequence length; a cell is one step, which traces as it is.
+_LAYERS = Support(ALL_MODES, None, None, frozenset(OPTIONS) - {"jit_trace"}, VARIANT_FIELDS)
 
 REFERENCE = Engine(
     name="reference",
     layer=_layer,
     run_cell=run_cell,
-    rnn_support=(_EVERYTHING,),
+    rnn_support=(_LAYERS,),
     cell_support=(_EVERYTHING,),
 )

@@ -18,6 +18,8 @@ gives them to the reference engine.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from rnnkit.engines.base import ALL_MODES, Engine, Support
@@ -26,12 +28,13 @@ from rnnkit.engines.cpu import build, function, variant
 __all__ = ["FUSED"]
 
 _DTYPES = frozenset({torch.float32, torch.float64})
-# what FusedLayer and VariantLSTM handle: the core options, and torch.func's vmap and
-# reverse-mode gradients through their batching rules and setup_context
+# what FusedLayer and VariantLSTM handle: the core options, torch.func's vmap and
+# reverse-mode gradients through their batching rules and setup_context, and torch.jit.trace
+# (one op per layer or direction, whose uniform input carries no per-step sizes)
 _OPTIONS = frozenset(
     {
         "layers", "bidirectional", "proj_size", "packed", "dropout", "no_bias", "batch_first",
-        "vmap", "grad", "functionalize",
+        "vmap", "grad", "functionalize", "jit_trace",
     }
 )  # fmt: skip
 SUPPORT = (
@@ -39,6 +42,24 @@ SUPPORT = (
     Support(ALL_MODES, frozenset({"cpu"}), _DTYPES, _OPTIONS, frozenset({"forget_bias"})),
     Support(frozenset({"LSTM"}), frozenset({"cpu"}), _DTYPES, _OPTIONS, variant.VARIANT_FIELDS),
 )
+
+
+@contextlib.contextmanager
+def _untraced():
+    """No torch.jit.trace recording: loading the kernels is no part of the traced call, and
+    nodes recorded meanwhile would break the trace."""
+    state = torch._C._get_tracing_state()
+    torch._C._set_tracing_state(None)
+    try:
+        yield
+    finally:
+        torch._C._set_tracing_state(state)
+
+
+def _fault() -> str | None:
+    """None when the kernels load (building them on first use), else the build's reason."""
+    with _untraced():
+        return build.build_error()
 
 
 def _layer(lc):
@@ -56,5 +77,5 @@ FUSED = Engine(
     run_cell=_run_cell,
     rnn_support=SUPPORT,
     # the kernels, built on first use: a build that failed is the engine's fault
-    fault=build.build_error,
+    fault=_fault,
 )

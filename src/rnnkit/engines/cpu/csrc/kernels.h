@@ -16,6 +16,7 @@
 
 #include <ATen/Parallel.h>
 #include <c10/util/ArrayRef.h>
+#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -75,6 +76,40 @@ inline Plan make_plan(c10::ArrayRef<int64_t> batch_sizes, bool reverse) {
     p.uniform = p.uniform && batch_sizes[t] == p.N;
   }
   return p;
+}
+
+// The batch of every step of R rows whose widest step has N rows (h0's batch). Packed input
+// gives its batch sizes; uniform (padded) input gives none, which means R / N steps of N
+// rows: the ops then carry no per-step list, which a trace or an exported graph would keep as
+// a constant of one sequence length. Either way they are checked against R and N before a
+// plan walks the rows: positive, non-increasing, summing to R, the first (the widest) N. An
+// empty batch (N = 0, uniform) is one step of no rows.
+inline std::vector<int64_t> step_batches(c10::ArrayRef<int64_t> batch_sizes, int64_t R,
+                                         int64_t N) {
+  if (batch_sizes.empty()) {
+    if (N == 0) {
+      TORCH_CHECK(R == 0, "rnnkit fused engine: uniform input of batch N = 0 must have 0 rows, ",
+                  "got ", R);
+      return {0};
+    }
+    TORCH_CHECK(R > 0 && R % N == 0, "rnnkit fused engine: uniform input (empty batch_sizes) ",
+                "must have a positive multiple of N = ", N, " rows (h0's batch), got ", R);
+    return std::vector<int64_t>(R / N, N);
+  }
+  TORCH_CHECK(batch_sizes[0] == N, "rnnkit fused engine: batch_sizes[0] must equal h0's batch N = ",
+              N, ", got ", batch_sizes[0]);
+  int64_t rows = 0;
+  for (size_t t = 0; t < batch_sizes.size(); ++t) {
+    TORCH_CHECK(batch_sizes[t] > 0, "rnnkit fused engine: batch_sizes must be positive, got ",
+                batch_sizes[t], " at position ", t);
+    TORCH_CHECK(t == 0 || batch_sizes[t] <= batch_sizes[t - 1],
+                "rnnkit fused engine: batch_sizes must be non-increasing, got ", batch_sizes[t],
+                " at position ", t, " after ", t == 0 ? 0 : batch_sizes[t - 1]);
+    rows += batch_sizes[t];
+  }
+  TORCH_CHECK(rows == R, "rnnkit fused engine: batch_sizes sum to ", rows, " but the input has ",
+              R, " rows");
+  return batch_sizes.vec();
 }
 
 // Row j of the state before step s: output row of step s - 1, or row j of h0.

@@ -2,6 +2,7 @@
 // allocate every buffer once, run the input projection and the weight and input gradients as
 // one GEMM each over all steps (the Elman backward: over blocks of steps), and hand the
 // recurrent part to the per-cell time loops.
+#include "checks.h"
 #include "kernels.h"
 
 #include <ATen/core/Tensor.h>
@@ -16,6 +17,7 @@
 #include <cstring>
 #include <memory>
 #include <optional>
+#include <string>
 #include <vector>
 
 namespace rnnkit {
@@ -23,31 +25,15 @@ namespace {
 
 using at::Tensor;
 
-// The codes and gate blocks of rnnkit/modes.py's table, which build.py passes as macros.
-enum Mode : int64_t {
-  LSTM = RNNKIT_MODE_LSTM,
-  GRU = RNNKIT_MODE_GRU,
-  RNN_TANH = RNNKIT_MODE_RNN_TANH,
-  RNN_RELU = RNNKIT_MODE_RNN_RELU
-};
-
-int64_t gate_blocks(int64_t mode) {
-  return mode == LSTM ? RNNKIT_GATES_LSTM : mode == GRU ? RNNKIT_GATES_GRU : RNNKIT_GATES_RNN_TANH;
-}
-
 // The weights of one direction, in torch's _flat_weights order.
 struct Weights {
   Tensor w_ih, w_hh, b_ih, b_hh, w_hr;
 };
 
-std::vector<Weights> split_weights(at::TensorList weights, int64_t D, bool has_bias) {
-  const int64_t per_dir = static_cast<int64_t>(weights.size()) / D;
-  const int64_t base = has_bias ? 4 : 2;
-  TORCH_CHECK(per_dir * D == static_cast<int64_t>(weights.size()) &&
-                  (per_dir == base || per_dir == base + 1),
-              "rnnkit fused engine: unexpected number of weights ", weights.size());
-  std::vector<Weights> out(D);
-  for (int64_t d = 0; d < D; ++d) {
+std::vector<Weights> split_weights(const LayerShape& s, at::TensorList weights, bool has_bias) {
+  const int64_t per_dir = static_cast<int64_t>(weights.size()) / s.D;
+  std::vector<Weights> out(s.D);
+  for (int64_t d = 0; d < s.D; ++d) {
     const at::TensorList w = weights.slice(d * per_dir, per_dir);
     out[d].w_ih = w[0].contiguous();
     out[d].w_hh = w[1].contiguous();
@@ -55,7 +41,7 @@ std::vector<Weights> split_weights(at::TensorList weights, int64_t D, bool has_b
       out[d].b_ih = w[2].contiguous();
       out[d].b_hh = w[3].contiguous();
     }
-    if (per_dir == base + 1) out[d].w_hr = w[base].contiguous();
+    if (s.proj) out[d].w_hr = w[per_dir - 1].contiguous();
   }
   return out;
 }
@@ -202,14 +188,12 @@ void for_directions(int64_t D, bool small_steps, const F& run) {
 }
 
 template <typename T>
-std::vector<Tensor> forward_impl(int64_t mode, const Tensor& x, const Tensor& h0,
-                                 const std::optional<Tensor>& c0, at::TensorList weights,
-                                 at::IntArrayRef batch_sizes, bool has_bias, bool train) {
-  const int64_t D = h0.size(0), N = h0.size(1), H_out = h0.size(2);
-  const int64_t R = x.size(0), H_in = x.size(1);
-  const std::vector<Weights> ws = split_weights(weights, D, has_bias);
-  const int64_t G = gate_blocks(mode), H = ws[0].w_hh.size(0) / G;
-  const bool proj = ws[0].w_hr.defined();
+std::vector<Tensor> forward_impl(int64_t mode, const LayerShape& s, const Tensor& x,
+                                 const Tensor& h0, const std::optional<Tensor>& c0,
+                                 at::TensorList weights, bool has_bias, bool train) {
+  const int64_t D = s.D, N = s.N, H_out = s.H_out, R = s.R, H_in = s.H_in, G = s.G, H = s.H;
+  const bool proj = s.proj;
+  const std::vector<Weights> ws = split_weights(s, weights, has_bias);
 
   Tensor out = at::empty({R, D * H_out}, x.options());
   Tensor h_n = h0.clone(at::MemoryFormat::Contiguous);
@@ -232,7 +216,7 @@ std::vector<Tensor> forward_impl(int64_t mode, const Tensor& x, const Tensor& h0
     if (mode == GRU) hw[d] = at::empty({N, 3 * H}, x.options());
   }
   std::vector<Plan> plans(D);
-  for (int64_t d = 0; d < D; ++d) plans[d] = make_plan(batch_sizes, d == 1);
+  for (int64_t d = 0; d < D; ++d) plans[d] = make_plan(s.batch_sizes, d == 1);
 
   for_directions(D, small_step_gemm(N * G * H * H_out), [&](int64_t d) {
     const Plan& p = plans[d];
@@ -271,23 +255,18 @@ std::vector<Tensor> forward_impl(int64_t mode, const Tensor& x, const Tensor& h0
 // `weights` in their order]. `reuse_saved`: the saved buffers are not needed after this call
 // (no retain_graph), so the LSTM and GRU time loops write their gate gradients over them.
 template <typename T>
-std::vector<Tensor> backward_impl(int64_t mode, const Tensor& grad_out, const Tensor& grad_hn,
-                                  const std::optional<Tensor>& grad_cn, const Tensor& x,
-                                  const Tensor& h0, const std::optional<Tensor>& c0,
-                                  at::TensorList weights, const Tensor& out,
-                                  at::TensorList saved, at::IntArrayRef batch_sizes,
-                                  bool has_bias, bool need_dx, bool reuse_saved) {
-  const int64_t D = h0.size(0), N = h0.size(1), H_out = h0.size(2);
-  const int64_t R = x.size(0), H_in = x.size(1);
-  const std::vector<Weights> ws = split_weights(weights, D, has_bias);
-  const int64_t G = gate_blocks(mode), H = ws[0].w_hh.size(0) / G;
-  const bool proj = ws[0].w_hr.defined();
+std::vector<Tensor> backward_impl(int64_t mode, const LayerShape& s, const Tensor& grad_out,
+                                  const Tensor& grad_hn, const std::optional<Tensor>& grad_cn,
+                                  const Tensor& x, const Tensor& h0,
+                                  const std::optional<Tensor>& c0, at::TensorList weights,
+                                  const Tensor& out, at::TensorList saved, bool has_bias,
+                                  bool need_dx, bool reuse_saved) {
+  const int64_t D = s.D, N = s.N, H_out = s.H_out, R = s.R, H_in = s.H_in, G = s.G, H = s.H;
+  const bool proj = s.proj;
+  const std::vector<Weights> ws = split_weights(s, weights, has_bias);
   // GRU keeps the input-side n gradient as a fourth block, see gru.cpp
   const int64_t ldG = mode == GRU ? 4 * H : G * H;
   const int64_t per_dir = mode == LSTM ? 3 : mode == GRU ? 1 : 0;
-  TORCH_CHECK(static_cast<int64_t>(saved.size()) == per_dir * D,
-              "rnnkit fused engine: backward without the saved forward buffers");
-  TORCH_CHECK(!batch_sizes.empty(), "rnnkit fused engine: backward of an empty sequence");
 
   // The kernels read grad_out by rows of unit column stride, at any row stride: a gradient
   // broadcast over the rows (as the output's sum or mean gives) is read as its one row, and a
@@ -301,7 +280,7 @@ std::vector<Tensor> backward_impl(int64_t mode, const Tensor& grad_out, const Te
   Tensor dh = grad_hn.clone(at::MemoryFormat::Contiguous);
   Tensor dc = mode == LSTM ? grad_cn->clone(at::MemoryFormat::Contiguous) : none_like(x);
   std::vector<Plan> plans(D);
-  for (int64_t d = 0; d < D; ++d) plans[d] = make_plan(batch_sizes, d == 1);
+  for (int64_t d = 0; d < D; ++d) plans[d] = make_plan(s.batch_sizes, d == 1);
   // allocated where first written: the LSTM and GRU time loops run without it
   Tensor dx = none_like(x);
   std::vector<Tensor> result{dx, dh, dc};
@@ -403,20 +382,19 @@ std::vector<Tensor> backward_impl(int64_t mode, const Tensor& grad_out, const Te
   return result;
 }
 
-void check_dtype(const Tensor& x) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "rnnkit fused engine: float32 or float64 only, got ", x.scalar_type());
-}
-
 std::vector<Tensor> layer_forward(int64_t mode, const Tensor& x, const Tensor& h0,
                                   const std::optional<Tensor>& c0, at::TensorList weights,
                                   at::IntArrayRef batch_sizes, bool has_bias, bool train) {
-  check_dtype(x);
+  const LayerShape s = check_layer_args(mode, x, h0, c0, weights, batch_sizes, has_bias);
   const Tensor xc = x.contiguous();
-  if (x.scalar_type() == at::kFloat) {
-    return forward_impl<float>(mode, xc, h0, c0, weights, batch_sizes, has_bias, train);
+  if (s.dtype == at::kFloat) {
+    return forward_impl<float>(mode, s, xc, h0, c0, weights, has_bias, train);
   }
-  return forward_impl<double>(mode, xc, h0, c0, weights, batch_sizes, has_bias, train);
+  return forward_impl<double>(mode, s, xc, h0, c0, weights, has_bias, train);
+}
+
+std::optional<Tensor> contiguous(const std::optional<Tensor>& t) {
+  return present(t) ? std::optional<Tensor>(t->contiguous()) : std::nullopt;
 }
 
 std::vector<Tensor> layer_backward(int64_t mode, const Tensor& grad_out, const Tensor& grad_hn,
@@ -425,14 +403,20 @@ std::vector<Tensor> layer_backward(int64_t mode, const Tensor& grad_out, const T
                                    at::TensorList weights, const Tensor& out,
                                    at::TensorList saved, at::IntArrayRef batch_sizes,
                                    bool has_bias, bool need_dx, bool reuse_saved) {
-  check_dtype(x);
-  const Tensor xc = x.contiguous();
-  if (x.scalar_type() == at::kFloat) {
-    return backward_impl<float>(mode, grad_out, grad_hn, grad_cn, xc, h0, c0, weights, out,
-                                saved, batch_sizes, has_bias, need_dx, reuse_saved);
+  const LayerShape s = check_layer_args(mode, x, h0, c0, weights, batch_sizes, has_bias);
+  check_layer_grads(mode, s, grad_out, grad_hn, grad_cn, out, saved);
+  // the time loops read these by rows of their sizes (a contiguous saved buffer is the one
+  // that reuse_saved writes over)
+  const Tensor xc = x.contiguous(), h0c = h0.contiguous(), outc = out.contiguous();
+  const std::optional<Tensor> c0c = contiguous(c0);
+  std::vector<Tensor> sv;
+  for (const Tensor& t : saved) sv.push_back(t.contiguous());
+  if (s.dtype == at::kFloat) {
+    return backward_impl<float>(mode, s, grad_out, grad_hn, grad_cn, xc, h0c, c0c, weights, outc,
+                                sv, has_bias, need_dx, reuse_saved);
   }
-  return backward_impl<double>(mode, grad_out, grad_hn, grad_cn, xc, h0, c0, weights, out,
-                               saved, batch_sizes, has_bias, need_dx, reuse_saved);
+  return backward_impl<double>(mode, s, grad_out, grad_hn, grad_cn, xc, h0c, c0c, weights, outc,
+                               sv, has_bias, need_dx, reuse_saved);
 }
 
 }  // namespace

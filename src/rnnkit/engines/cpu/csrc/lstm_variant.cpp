@@ -22,6 +22,7 @@
 // Training keeps per row the pre-activations z (activations and clip masks are recomputed from
 // them), ct, c' when it differs from ct, rhat and the row statistics for layer_norm, y and the
 // unclipped projection for proj: what the backward below needs and nothing more.
+#include "checks.h"
 #include "kernels.h"
 
 #include <ATen/core/Tensor.h>
@@ -466,7 +467,6 @@ Args<T> make_args(const Tensor& gx, const Tensor& h0, const Tensor& c0, const Te
                   const Tensor& ln_hh, const Tensor& ln_cw, const Tensor& ln_cb,
                   const Tensor& rec_mask, const Tensor& keep_h, const Tensor& keep_c,
                   at::ArrayRef<double> rates, bool coupled) {
-  TORCH_CHECK(rates.size() == 5, "rnnkit fused engine: expected 5 rates and clips");
   Args<T> a{};
   a.H = c0.size(1);
   a.H_out = h0.size(1);
@@ -543,7 +543,6 @@ std::vector<Tensor> backward_impl(const Tensor& grad_out, const Tensor& grad_hn,
   const bool ln = a.ln_hh != nullptr, proj = a.w_hr != nullptr;
   Tensor dr = ln ? at::empty({R, G}, opts) : dz;
   Tensor dht = proj ? at::empty({R, H_out}, opts) : Tensor();
-  TORCH_CHECK(saved.size() == 7, "rnnkit fused engine: backward without the saved buffers");
   const Saved<T> sv{ptr<T>(saved[0]), ptr<T>(saved[1]), ptr<T>(saved[2]), ptr<T>(saved[3]),
                     ptr<T>(saved[4]), ptr<T>(saved[5]), ptr<T>(saved[6])};
   Accum<T> acc;
@@ -597,11 +596,6 @@ std::vector<Tensor> backward_impl(const Tensor& grad_out, const Tensor& grad_hn,
   return result;
 }
 
-void check_dtype(const Tensor& x) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "rnnkit fused engine: float32 or float64 only, got ", x.scalar_type());
-}
-
 std::vector<Tensor> lstm_variant_forward(
     const Tensor& gx, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
     const std::optional<Tensor>& b_hh, const std::optional<Tensor>& w_hr,
@@ -610,17 +604,22 @@ std::vector<Tensor> lstm_variant_forward(
     const std::optional<Tensor>& rec_mask, const std::optional<Tensor>& keep_h,
     const std::optional<Tensor>& keep_c, at::ArrayRef<double> rates, bool coupled,
     at::IntArrayRef batch_sizes, bool reverse, bool train) {
-  check_dtype(gx);
+  const c10::ScalarType dtype = float_dtype("gx", gx);
+  check_tensor("gx", gx, dtype, 2);
+  const VariantShape s =
+      check_variant_args(dtype, gx.size(0), h0, c0, w_hh, b_hh, w_hr, peephole, ln_hh,
+                         ln_c_weight, ln_c_bias, rec_mask, keep_h, keep_c, rates, batch_sizes);
+  check_tensor("gx", gx, dtype, {s.R, 4 * s.H}, "[R, 4*H]");
   const Tensor g = gx.contiguous(), h = h0.contiguous(), c = c0.contiguous();
   const Tensor w = w_hh.contiguous(), bh = opt(b_hh), wr = opt(w_hr), pp = opt(peephole);
   const Tensor lh = opt(ln_hh), lw = opt(ln_c_weight), lb = opt(ln_c_bias);
   const Tensor rm = opt(rec_mask), kh = opt(keep_h), kc = opt(keep_c);
   if (gx.scalar_type() == at::kFloat) {
     const auto a = make_args<float>(g, h, c, w, bh, wr, pp, lh, lw, lb, rm, kh, kc, rates, coupled);
-    return forward_impl<float>(g, h, c, a, batch_sizes, reverse, train);
+    return forward_impl<float>(g, h, c, a, s.batch_sizes, reverse, train);
   }
   const auto a = make_args<double>(g, h, c, w, bh, wr, pp, lh, lw, lb, rm, kh, kc, rates, coupled);
-  return forward_impl<double>(g, h, c, a, batch_sizes, reverse, train);
+  return forward_impl<double>(g, h, c, a, s.batch_sizes, reverse, train);
 }
 
 std::vector<Tensor> lstm_variant_backward(
@@ -632,7 +631,12 @@ std::vector<Tensor> lstm_variant_backward(
     const std::optional<Tensor>& rec_mask, const std::optional<Tensor>& keep_h,
     const std::optional<Tensor>& keep_c, at::ArrayRef<double> rates, bool coupled,
     at::IntArrayRef batch_sizes, bool reverse) {
-  check_dtype(out);
+  const c10::ScalarType dtype = float_dtype("out", out);
+  check_tensor("out", out, dtype, 2);
+  const VariantShape s =
+      check_variant_args(dtype, out.size(0), h0, c0, w_hh, b_hh, w_hr, peephole, ln_hh,
+                         ln_c_weight, ln_c_bias, rec_mask, keep_h, keep_c, rates, batch_sizes);
+  check_variant_grads(dtype, s, grad_out, grad_hn, grad_cn, out, saved);
   const Tensor h = h0.contiguous(), c = c0.contiguous();
   const Tensor w = w_hh.contiguous(), bh = opt(b_hh), wr = opt(w_hr), pp = opt(peephole);
   const Tensor lh = opt(ln_hh), lw = opt(ln_c_weight), lb = opt(ln_c_bias);
@@ -643,10 +647,12 @@ std::vector<Tensor> lstm_variant_backward(
   const bool has_b = bh.defined();
   if (out.scalar_type() == at::kFloat) {
     const auto a = make_args<float>(o, h, c, w, bh, wr, pp, lh, lw, lb, rm, kh, kc, rates, coupled);
-    return backward_impl<float>(grad_out, grad_hn, grad_cn, o, sv, a, batch_sizes, reverse, has_b);
+    return backward_impl<float>(grad_out, grad_hn, grad_cn, o, sv, a, s.batch_sizes, reverse,
+                                has_b);
   }
   const auto a = make_args<double>(o, h, c, w, bh, wr, pp, lh, lw, lb, rm, kh, kc, rates, coupled);
-  return backward_impl<double>(grad_out, grad_hn, grad_cn, o, sv, a, batch_sizes, reverse, has_b);
+  return backward_impl<double>(grad_out, grad_hn, grad_cn, o, sv, a, s.batch_sizes, reverse,
+                               has_b);
 }
 
 }  // namespace
