@@ -268,8 +268,13 @@ def _engine_params() -> list:
 def test_reset_equals_running_the_pieces_apart(case, engine, kernels, monkeypatch):
     if kernels is not None:
         monkeypatch.setenv("RNNKIT_TRITON_PERSISTENT", "1" if kernels == "persistent" else "0")
-    device = _DEVICES.get(engine, "cpu")
-    case = ResetCase(**{**case.__dict__, "engine": engine, "device": device})
+    _check_pieces(ResetCase(**{**case.__dict__, "engine": engine}))
+
+
+def _check_pieces(case: ResetCase) -> None:
+    """The case's call with ``reset=`` on its engine, on the engine's device, against the
+    definition run on the reference engine."""
+    case = ResetCase(**{**case.__dict__, "device": _DEVICES.get(case.engine, "cpu")})
     module = case.module()
     inputs = case.inputs(module)
     pieces = copy.deepcopy(module)
@@ -280,6 +285,27 @@ def test_reset_equals_running_the_pieces_apart(case, engine, kernels, monkeypatc
     assert_engine_close(
         expected, actual, truth, title=f"reset= differs from the pieces ({_id(case)})"
     )
+
+
+@pytest.mark.parametrize("engine", ["triton"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        ResetCase(mode="GRU", bidirectional=True, lengths=True),
+        ResetCase(proj=True, bidirectional=True, dtype=torch.float32),
+        ResetCase(variant=(("layer_norm", True), ("zoneout", 0.2)), bidirectional=True),
+    ],
+    ids=_id,
+)
+def test_triton_tiles_smaller_than_a_step(case, engine, monkeypatch):
+    """The Triton engine's per-step kernels, the restarts' included, with several programs
+    per step and partial tiles in rows and units (whole rows where layer_norm needs them)."""
+    from rnnkit.engines.triton import launch
+
+    monkeypatch.setenv("RNNKIT_TRITON_PERSISTENT", "0")
+    monkeypatch.setattr(launch, "_MAX_BLOCK_H", 4)
+    monkeypatch.setattr(launch, "_TILE", 8)
+    _check_pieces(ResetCase(**{**case.__dict__, "engine": engine}))
 
 
 @pytest.mark.parametrize("engine", [e for e in RESET_ENGINES if e != "reference"])
