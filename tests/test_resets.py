@@ -3,8 +3,10 @@ pieces run as separate sequences (the first from ``hx``, the others from zeros) 
 
 The definition runs the same module on every piece alone (:func:`by_pieces`); the call with
 ``reset=`` must give the same output, final states and every gradient (input, initial states,
-each parameter), on every engine that runs it, with ``lengths=``, layers, directions,
-projections, ``batch_first``, unbatched input and the variants; and refuse bad masks clearly.
+each parameter), on every engine that runs it (:data:`RESET_ENGINES`; the Triton engine on its
+persistent kernels and on its per-step ones, in Triton's interpreter without a GPU), with
+``lengths=``, layers, directions, projections, ``batch_first``, unbatched input and the
+variants; and refuse bad masks clearly.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class ResetCase:
     variant: tuple = ()
     dtype: torch.dtype = torch.float64
     engine: str = "auto"
+    device: str = "cpu"
 
     def module(self) -> torch.nn.Module:
         torch.manual_seed(0)
@@ -53,7 +56,7 @@ class ResetCase:
             kwargs["nonlinearity"] = "relu" if self.mode == "RNN_RELU" else "tanh"
         if self.proj:
             kwargs["proj_size"] = 3
-        return _CLASSES[self.mode](4, 5, **kwargs).to(self.dtype).eval()
+        return _CLASSES[self.mode](4, 5, **kwargs).to(self.device, self.dtype).eval()
 
     def inputs(self, module) -> dict:
         """x, hx, reset (in the module's layout) and lengths, drawn from a fixed seed: a reset
@@ -72,7 +75,9 @@ class ResetCase:
             H_out = 3 if self.proj else 5
             h = torch.randn(self.num_layers * D, N, H_out, generator=gen, dtype=self.dtype)
             c = torch.randn(self.num_layers * D, N, 5, generator=gen, dtype=self.dtype)
+            h, c = h.to(self.device), c.to(self.device)
             hx = (h, c) if self.mode == "LSTM" else h
+        x, reset = x.to(self.device), reset.to(self.device)
         return {"x": x, "hx": hx, "reset": reset, "lengths": lengths}
 
 
@@ -91,9 +96,10 @@ def _named(case, module, x, hx, out, final) -> dict[str, Tensor]:
     """Output, final states and every gradient of a fixed weighted sum of them."""
     gen = torch.Generator().manual_seed(2)
     finals = _states(final)
-    loss = (out * torch.randn(out.shape, generator=gen, dtype=out.dtype)).sum()
+    loss = (out * torch.randn(out.shape, generator=gen, dtype=out.dtype).to(out.device)).sum()
     for f in finals:
-        loss = loss + (f * torch.randn(f.shape, generator=gen, dtype=f.dtype)).sum()
+        weights = torch.randn(f.shape, generator=gen, dtype=f.dtype).to(f.device)
+        loss = loss + (f * weights).sum()
     leaves = {"x": x, **{f"hx{i}": s for i, s in enumerate(_states(hx)) if s is not None}}
     leaves.update(dict(module.named_parameters()))
     grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
@@ -174,7 +180,21 @@ def by_pieces(case: ResetCase, module, inputs: dict) -> dict[str, Tensor]:
 
 
 # the engines that run reset= (the others decline it: auto then takes the reference)
-RESET_ENGINES = ["reference"]
+RESET_ENGINES = ["reference", "triton"]
+# where each engine runs here: the Triton engine on CUDA, else in Triton's interpreter on CPU
+# tensors (the triton_interpreter fixture)
+_DEVICES = {"triton": "cuda" if torch.cuda.is_available() else "cpu"}
+_FIXTURES = {"triton": "triton_interpreter"}
+
+
+@pytest.fixture(autouse=True)
+def _engine_fixture(request):
+    """The fixture that the test's ``engine`` parameter needs (:data:`_FIXTURES`)."""
+    callspec = getattr(request.node, "callspec", None)
+    engine = callspec.params.get("engine") if callspec is not None else None
+    if engine in _FIXTURES:
+        request.getfixturevalue(_FIXTURES[engine])
+
 
 CASES = [
     ResetCase(),
@@ -193,6 +213,12 @@ CASES = [
     ResetCase(variant=(("layer_norm", True), ("peephole", True))),
     ResetCase(variant=(("layer_norm", True),), bidirectional=True, dtype=torch.float32),
     ResetCase(variant=(("zoneout", 0.2),), lengths=True),
+    ResetCase(
+        variant=(("zoneout", 0.2), ("peephole", True)),
+        proj=True,
+        bidirectional=True,
+        dtype=torch.float32,
+    ),
 ]
 
 
@@ -216,10 +242,39 @@ def _id(case: ResetCase) -> str:
     return "-".join(parts)
 
 
-@pytest.mark.parametrize("engine", ["reference", "auto"])
-@pytest.mark.parametrize("case", CASES, ids=_id)
-def test_reset_equals_running_the_pieces_apart(case, engine):
-    case = ResetCase(**{**case.__dict__, "engine": engine})
+def _takes_persistent(case: ResetCase) -> bool:
+    """Whether the Triton engine's persistent kernels run the case's directions (by
+    default): plain layers without projection on equal lengths."""
+    return not (case.proj or case.lengths or case.variant)
+
+
+def _engine_params() -> list:
+    """``(case, engine, kernels)`` of every case on every engine of :data:`RESET_ENGINES` and
+    "auto"; ``kernels`` the Triton engine's (``RNNKIT_TRITON_PERSISTENT``): the persistent
+    ones where they run the case, and the per-step ones on every case."""
+    params = []
+    for case in CASES:
+        for engine in [*RESET_ENGINES, "auto"]:
+            kernels = [None]
+            if engine == "triton":
+                kernels = ["persistent", "per-step"] if _takes_persistent(case) else ["per-step"]
+            for k in kernels:
+                name = engine if k is None else f"{engine}-{k}"
+                params.append(pytest.param(case, engine, k, id=f"{_id(case)}-{name}"))
+    return params
+
+
+@pytest.mark.parametrize(("case", "engine", "kernels"), _engine_params())
+def test_reset_equals_running_the_pieces_apart(case, engine, kernels, monkeypatch):
+    if kernels is not None:
+        monkeypatch.setenv("RNNKIT_TRITON_PERSISTENT", "1" if kernels == "persistent" else "0")
+    _check_pieces(ResetCase(**{**case.__dict__, "engine": engine}))
+
+
+def _check_pieces(case: ResetCase) -> None:
+    """The case's call with ``reset=`` on its engine, on the engine's device, against the
+    definition run on the reference engine."""
+    case = ResetCase(**{**case.__dict__, "device": _DEVICES.get(case.engine, "cpu")})
     module = case.module()
     inputs = case.inputs(module)
     pieces = copy.deepcopy(module)
@@ -230,6 +285,62 @@ def test_reset_equals_running_the_pieces_apart(case, engine):
     assert_engine_close(
         expected, actual, truth, title=f"reset= differs from the pieces ({_id(case)})"
     )
+
+
+@pytest.mark.parametrize("engine", ["triton"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        ResetCase(mode="GRU", bidirectional=True, lengths=True),
+        ResetCase(proj=True, bidirectional=True, dtype=torch.float32),
+        ResetCase(variant=(("layer_norm", True), ("zoneout", 0.2)), bidirectional=True),
+    ],
+    ids=_id,
+)
+def test_triton_tiles_smaller_than_a_step(case, engine, monkeypatch):
+    """The Triton engine's per-step kernels, the restarts' included, with several programs
+    per step and partial tiles in rows and units (whole rows where layer_norm needs them)."""
+    from rnnkit.engines.triton import launch
+
+    monkeypatch.setenv("RNNKIT_TRITON_PERSISTENT", "0")
+    monkeypatch.setattr(launch, "_MAX_BLOCK_H", 4)
+    monkeypatch.setattr(launch, "_TILE", 8)
+    _check_pieces(ResetCase(**{**case.__dict__, "engine": engine}))
+
+
+@pytest.mark.parametrize("engine", [e for e in RESET_ENGINES if e != "reference"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        ResetCase(bidirectional=True, lengths=True),
+        ResetCase(mode="GRU", bidirectional=True),
+        ResetCase(variant=(("peephole", True),), bidirectional=True),
+    ],
+    ids=_id,
+)
+def test_double_and_batched_backward_keep_the_resets(case, engine):
+    """``create_graph=True`` and ``is_grads_batched=True``, which a fast engine may recompute
+    on torch ops, give the reference engine's gradients with resets too."""
+    case = ResetCase(**{**case.__dict__, "engine": engine, "device": _DEVICES.get(engine, "cpu")})
+    module = case.module()
+    inputs = case.inputs(module)
+    reference = copy.deepcopy(module)
+    reference.engine = "reference"
+    runs = []
+    for m in (reference, module):
+        x, hx = _leaves(inputs)
+        kwargs = {"reset": inputs["reset"], "lengths": inputs["lengths"]}
+        out, _ = m(x, hx, **kwargs)
+        params = list(m.parameters())
+        grads = torch.autograd.grad(out.sin().sum(), [x, *params], create_graph=True)
+        second = torch.autograd.grad(sum(g.square().sum() for g in grads), [x, *params])
+        gen = torch.Generator().manual_seed(3)
+        v = torch.randn(2, *out.shape, generator=gen, dtype=out.dtype).to(out.device)
+        out, _ = m(x, hx, **kwargs)
+        batched = torch.autograd.grad(out, [x, *_states(hx)], v, is_grads_batched=True)
+        runs.append([*second, *batched])
+    for e, a in zip(*runs, strict=True):
+        torch.testing.assert_close(a, e)
 
 
 def test_step_and_chunks_with_resets_equal_the_whole_call():
@@ -252,13 +363,14 @@ def test_step_and_chunks_with_resets_equal_the_whole_call():
     torch.testing.assert_close(state, final)
 
 
-def test_an_all_false_reset_changes_nothing():
-    for engine in RESET_ENGINES:
-        module = ResetCase(num_layers=2, bidirectional=True, engine=engine).module()
-        x = torch.randn(6, 3, 4, dtype=torch.float64)
-        plain = module(x)
-        with_mask = module(x, reset=torch.zeros(6, 3, dtype=torch.bool))
-        torch.testing.assert_close(with_mask, plain, rtol=0, atol=0)
+@pytest.mark.parametrize("engine", RESET_ENGINES)
+def test_an_all_false_reset_changes_nothing(engine):
+    device = _DEVICES.get(engine, "cpu")
+    module = ResetCase(num_layers=2, bidirectional=True, engine=engine, device=device).module()
+    x = torch.randn(6, 3, 4, dtype=torch.float64, device=device)
+    plain = module(x)
+    with_mask = module(x, reset=torch.zeros(6, 3, dtype=torch.bool, device=device))
+    torch.testing.assert_close(with_mask, plain, rtol=0, atol=0)
 
 
 def test_resets_under_vmap_and_compile():

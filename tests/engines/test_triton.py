@@ -290,7 +290,7 @@ for fn in fns:
         signature, constexprs = {}, {}
         for p in params:
             if p.startswith("p_"):
-                signature[p] = "*i32" if p == "p_sync" else "*" + io
+                signature[p] = {"p_sync": "*i32", "p_codes": "*i8"}.get(p, "*" + io)
             elif p.isupper() or p.startswith("BLOCK"):
                 signature[p] = "constexpr"
                 constexprs[p] = {"ACC": tl.float64 if io == "fp64" else tl.float32,
@@ -319,4 +319,4 @@ def test_kernels_compile_for_gpus(tmp_path):
         [sys.executable, "-c", COMPILE], env=env, capture_output=True, text=True, timeout=600
     )
     assert run.returncode == 0, run.stderr[-4000:]
-    assert int(run.stdout.split()[-1]) == 10
+    assert int(run.stdout.split()[-1]) == 12

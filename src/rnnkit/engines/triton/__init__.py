@@ -1,8 +1,10 @@
 """The Triton engine: persistent and per-step Triton kernels, for CUDA tensors.
 
 Runs every mode and option of :class:`~rnnkit.engines.base.RNNCall` (``proj_size``,
-bidirectional, stacked layers, packed input, inter-layer dropout) on CUDA tensors of float32,
-float64, float16 or bfloat16, with a hand-written backward through time. Directions without
+bidirectional, stacked layers, packed input, inter-layer dropout, resets inside a sequence) on
+CUDA tensors of float32, float64, float16 or bfloat16, with a hand-written backward through
+time. A reset (:mod:`rnnkit.resets`) is a per-row select on the carried state inside the
+kernels' time loops, forward and backward, with no gradient across it. Directions without
 projection on equal lengths and H <= 256 run their whole time loop in one
 launch (``persistent.py``); the rest run per step, one GEMM ``h_{t-1} W_hh^T`` (torch, i.e.
 cuBLAS) on the active rows and one Triton kernel for the gates and the state update
@@ -33,7 +35,7 @@ __all__ = ["SUPPORT", "TRITON", "interpreted", "triton_error"]
 _DTYPES = frozenset({torch.float32, torch.float64, torch.float16, torch.bfloat16})
 _OPTIONS = frozenset(
     {"layers", "bidirectional", "proj_size", "packed", "dropout", "no_bias", "batch_first",
-     "autocast"}
+     "autocast", "reset"}
 )  # fmt: skip
 # what variant.py's loop and variant_kernels.py implement, for LSTM (forget_bias changes
 # the init only); declared here, where nothing imports triton

@@ -10,6 +10,12 @@ both in torch (cuBLAS on a GPU).
 Loads are cast to ``ACC`` (float32, or float64 for float64 layers), all pointwise math and the
 running state (LSTM ``c`` and ``dc``, GRU ``h``) stay in it, and stores cast to the
 destination's dtype: half-precision layers keep state and pointwise math in float32.
+
+Resets inside a sequence (:mod:`rnnkit.resets`) come as one int8 restart code per row
+(``CARRY``, ``ZERO``, ``INITIAL``): :func:`restart_forward_kernel` selects the carried state of
+a step's rows before the step's GEMM, :func:`restart_backward_kernel` cuts the gradient of that
+state after the step back, and the backward kernels that read the previous state read zeros or
+the initial state for the rows that restart (``RESET``).
 """
 
 from __future__ import annotations
@@ -17,6 +23,12 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
+
+from rnnkit.resets import CARRY, INITIAL
+
+# the restart codes of rnnkit.resets, as constants the kernels compare codes against
+_CARRY = tl.constexpr(CARRY)
+_INITIAL = tl.constexpr(INITIAL)
 
 
 @triton.jit
@@ -67,6 +79,88 @@ def tile(b, H, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr):
 
 
 @triton.jit
+def prev_source(p_codes, o_n, b, b_prev, RESET: tl.constexpr):
+    """Where each row's previous state comes from: the previous step's rows (``o_n <
+    b_prev``) or the initial state's (the rest, and with ``RESET`` the rows that restart from
+    it); a row that restarts from zeros reads neither."""
+    from_prev = o_n < b_prev
+    from_init = o_n >= b_prev
+    if RESET:
+        code = tl.load(p_codes + o_n, mask=o_n < b, other=0)
+        from_prev = from_prev & (code == _CARRY)
+        from_init = (from_init & (code == _CARRY)) | (code == _INITIAL)
+    return from_prev, from_init
+
+
+@triton.jit
+def restart_forward_kernel(
+    p_codes,  # [b] int8 restart codes of this step's rows
+    p_a,  # [N, *] a state (row stride s_a): rows restarted in place
+    p_a0,  # [N, *] its initial state (row stride s_a0)
+    p_b,  # [N, *] a second state (TWO)
+    p_b0,  # [N, *] its initial state (TWO)
+    b,
+    W,  # max(W_a, W_b)
+    W_a,
+    W_b,
+    s_a,
+    s_a0,
+    s_b,
+    s_b0,
+    TWO: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    # s = s (CARRY), 0 (ZERO) or s_0 (INITIAL): a select, so that a NaN does not cross a reset
+    o_n, o_h, mask = tile(b, W, BLOCK_N, BLOCK_H)
+    code = tl.load(p_codes + o_n, mask=o_n < b, other=0)
+    restart = mask & (code != _CARRY)
+    initial = code == _INITIAL
+    m_a = restart & (o_h < W_a)
+    b_a0 = tl.load(p_a0 + o_n * s_a0 + o_h, mask=m_a & initial, other=0.0)
+    tl.store(p_a + o_n * s_a + o_h, b_a0.to(p_a.dtype.element_ty), mask=m_a)
+    if TWO:
+        m_b = restart & (o_h < W_b)
+        b_b0 = tl.load(p_b0 + o_n * s_b0 + o_h, mask=m_b & initial, other=0.0)
+        tl.store(p_b + o_n * s_b + o_h, b_b0.to(p_b.dtype.element_ty), mask=m_b)
+
+
+@triton.jit
+def restart_backward_kernel(
+    p_codes,  # [b] int8 restart codes of this step's rows
+    p_da,  # [N, *] dL/d(state entering the step): zeroed where the row restarts
+    p_da0,  # [N, *] dL/d(initial state), gathered: += p_da where the row restarts from it
+    p_db,  # [N, *] a second state's (TWO)
+    p_db0,  # [N, *] (TWO)
+    b,
+    W,  # max(W_a, W_b)
+    W_a,
+    W_b,
+    TWO: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    # s_in = s_prev (CARRY), 0 (ZERO) or s_0 (INITIAL): ds_prev = ds_in [CARRY],
+    # ds_0 += ds_in [INITIAL]
+    o_n, o_h, mask = tile(b, W, BLOCK_N, BLOCK_H)
+    code = tl.load(p_codes + o_n, mask=o_n < b, other=0)
+    restart = mask & (code != _CARRY)
+    m_a = restart & (o_h < W_a)
+    m_a0 = m_a & (code == _INITIAL)
+    b_da = tl.load(p_da + o_n * W_a + o_h, mask=m_a0, other=0.0)
+    b_da0 = tl.load(p_da0 + o_n * W_a + o_h, mask=m_a0, other=0.0)
+    tl.store(p_da0 + o_n * W_a + o_h, b_da0 + b_da, mask=m_a0)
+    tl.store(p_da + o_n * W_a + o_h, tl.full([BLOCK_N, BLOCK_H], 0.0, b_da.dtype), mask=m_a)
+    if TWO:
+        m_b = restart & (o_h < W_b)
+        m_b0 = m_b & (code == _INITIAL)
+        b_db = tl.load(p_db + o_n * W_b + o_h, mask=m_b0, other=0.0)
+        b_db0 = tl.load(p_db0 + o_n * W_b + o_h, mask=m_b0, other=0.0)
+        tl.store(p_db0 + o_n * W_b + o_h, b_db0 + b_db, mask=m_b0)
+        tl.store(p_db + o_n * W_b + o_h, tl.full([BLOCK_N, BLOCK_H], 0.0, b_db.dtype), mask=m_b)
+
+
+@triton.jit
 def lstm_forward_kernel(
     p_gates,  # [b, 4H] pre-activations; the activations i|f|g|o on exit when SAVE
     p_c,  # [N, H] c_{t-1} on entry, c_t on exit (ACC)
@@ -111,11 +205,12 @@ def lstm_backward_kernel(
     p_act,  # [b, 4H] saved activations i|f|g|o
     p_cs,  # [b, H] saved c_t
     p_cprev,  # [b_prev, H] the previous step's saved c_t: c_{t-1} of rows < b_prev
-    p_c0,  # [N, H] c_0: c_{t-1} of rows >= b_prev
+    p_c0,  # [N, H] c_0: c_{t-1} of rows >= b_prev (with RESET, and of rows restarting from it)
     p_dh,  # [b, *] dL/dh_t from the later steps (ADD_GO), or dr_t with a projection
     p_go,  # [b, *] dL/dh_t from the output rows (ADD_GO)
     p_dc,  # [N, H] dL/dc_t on entry, dL/dc_{t-1} on exit (ACC)
     p_dG,  # [b, 4H] gradient of the pre-activations
+    p_codes,  # [b] int8 restart codes of this step's rows (RESET)
     b,
     b_prev,
     H,
@@ -123,6 +218,7 @@ def lstm_backward_kernel(
     s_go,
     ACC: tl.constexpr,
     ADD_GO: tl.constexpr,
+    RESET: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
@@ -140,9 +236,9 @@ def lstm_backward_kernel(
     b_o = tl.load(p_a + 3 * H, mask=mask).to(ACC)
     o_c = o_n * H + o_h
     b_tc = tanh(tl.load(p_cs + o_c, mask=mask).to(ACC))
-    from_prev = o_n < b_prev
+    from_prev, from_init = prev_source(p_codes, o_n, b, b_prev, RESET)
     b_cp = tl.load(p_cprev + o_c, mask=mask & from_prev, other=0.0).to(ACC)
-    b_cp += tl.load(p_c0 + o_c, mask=mask & ~from_prev, other=0.0).to(ACC)
+    b_cp += tl.load(p_c0 + o_c, mask=mask & from_init, other=0.0).to(ACC)
     b_dr = tl.load(p_dh + o_n * s_dh + o_h, mask=mask).to(ACC)
     if ADD_GO:
         b_dr += tl.load(p_go + o_n * s_go + o_h, mask=mask).to(ACC)
@@ -201,16 +297,18 @@ def gru_forward_kernel(
 def gru_backward_kernel(
     p_ws,  # [b, 4H] saved r|z|n|h_n
     p_hprev,  # [b_prev, *] the previous step's output rows: h_{t-1} of rows < b_prev
-    p_h0,  # [N, H] h_0: h_{t-1} of rows >= b_prev
+    p_h0,  # [N, H] h_0: h_{t-1} of rows >= b_prev (with RESET, and of rows restarting from it)
     p_dh,  # [N, H] dL/dh_t from the later steps on entry; its direct part dh_t z on exit
     p_go,  # [b, *] dL/dh_t from the output rows
     p_dG,  # [b, 4H] dA_r | dA_z | dA_n r (hidden side) | dA_n (input side)
+    p_codes,  # [b] int8 restart codes of this step's rows (RESET)
     b,
     b_prev,
     H,
     s_prev,
     s_go,
     ACC: tl.constexpr,
+    RESET: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
@@ -228,9 +326,9 @@ def gru_backward_kernel(
     b_z = tl.load(p_w + H, mask=mask).to(ACC)
     b_n = tl.load(p_w + 2 * H, mask=mask).to(ACC)
     b_hn = tl.load(p_w + 3 * H, mask=mask).to(ACC)
-    from_prev = o_n < b_prev
+    from_prev, from_init = prev_source(p_codes, o_n, b, b_prev, RESET)
     b_hp = tl.load(p_hprev + o_n * s_prev + o_h, mask=mask & from_prev, other=0.0).to(ACC)
-    b_hp += tl.load(p_h0 + o_s, mask=mask & ~from_prev, other=0.0).to(ACC)
+    b_hp += tl.load(p_h0 + o_s, mask=mask & from_init, other=0.0).to(ACC)
     b_dan = b_dh * (1.0 - b_z) * (1.0 - b_n * b_n)
     ty = p_dG.dtype.element_ty
     p_d = p_dG + o_n * 4 * H + o_h

@@ -61,13 +61,41 @@ def lstm_forward(gates, c, cs, h, out, b: int, H: int) -> None:
     )  # fmt: skip
 
 
-def lstm_backward(act, cs, cprev, c0, dh, go, dc, dG, b: int, b_prev: int, H: int) -> None:
+def restart_forward(codes, a, a0, b_state, b0, b: int) -> None:
+    """Before a step: the rows ``j < b`` of the states ``a`` (and ``b_state``, or None) whose
+    restart code ``codes`` [b] says so start over, from zeros or from their rows of ``a0``
+    (``b0``)."""
+    two = b_state is not None
+    W_b = b_state.size(1) if two else 0
+    grid, blocks = _grid(b, max(a.size(1), W_b))
+    kernels.restart_forward_kernel[grid](
+        codes, a, a0, b_state, b0, b, max(a.size(1), W_b), a.size(1), W_b, a.stride(0),
+        a0.stride(0), b_state.stride(0) if two else 0, b0.stride(0) if two else 0, TWO=two,
+        **blocks,
+    )  # fmt: skip
+
+
+def restart_backward(codes, da, da0, db, db0, b: int) -> None:
+    """After a step back: the gradients ``da`` (and ``db``, or None) [N, *] of the state that
+    entered the step stop at the rows ``j < b`` that restarted there; those that restarted
+    from the initial state add theirs to ``da0`` (``db0``). All contiguous."""
+    two = db is not None
+    W_b = db.size(1) if two else 0
+    grid, blocks = _grid(b, max(da.size(1), W_b))
+    kernels.restart_backward_kernel[grid](
+        codes, da, da0, db, db0, b, max(da.size(1), W_b), da.size(1), W_b, TWO=two, **blocks
+    )
+
+
+def lstm_backward(act, cs, cprev, c0, dh, go, dc, dG, codes, b: int, b_prev: int, H: int) -> None:
     """One step back: ``dh`` [b, *] is dh_t from the later steps when ``go`` (the output
-    rows' gradient) is given, else dr_t of a projection; ``dc`` [N, H] is updated in place."""
+    rows' gradient) is given, else dr_t of a projection; ``dc`` [N, H] is updated in place;
+    ``codes`` [b] the step's restart codes or None."""
     grid, blocks = _grid(b, H)
     kernels.lstm_backward_kernel[grid](
-        act, cs, cprev, c0, dh, go, dc, dG, b, b_prev, H, dh.stride(0),
-        0 if go is None else go.stride(0), ACC=acc_tl(dc), ADD_GO=go is not None, **blocks,
+        act, cs, cprev, c0, dh, go, dc, dG, codes, b, b_prev, H, dh.stride(0),
+        0 if go is None else go.stride(0), ACC=acc_tl(dc), ADD_GO=go is not None,
+        RESET=codes is not None, **blocks,
     )  # fmt: skip
 
 
@@ -81,11 +109,11 @@ def gru_forward(x, hw, h, hio, out, ws, b: int, H: int) -> None:
     )  # fmt: skip
 
 
-def gru_backward(ws, hprev, h0, dh, go, dG, b: int, b_prev: int, H: int) -> None:
+def gru_backward(ws, hprev, h0, dh, go, dG, codes, b: int, b_prev: int, H: int) -> None:
     grid, blocks = _grid(b, H)
     kernels.gru_backward_kernel[grid](
-        ws, hprev, h0, dh, go, dG, b, b_prev, H, hprev.stride(0), go.stride(0),
-        ACC=acc_tl(dh), **blocks,
+        ws, hprev, h0, dh, go, dG, codes, b, b_prev, H, hprev.stride(0), go.stride(0),
+        ACC=acc_tl(dh), RESET=codes is not None, **blocks,
     )  # fmt: skip
 
 
@@ -140,14 +168,16 @@ def lstm_variant_forward(v, train, gx, rr, c, h, out, y, p, kh, kc, saved, scala
 
 
 def lstm_variant_backward(
-    v, train, saved, cprev, c0, dy, dh, go, kh, dc, kc, p, dz, dco, scalars, b, b_prev, H
+    v, train, saved, cprev, c0, dy, dh, go, kh, dc, kc, p, dz, dco, scalars, codes, b, b_prev, H
 ) -> None:
     """One step back: ``saved`` the step's rows ``(z, ct, stats)``; ``dy`` given with a
-    projection, else ``dh`` [N, H] and ``go`` (the output rows' gradient) make it."""
+    projection, else ``dh`` [N, H] and ``go`` (the output rows' gradient) make it; ``codes``
+    [b] the step's restart codes or None."""
     grid, blocks = _grid(b, H, whole_rows=v.layer_norm)
     z, ct, stats = saved
     variant_kernels.lstm_variant_backward_kernel[grid](
         z, ct, cprev, c0, stats, dy, dh, go, kh, dc, kc, p.peephole, p.ln_c_weight,
-        p.ln_c_bias, dz, dco, scalars, b, b_prev, H, 0 if go is None else go.stride(0),
-        ACC=acc_tl(dc), PROJ=dy is not None, **_variant_flags(v, train), **blocks,
+        p.ln_c_bias, dz, dco, scalars, codes, b, b_prev, H, 0 if go is None else go.stride(0),
+        ACC=acc_tl(dc), PROJ=dy is not None, RESET=codes is not None,
+        **_variant_flags(v, train), **blocks,
     )  # fmt: skip

@@ -9,6 +9,8 @@ reference draw the same masks under one seed.
 ``layer_norm``'s LayerNorm of the recurrent GEMM, the projection and its clip), one Triton
 kernel for the rest (``variant_kernels.py``); and a hand-written backward that hands autograd
 the gradient of the input projection, of the states and of every recurrent-side parameter.
+Resets inside a sequence are the plain layers' per-row select (``recurrence.py``): the
+direction's restart codes ride along as one more tensor input.
 
 Runs every variant field but custom ``activations`` in any combination, with every core option, in float32 and float64, as the engine declares
 (``engines/triton/__init__.py``); half precision, GRU/RNN variants, custom activations and any
@@ -21,11 +23,17 @@ import torch
 from torch import Tensor
 
 from rnnkit.cells import LN_EPS, CellParams, State
-from rnnkit.engines.driver import DirectionCall, LayerOutput, StepPlan, by_direction
+from rnnkit.engines.driver import DirectionCall, LayerOutput, by_direction
 from rnnkit.engines.grads import batched_grads, graph_grads, regrads
 from rnnkit.engines.reference import direction_graph
 from rnnkit.engines.triton import launch
-from rnnkit.engines.triton.recurrence import prev_rows
+from rnnkit.engines.triton.recurrence import (
+    batch_rows,
+    prev_states,
+    restarting,
+    restarts_at,
+    restarts_of,
+)
 from rnnkit.variants import Variant
 
 __all__ = ["layer"]
@@ -49,10 +57,11 @@ def _keep_h(v: Variant, train: bool, keep_h: Tensor | None, rows: slice):
     return v.zoneout[0] if not train and v.zoneout[0] else None
 
 
-def _forward(static, gx, h0, c0, params, masks, save: bool):
-    """The forward loop: ``gx`` [R, 4H], ``h0`` [N, H_out], ``c0`` [N, H]. Returns ``out``,
-    ``h_n``, ``c_n`` and, when ``save``, what backward needs."""
-    v, train, plan = static
+def _forward(static, gx, h0, c0, params, masks, restart, save: bool):
+    """The forward loop: ``gx`` [R, 4H], ``h0`` [N, H_out], ``c0`` [N, H], ``restart`` the
+    direction's :class:`~rnnkit.resets.Restarts` or None. Returns ``out``, ``h_n``, ``c_n``
+    and, when ``save``, what backward needs."""
+    v, train, plan, _ = static
     p = _params(params)
     rec_mask, keep_h, keep_c = masks
     H, H_out, R, N = c0.size(1), h0.size(1), gx.size(0), plan.N
@@ -71,8 +80,11 @@ def _forward(static, gx, h0, c0, params, masks, save: bool):
     y = gx.new_empty(R if save else N, H) if proj else None
     hp = gx.new_empty(R, H_out) if save and proj and v.proj_clip is not None else None
     scalars = launch.variant_scalars(v, gx)
-    for o, b in zip(plan.off, plan.bs, strict=True):
+    for s, (o, b) in enumerate(zip(plan.off, plan.bs, strict=True)):
         rows = slice(o, o + b)
+        codes = restarts_at(restart, plan, s)
+        if codes is not None:
+            launch.restart_forward(codes, h, h0, c, c0, b)
         h_in = h[:b] if rec_mask is None else h[:b] * rec_mask[:b]
         r = torch.mm(h_in, w_hh_t, out=rr[:b])
         if p.ln_hh is not None:
@@ -109,41 +121,51 @@ class VariantDirection(torch.autograd.Function):
     """One direction of one layer: ``gx`` ``[R, 4H]`` (input projection of every row), ``h0``
     ``[N, H_out]``, ``c0`` ``[N, H]``, the recurrent-side parameters, then the masks
     (``rec_mask`` ``[N, H_out]``, ``keep_h`` ``[R, H_out]``, ``keep_c`` ``[R, H]``, each or
-    None). Returns ``out`` ``[R, H_out]``, ``h_n`` and ``c_n``. ``static`` is
-    ``(variant, train, plan)``."""
+    None), then the direction's restart codes ``[R]`` (or None). Returns ``out`` ``[R,
+    H_out]``, ``h_n`` and ``c_n``. ``static`` is ``(variant, train, plan, steps)``, ``steps``
+    those of the restart codes (``Restarts.steps``)."""
 
     @staticmethod
-    def forward(ctx, static, gx, h0, c0, w_hh, b_hh, w_hr, peep, ln_hh, ln_cw, ln_cb, *masks):
+    def forward(ctx, static, gx, h0, c0, w_hh, b_hh, w_hr, peep, ln_hh, ln_cw, ln_cb, *masks_codes):
         params = [w_hh, b_hh, w_hr, peep, ln_hh, ln_cw, ln_cb]
-        out, h_n, c_n, saved = _forward(static, gx, h0, c0, params, masks, True)
+        masks, codes = masks_codes[:3], masks_codes[3]
+        restart = None if codes is None else restarts_of(codes, static[3])
+        out, h_n, c_n, saved = _forward(static, gx, h0, c0, params, masks, restart, True)
         ctx.static = static
         # gx only for a double backward, which rebuilds the direction from it
-        ctx.save_for_backward(gx, h0, c0, *params, *masks, *saved)
+        ctx.save_for_backward(gx, h0, c0, *params, *masks, codes, *saved)
         return out, h_n, c_n
 
     @staticmethod
     def backward(ctx, grad_out, grad_hn, grad_cn):
         gx, h0, c0, *rest = ctx.saved_tensors
-        params, masks, saved = rest[:7], rest[7:10], rest[10:]
+        params, masks, codes, saved = rest[:7], rest[7:10], rest[10], rest[11:]
+        restart = None if codes is None else restarts_of(codes, ctx.static[3])
+        none = (None,) * 4  # the masks and the codes
         if batched_grads((grad_out, grad_hn, grad_cn)):
             # a batch of gradients: torch's ops have batching rules there, the kernels none
             inputs, need = [gx, h0, c0, *params], ctx.needs_input_grad[1:11]
-            grads = regrads(_recompute(ctx, masks), (grad_out, grad_hn, grad_cn), inputs, need)
-            return (None, *grads, None, None, None)
+            recompute = _recompute(ctx, masks, restart)
+            grads = regrads(recompute, (grad_out, grad_hn, grad_cn), inputs, need)
+            return (None, *grads, *none)
         if torch.is_grad_enabled():
             # create_graph=True: differentiate the same direction rebuilt from torch ops
-            grads = _double_backward(ctx, gx, h0, c0, params, masks, (grad_out, grad_hn, grad_cn))
-            return (None, *grads, None, None, None)
-        grads = _backward(ctx.static, grad_out, grad_hn, grad_cn, h0, c0, params, masks, saved)
+            grads = _double_backward(
+                ctx, gx, h0, c0, params, masks, restart, (grad_out, grad_hn, grad_cn)
+            )
+            return (None, *grads, *none)
+        grads = _backward(
+            ctx.static, grad_out, grad_hn, grad_cn, h0, c0, params, masks, restart, saved
+        )
         need = ctx.needs_input_grad[1:11]
         grads = [g if n else None for g, n in zip(grads, need, strict=True)]
-        return (None, *grads, None, None, None)
+        return (None, *grads, *none)
 
 
-def _backward(static, grad_out, grad_hn, grad_cn, h0, c0, params, masks, saved):
+def _backward(static, grad_out, grad_hn, grad_cn, h0, c0, params, masks, restart, saved):
     """The reverse-time loop, then the parameter gradients as one GEMM or sum each. Returns
     the gradients of ``gx, h0, c0, w_hh, b_hh, w_hr, peep, ln_hh, ln_cw, ln_cb``."""
-    v, train, plan = static
+    v, train, plan, _ = static
     p = _params(params)
     rec_mask, keep_h, keep_c = masks
     out, z, ct, cz, stats, rhat, rstd, y, hp = saved
@@ -158,10 +180,14 @@ def _backward(static, grad_out, grad_hn, grad_cn, h0, c0, params, masks, saved):
     dht = gout.new_empty(R, H_out) if proj else None
     c_hist = ct if cz is None else cz
     scalars = launch.variant_scalars(v, gout)
+    # the gradient that reaches the initial state through the rows that restart from it
+    dh0 = None if restart is None else torch.zeros_like(dh)
+    dc0 = None if restart is None else torch.zeros_like(dc)
     for s in reversed(range(len(plan.bs))):
         o, b = plan.off[s], plan.bs[s]
         o_prev, b_prev = plan.prev(s)
         rows = slice(o, o + b)
+        codes = restarts_at(restart, plan, s)
         dy = None
         if proj:
             # h' = ht + k_h (h - ht), ht = clip(y W_hr^T): split dh', then through the clip
@@ -178,7 +204,7 @@ def _backward(static, grad_out, grad_hn, grad_cn, h0, c0, params, masks, saved):
             c_hist[o_prev:], c0, dy, dh, None if proj else gout[rows],
             None if keep_h is None or proj else keep_h[rows], dc,
             None if keep_c is None else keep_c[rows], p, dz[rows],
-            None if dco is None else dco[rows], scalars, b, b_prev, H,
+            None if dco is None else dco[rows], scalars, codes, b, b_prev, H,
         )  # fmt: skip
         dr = dz[rows]
         if p.ln_hh is not None:
@@ -193,18 +219,23 @@ def _backward(static, grad_out, grad_hn, grad_cn, h0, c0, params, masks, saved):
             dh[:b].addmm_(dr, p.w_hh)
         else:
             dh[:b].addcmul_(dr @ p.w_hh, rec_mask[:b])
+        if codes is not None:
+            launch.restart_backward(codes, dh, dh0, dc, dc0, b)
+    if dh0 is not None:
+        dh += dh0
+        dc += dc0
     # the parameters' gradients, each one GEMM or sum over all rows
-    prev = prev_rows(plan, out.device)
-    h_prev = torch.cat([out, h0]).index_select(0, prev)
+    restart = restarting(restart, plan)
+    h_prev = prev_states(plan, out, h0, restart)
     if rec_mask is not None:
-        h_prev = h_prev * rec_mask.index_select(0, _batch_rows(plan, out.device))
+        h_prev = h_prev * rec_mask.index_select(0, batch_rows(plan, out.device))
     grads: list[Tensor | None] = [dz, dh, dc, dr_all.t() @ h_prev]
     grads.append(None if p.b_hh is None else dz.sum(0))
     grads.append(dht.t() @ y if proj else None)
     d_peep = None
     if v.peephole:
         # z_i += p_i c, z_f += p_f c with c the previous cell; z_o += p_o ct
-        c_prev = torch.cat([c_hist, c0]).index_select(0, prev)
+        c_prev = prev_states(plan, c_hist, c0, restart)
         d_if = (dz[:, : 2 * H].view(R, 2, H) * c_prev.unsqueeze(1)).sum(0).flatten()
         d_peep = torch.cat([d_if, (dz[:, 3 * H :] * ct).sum(0)])
     grads.append(d_peep)
@@ -216,48 +247,41 @@ def _backward(static, grad_out, grad_hn, grad_cn, h0, c0, params, masks, saved):
     return grads
 
 
-def _batch_rows(plan: StepPlan, device) -> Tensor:
-    """Each row's batch element."""
-    index = torch.empty(plan.rows, dtype=torch.int64)
-    for o, b in zip(plan.off, plan.bs, strict=True):
-        index[o : o + b] = torch.arange(b)
-    return index.to(device)
-
-
-def _recompute(ctx, masks):
+def _recompute(ctx, masks, restart):
     """The direction as a function of ``(gx, h0, c0, *params)`` on the reference engine's ops,
-    with the call's masks (no new random numbers): ``(out, h_n, c_n)``."""
-    v, _, plan = ctx.static
+    with the call's masks (no new random numbers) and restarts: ``(out, h_n, c_n)``."""
+    v, _, plan, _ = ctx.static
     rec_mask, keep_h, keep_c = masks
     batch_sizes = tuple(plan.bs[::-1] if plan.reverse else plan.bs)
 
     def direction(gx, h0, c0, *params):
         p = _params(params)._replace(rec_mask=rec_mask)
         out, (h_n, c_n) = direction_graph(
-            "LSTM", v, (gx, keep_h, keep_c), batch_sizes, (h0, c0), p, plan.reverse
+            "LSTM", v, (gx, keep_h, keep_c), batch_sizes, (h0, c0), p, plan.reverse, restart
         )
         return out, h_n, c_n
 
     return direction
 
 
-def _double_backward(ctx, gx, h0, c0, params, masks, grads):
+def _double_backward(ctx, gx, h0, c0, params, masks, restart, grads):
     """Gradients as a graph: the direction recomputed by the reference engine's ops from the
-    same inputs and masks, differentiated by autograd."""
+    same inputs, masks and restarts, differentiated by autograd."""
     inputs = [gx, h0, c0, *params]
-    outputs = _recompute(ctx, masks)(*inputs)
+    outputs = _recompute(ctx, masks, restart)(*inputs)
     return graph_grads(outputs, grads, inputs, ctx.needs_input_grad[1:11])
 
 
-def _run(static, gx, h0, c0, p: CellParams, keep_h, keep_c):
+def _run(static, gx, h0, c0, p: CellParams, keep_h, keep_c, restart):
     """Run one direction: through :class:`VariantDirection` when a gradient is wanted, else
     straight through the loop, which then keeps nothing for backward."""
     params = _recurrent_params(p)
     masks = [p.rec_mask, keep_h, keep_c]
     tensors = [gx, h0, c0, *params]
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return VariantDirection.apply(static, gx, h0, c0, *params, *masks)
-    return _forward(static, gx, h0, c0, params, masks, False)[:3]
+        codes = None if restart is None else restart.codes
+        return VariantDirection.apply(static, gx, h0, c0, *params, *masks, codes)
+    return _forward(static, gx, h0, c0, params, masks, restart, False)[:3]
 
 
 def _direction(dc: DirectionCall, out: LayerOutput) -> State:
@@ -267,7 +291,9 @@ def _direction(dc: DirectionCall, out: LayerOutput) -> State:
     gx, keep_h, keep_c = dc.seq_rows()
     h0, c0 = dc.state
     with launch.on_device(gx), torch.autocast(gx.device.type, enabled=False):
-        y, h_n, c_n = _run((lc.variant, lc.train, dc.plan), gx, h0, c0, dc.params, keep_h, keep_c)
+        steps = None if dc.restart is None else dc.restart.steps
+        static = (lc.variant, lc.train, dc.plan, steps)
+        y, h_n, c_n = _run(static, gx, h0, c0, dc.params, keep_h, keep_c, dc.restart)
     out.set(dc.d, lc.shaped(y))
     return h_n, c_n
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from rnnkit.engines.triton.kernels import sigmoid, tanh, tile
+from rnnkit.engines.triton.kernels import prev_source, sigmoid, tanh, tile
 
 
 @triton.jit
@@ -170,7 +170,7 @@ def lstm_variant_backward_kernel(
     p_z,  # [b, 4H] saved pre-activations
     p_ct,  # [b, H] saved ct
     p_cprev,  # [b_prev, H] the previous step's c': c of rows < b_prev
-    p_c0,  # [N, H] c_0: c of rows >= b_prev
+    p_c0,  # [N, H] c_0: c of rows >= b_prev (with RESET, and of rows restarting from it)
     p_stats,  # [b, 2] mean and rstd of ct (LN_C)
     p_dy,  # [b, H] dL/dy (with a projection)
     p_dh,  # [N, H] dL/dh' from the later steps; on exit its part through zoneout (no PROJ)
@@ -184,12 +184,14 @@ def lstm_variant_backward_kernel(
     p_dz,  # [b, 4H] gradient of the pre-activations
     p_dco,  # [b, H] dL/dco, for the LayerNorm parameters' gradients (LN_C)
     p_scalars,  # [5] as the forward kernel's
+    p_codes,  # [b] int8 restart codes of this step's rows (RESET)
     b,
     b_prev,
     H,
     s_go,
     ACC: tl.constexpr,
     PROJ: tl.constexpr,
+    RESET: tl.constexpr,
     PEEP: tl.constexpr,
     CIFG: tl.constexpr,
     GCLIP: tl.constexpr,
@@ -230,9 +232,9 @@ def lstm_variant_backward_kernel(
     z_g = tl.load(p_z + o_g + 2 * H, mask=mask, other=0.0).to(ACC)
     z_o = tl.load(p_z + o_g + 3 * H, mask=mask, other=0.0).to(ACC)
     b_ct = tl.load(p_ct + o_s, mask=mask, other=0.0).to(ACC)
-    from_prev = o_n < b_prev
+    from_prev, from_init = prev_source(p_codes, o_n, b, b_prev, RESET)
     b_cp = tl.load(p_cprev + o_s, mask=mask & from_prev, other=0.0).to(ACC)
-    b_cp += tl.load(p_c0 + o_s, mask=mask & ~from_prev, other=0.0).to(ACC)
+    b_cp += tl.load(p_c0 + o_s, mask=mask & from_init, other=0.0).to(ACC)
     b_i = sigmoid(_clip(z_i, gate_clip, GCLIP))
     if CIFG:
         b_f = 1.0 - b_i
