@@ -275,8 +275,8 @@ _COMPILER = """#!/bin/sh
 # a compiler that, in its first call of a build, stops the build its mode says how
 # (RNNKIT_TEST_STOP=term: waits to be killed; int: Ctrl-C to the building process), and
 # otherwise is the real one
-if [ ! -e "$RNNKIT_TEST_MARK" ]; then
-  touch "$RNNKIT_TEST_MARK"
+# (mkdir: one compiler of those that start at once wins, so a single signal is sent)
+if [ -n "$RNNKIT_TEST_MARK" ] && mkdir "$RNNKIT_TEST_MARK" 2>/dev/null; then
   [ "$RNNKIT_TEST_STOP" = int ] && kill -INT $PPID
   exec sleep 120
 fi
