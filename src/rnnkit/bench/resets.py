@@ -31,11 +31,11 @@ from rnnkit.bench.runner import (
     TORCH_NN,
     BenchConfig,
     Row,
-    _ratio,
     build_workloads,
     engine_names,
     gate,
     measure,
+    ratio,
     report,
     steps_per_shape,
     with_ratios,
@@ -106,9 +106,9 @@ def run_reset_shape(
     for row in reset_rows[1:]:
         plain = plain_of.get(row["impl"], {})
         row["ratios"].update(
-            fwd_vs_plain=_ratio(_median(row, "fwd_ms"), _median(plain, "fwd_ms")),
-            train_vs_plain=_ratio(_median(row, "train_ms"), _median(plain, "train_ms")),
-            peak_vs_plain=_ratio(row.get("train_peak_mb"), plain.get("train_peak_mb")),
+            fwd_vs_plain=ratio(_median(row, "fwd_ms"), _median(plain, "fwd_ms")),
+            train_vs_plain=ratio(_median(row, "train_ms"), _median(plain, "train_ms")),
+            peak_vs_plain=ratio(row.get("train_peak_mb"), plain.get("train_peak_mb")),
         )
     mask = resets.reset_mask()
     drawn = {"every": every, "resets": int(mask.sum()), "entries": mask.numel()}

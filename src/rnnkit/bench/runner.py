@@ -59,6 +59,7 @@ __all__ = [
     "BenchConfig",
     "engine_names",
     "machine_info",
+    "ratio",
     "report",
     "run_bench",
     "steps_per_shape",
@@ -117,7 +118,8 @@ def summarize(samples_ms: Sequence[float]) -> dict:
     }
 
 
-def _ratio(num: float | None, den: float | None) -> float | None:
+def ratio(num: float | None, den: float | None) -> float | None:
+    """``num / den``, or None where either is missing (or ``den`` is 0)."""
     return None if num is None or not den else num / den
 
 
@@ -133,10 +135,10 @@ def with_ratios(rows: list[dict]) -> list[dict]:
 
     for row in rows:
         row["ratios"] = {
-            "fwd_vs_torch": _ratio(median(row, "fwd_ms"), median(base, "fwd_ms")),
-            "train_vs_torch": _ratio(median(row, "train_ms"), median(base, "train_ms")),
-            "peak_vs_torch": _ratio(row.get("train_peak_mb"), base.get("train_peak_mb")),
-            "train_speedup_vs_reference": _ratio(median(ref, "train_ms"), median(row, "train_ms")),
+            "fwd_vs_torch": ratio(median(row, "fwd_ms"), median(base, "fwd_ms")),
+            "train_vs_torch": ratio(median(row, "train_ms"), median(base, "train_ms")),
+            "peak_vs_torch": ratio(row.get("train_peak_mb"), base.get("train_peak_mb")),
+            "train_speedup_vs_reference": ratio(median(ref, "train_ms"), median(row, "train_ms")),
         }
     return rows
 
