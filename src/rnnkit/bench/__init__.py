@@ -2,9 +2,11 @@
 
 ``rnnkit bench`` (:mod:`rnnkit.cli.bench`) is the command; :mod:`rnnkit.bench.shapes` holds the
 registries of named shapes and variants, :mod:`rnnkit.bench.runner` what is measured and how,
-and :mod:`rnnkit.bench.variants` the runs of ``--variants`` against the plain LSTM.
+:mod:`rnnkit.bench.variants` the runs of ``--variants`` against the plain LSTM, and
+:mod:`rnnkit.bench.resets` the runs of ``--resets`` against the same calls without resets.
 """
 
+from rnnkit.bench.resets import run_reset_bench
 from rnnkit.bench.runner import BenchConfig, run_bench
 from rnnkit.bench.shapes import (
     QUICK_SHAPES,
@@ -25,5 +27,6 @@ __all__ = [
     "resolve_shapes",
     "resolve_variants",
     "run_bench",
+    "run_reset_bench",
     "run_variant_bench",
 ]

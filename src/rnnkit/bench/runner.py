@@ -8,7 +8,8 @@ by ``rnnkit.testing.compare``'s rule (below float64: about as close to a float64
 torch on the same values as torch is). An engine that fails gets no timings. The LSTM
 variants (``rnnkit bench --variants``, :mod:`rnnkit.bench.variants`) run on the same machinery,
 but their math is not torch's: each engine is checked against the reference engine on the same
-variant instead, and the reference engine's own row, the spec of the variants, is not checked.
+variant instead, and the reference engine's own row, the spec of the variants, is not checked;
+so are the calls with resets of ``--resets`` (:mod:`rnnkit.bench.resets`).
 
 Two workloads are timed, each ``warmup`` times untimed then ``repeats`` times, round-robin over
 the implementations so that drifts in clock speed hit them all alike:
@@ -49,6 +50,7 @@ from rnnkit import functional as RF
 from rnnkit.bench.shapes import BenchShape
 from rnnkit.engines.base import RNNCall
 from rnnkit.engines.cpu import build
+from rnnkit.resets import check_reset
 from rnnkit.testing import Result, compare, compare_all, run_pair, run_truth
 
 __all__ = [
@@ -57,6 +59,7 @@ __all__ = [
     "BenchConfig",
     "engine_names",
     "machine_info",
+    "ratio",
     "report",
     "run_bench",
     "steps_per_shape",
@@ -115,7 +118,8 @@ def summarize(samples_ms: Sequence[float]) -> dict:
     }
 
 
-def _ratio(num: float | None, den: float | None) -> float | None:
+def ratio(num: float | None, den: float | None) -> float | None:
+    """``num / den``, or None where either is missing (or ``den`` is 0)."""
     return None if num is None or not den else num / den
 
 
@@ -131,23 +135,31 @@ def with_ratios(rows: list[dict]) -> list[dict]:
 
     for row in rows:
         row["ratios"] = {
-            "fwd_vs_torch": _ratio(median(row, "fwd_ms"), median(base, "fwd_ms")),
-            "train_vs_torch": _ratio(median(row, "train_ms"), median(base, "train_ms")),
-            "peak_vs_torch": _ratio(row.get("train_peak_mb"), base.get("train_peak_mb")),
-            "train_speedup_vs_reference": _ratio(median(ref, "train_ms"), median(row, "train_ms")),
+            "fwd_vs_torch": ratio(median(row, "fwd_ms"), median(base, "fwd_ms")),
+            "train_vs_torch": ratio(median(row, "train_ms"), median(base, "train_ms")),
+            "peak_vs_torch": ratio(row.get("train_peak_mb"), base.get("train_peak_mb")),
+            "train_speedup_vs_reference": ratio(median(ref, "train_ms"), median(row, "train_ms")),
         }
     return rows
 
 
 class _Workload:
-    """A layer, its input and its loss weights; the two timed steps."""
+    """A layer, its input, its loss weights and its ``reset=`` (or None); the two timed steps."""
 
-    def __init__(self, module: torch.nn.Module, x: Tensor, loss_weights: list[Tensor]):
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        x: Tensor,
+        loss_weights: list[Tensor],
+        reset: Tensor | None = None,
+    ):
         self.module, self.x, self.loss_weights = module, x, loss_weights
         self.leaves = [x, *module.parameters()]
+        # torch.nn's layers take no reset=: the plain call unless there is one
+        self.keywords = {} if reset is None else {"reset": reset}
 
     def outputs(self) -> list[Tensor]:
-        output, hidden = self.module(self.x)
+        output, hidden = self.module(self.x, **self.keywords)
         return [output, *(hidden if isinstance(hidden, tuple) else (hidden,))]
 
     def forward(self) -> list[Tensor]:
@@ -170,7 +182,8 @@ class _Workload:
 def build_workloads(
     shape: BenchShape, config: BenchConfig, impls: Sequence[str]
 ) -> dict[str, _Workload]:
-    """Workloads for torch.nn and each engine, on identical weights, input and loss weights."""
+    """Workloads for torch.nn and each engine, on identical weights, input and loss weights;
+    the engines' with the shape's :meth:`~BenchShape.reset_mask`, if it has one."""
     case = shape.case(config.dtype)
     x = case.inputs(config.device, config.seed)["input"]
     # Drawn on the CPU in float64, then cast: the same numbers on every device and dtype.
@@ -179,10 +192,14 @@ def build_workloads(
         torch.randn(s, generator=gen, dtype=torch.float64).to(config.device, config.dtype)
         for s in shape.output_shapes()
     ]
+    reset = shape.reset_mask(config.device, config.seed)
     workloads = {}
     for impl in impls:
         expected, actual = shape.modules(_engine_of(impl), config.dtype, config.device, config.seed)
-        workloads[impl] = _Workload(expected if impl == TORCH_NN else actual, x, weights)
+        if impl == TORCH_NN:
+            workloads[impl] = _Workload(expected, x, weights)
+        else:
+            workloads[impl] = _Workload(actual, x, weights, reset)
     return workloads
 
 
@@ -204,6 +221,9 @@ def unsupported(shape: BenchShape, engine: str, config: BenchConfig) -> str | No
     params = RF.gather_params(
         shape.mode, module._flat_weights, True, shape.num_layers, D, module.variant
     )
+    reset = shape.reset_mask(config.device, config.seed)
+    if reset is not None:
+        reset = check_reset("", reset, x, shape.batch_first)
     for train in (False, True):
         call = RNNCall(
             mode=shape.mode,
@@ -217,6 +237,7 @@ def unsupported(shape: BenchShape, engine: str, config: BenchConfig) -> str | No
             bidirectional=shape.bidirectional,
             batch_first=shape.batch_first,
             variant=module.variant,
+            reset=reset,
         )
         reason = RF.ENGINES[engine]().unsupported(call)
         if reason is not None:

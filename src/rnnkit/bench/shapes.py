@@ -3,9 +3,11 @@ the named variants that ``--variants`` times on the LSTM shapes.
 
 A name spells its configuration (``lstm2-L50-N64-H512`` is a 2-layer LSTM over ``L=50`` steps
 of a batch of ``N=64`` with ``H_in = H = 512``; ``lstm-L100-N32-H256+layer_norm`` is that layer
-with the variant ``layer_norm``), so a table row reads without a legend. Adding a shape is one
-line in :data:`SHAPES` (or :data:`QUICK_SHAPES`, the tiny set for smoke tests); adding a variant
-is one line in :data:`VARIANTS`.
+with the variant ``layer_norm``; ``lstm-L100-N32-H256+resets50`` is that layer called with a
+seeded reset mask of about one reset per 50 steps of each sequence, as ``--resets 50`` times
+it), so a table row reads without a legend. Adding a shape is one line in :data:`SHAPES` (or
+:data:`QUICK_SHAPES`, the tiny set for smoke tests); adding a variant is one line in
+:data:`VARIANTS`.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 import rnnkit
 from rnnkit.testing import Case
@@ -50,6 +52,9 @@ class BenchShape:
     # the name of a VARIANTS entry and its keywords for this layer; "" and () for the plain layer
     variant: str = ""
     variant_keywords: tuple[tuple[str, object], ...] = ()
+    # EVERY of ``--resets``: called with reset=, each (step, sequence) a reset with
+    # probability 1/EVERY (reset_mask); 0 for a call without
+    resets: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in _CASE_MODULES:
@@ -58,6 +63,8 @@ class BenchShape:
             raise ValueError("proj_size is only supported by LSTM")
         if self.variant_keywords:
             make_variant(self.mode, **dict(self.variant_keywords))
+        if self.resets < 0:
+            raise ValueError(f"resets must be at least 1 (or 0 for none), got {self.resets}")
 
     @property
     def D(self) -> int:
@@ -87,13 +94,35 @@ class BenchShape:
             variant_keywords=tuple(keywords.items()),
         )
 
+    def with_resets(self, every: int) -> BenchShape:
+        """This layer called with :meth:`reset_mask` of probability ``1/every``, named
+        ``<name>+resets<every>``."""
+        if self.resets:
+            raise ValueError(f"{self.name} already has resets")
+        if every < 1:
+            raise ValueError(f"resets must be at least 1, got {every}")
+        return replace(self, name=f"{self.name}+resets{every}", resets=every)
+
+    def reset_mask(self, device: torch.device | str = "cpu", seed: int = 0) -> Tensor | None:
+        """The ``reset=`` of this layer's call, in its layout (``[L, N]``, ``[N, L]`` with
+        ``batch_first``): each entry true with probability ``1/resets``, drawn on the CPU from
+        ``seed``, so that every device and dtype sees the same mask; None without resets."""
+        if not self.resets:
+            return None
+        gen = torch.Generator().manual_seed(seed + 3)
+        mask = torch.rand(self.L, self.N, generator=gen, dtype=torch.float64) < 1 / self.resets
+        return (mask.t() if self.batch_first else mask).contiguous().to(device)
+
     def as_dict(self) -> dict:
-        """The fields as plain data; ``variant`` and ``variant_keywords`` only for a variant."""
+        """The fields as plain data; ``variant`` and ``variant_keywords`` only for a variant,
+        ``resets`` only for a call with resets."""
         fields = asdict(self)
         keywords = dict(fields.pop("variant_keywords"))
         if fields.pop("variant"):
             fields.update(variant=self.variant, variant_keywords=keywords)
-        return fields
+        if not fields.pop("resets"):
+            return fields
+        return {**fields, "resets": self.resets}
 
     def case(self, dtype: torch.dtype) -> Case:
         """This layer as an ``rnnkit.testing.Case``, with the default zero initial state."""

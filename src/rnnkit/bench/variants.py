@@ -10,7 +10,9 @@ same; the training forward, every gradient (input, torch's parameters and the va
 in float32 about as close to the reference engine run in float64 on the same values (and
 masks) as the reference is (:func:`rnnkit.testing.compare`), in float64 within
 :func:`rnnkit.testing.engine_tolerance`. The reference engine's row has no parity check of its
-own. An engine that fails gets no timings.
+own. An engine that fails gets no timings. The calls with resets of ``rnnkit bench --resets``
+(:mod:`rnnkit.bench.resets`) are checked by the same :func:`check_parity`, with a reset mask
+(:func:`parity_reset`) given to both engines.
 
 The timed workloads are :mod:`rnnkit.bench.runner`'s; in training they draw fresh masks on each
 run (the seed does not matter to the time). Each shape's plain ``torch.nn.LSTM``, with the
@@ -24,9 +26,10 @@ from __future__ import annotations
 import contextlib
 import gc
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
+from torch import Tensor
 
 from rnnkit.bench.runner import (
     REFERENCE,
@@ -44,7 +47,17 @@ from rnnkit.bench.runner import (
 from rnnkit.bench.shapes import VARIANTS, BenchShape
 from rnnkit.testing import Result, below_float64, compare, engine_tolerance, float64_copy, run
 
-__all__ = ["check_parity", "run_variant_bench", "run_variant_shape", "steps_per_variant_shape"]
+__all__ = [
+    "PARITY_RESETS",
+    "check_parity",
+    "parity_reset",
+    "run_variant_bench",
+    "run_variant_shape",
+    "steps_per_variant_shape",
+]
+
+# The parity check of a call with resets draws at least one reset per this many steps.
+PARITY_RESETS = 4
 
 
 @contextlib.contextmanager
@@ -57,12 +70,16 @@ def _seeded(config: BenchConfig) -> Iterator[None]:
 
 
 def check_parity(shape: BenchShape, engine: str, config: BenchConfig) -> list[Result]:
-    """Compare ``engine`` with the reference engine on ``shape`` (a variant) cut to
-    ``parity_max_L`` steps: the training run's outputs and every gradient, then the outputs of
-    the inference run (``eval()``, ``torch.no_grad()``), with the same masks in training."""
+    """Compare ``engine`` with the reference engine on ``shape`` (a variant, or a call with
+    resets) cut to ``parity_max_L`` steps: the training run's outputs and every gradient, then
+    the outputs of the inference run (``eval()``, ``torch.no_grad()``), with the same masks in
+    training and the same reset mask (:func:`parity_reset`) in both."""
     short = shape.with_length(min(shape.L, config.parity_max_L))
     case = short.case(config.dtype)
     leaves = case.inputs(config.device, config.seed)
+    reset = parity_reset(short, config)
+    if reset is not None:
+        leaves["reset"] = reset
     runs = {}
     for impl in (REFERENCE, engine):
         _, module = short.modules(impl, config.dtype, config.device, config.seed)
@@ -82,12 +99,27 @@ def check_parity(shape: BenchShape, engine: str, config: BenchConfig) -> list[Re
     return results
 
 
+def parity_reset(short: BenchShape, config: BenchConfig) -> Tensor | None:
+    """The reset mask of the parity check of ``short`` (the shape cut to ``parity_max_L``
+    steps), None without resets: :meth:`BenchShape.reset_mask` at a probability of at least
+    ``1/PARITY_RESETS``, and in any case a reset at the middle step of the first sequence, as a
+    short run at ``1/resets`` may draw none, and a check without one checks nothing."""
+    if not short.resets:
+        return None
+    dense = replace(short, resets=min(short.resets, PARITY_RESETS))
+    reset = dense.reset_mask(config.device, config.seed)
+    reset[(0, short.L // 2) if short.batch_first else (short.L // 2, 0)] = True
+    return reset
+
+
 def _runs(case, module, leaves, config: BenchConfig) -> tuple[dict, dict]:
     with _seeded(config):
         train = run(case, module.train(), leaves, config.seed)
+    reset = {"reset": leaves["reset"]} if "reset" in leaves else {}
     with torch.no_grad():
-        output, (h_n, c_n) = module.eval()(leaves["input"])
-    return train, {"output": output, "h_n": h_n, "c_n": c_n}
+        output, hidden = module.eval()(leaves["input"], **reset)
+    hidden = hidden if isinstance(hidden, tuple) else (hidden,)
+    return train, {"output": output, **dict(zip(("h_n", "c_n"), hidden, strict=False))}
 
 
 def _eval(named: dict) -> dict:

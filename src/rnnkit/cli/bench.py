@@ -5,7 +5,9 @@ fails gets ``FAILED PARITY`` in the table instead of timings, and the command ex
 timed and how memory is measured is documented in :mod:`rnnkit.bench.runner`. With
 ``--variants``, the LSTM shapes run with each named variant, on every engine that supports it,
 against the plain ``torch.nn.LSTM``; parity is then checked against the reference engine
-(:mod:`rnnkit.bench.variants`).
+(:mod:`rnnkit.bench.variants`). With ``--resets EVERY``, every engine that runs ``reset=`` is
+timed with a seeded reset mask of one reset per ``EVERY`` steps on average and without, and the
+table gives the ratio of the two (:mod:`rnnkit.bench.resets`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import sys
 import torch
 
 from rnnkit import functional as RF
-from rnnkit.bench import runner, variants
+from rnnkit.bench import resets, runner, variants
 from rnnkit.bench.runner import TORCH_NN, BenchConfig
 from rnnkit.bench.shapes import (
     GPU_SHAPES,
@@ -98,7 +100,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Time rnnkit's engines against torch.nn, inference (fwd) and a training "
         "step (fwd+bwd), on the shape registry. Every engine first passes a parity check "
         "against torch.nn on each shape; one that fails gets FAILED PARITY instead of timings "
-        "and the command exits 1. What is timed and measured: rnnkit.bench.runner. "
+        "and the command exits 1. What is timed and measured: rnnkit.bench.runner; with "
+        "--variants: rnnkit.bench.variants; with --resets: rnnkit.bench.resets. "
         f"Registered shapes: {', '.join(SHAPES)}; with --device cuda: {', '.join(GPU_SHAPES)};"
         f" with --quick: {', '.join(QUICK_SHAPES)}.",
     )
@@ -132,6 +135,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="time the LSTM shapes with each of these comma-separated variants (all without "
         "NAMES) on every engine that supports it, against the plain torch.nn.LSTM; parity is "
         f"checked against the reference engine. Registered: {', '.join(VARIANTS)}",
+    )
+    p.add_argument(
+        "--resets",
+        type=_count(1),
+        default=None,
+        metavar="EVERY",
+        help="time every engine that runs reset= with a seeded reset mask (each step of each "
+        "sequence a reset with probability 1/EVERY) and without, and report the ratio (reset "
+        "vs plain); the calls with resets are parity-checked against the reference engine",
     )
     p.add_argument(
         "--quick",
@@ -178,6 +190,9 @@ def run(args: argparse.Namespace) -> int:
         warmup=default_warmup if args.warmup is None else args.warmup,
     )
     shapes = resolve_shapes(args.shapes, quick=args.quick, device=args.device)
+    if args.variants is not None and args.resets is not None:
+        print("rnnkit bench: --variants and --resets are separate runs", file=sys.stderr)
+        return 2
     if args.variants is not None:
         if args.shapes:
             others = [s.name for s in shapes if s.mode != "LSTM"]
@@ -193,24 +208,30 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     try:
         n_engines = 1 + len([e for e in args.engines or RF.available_engines() if e != "reference"])
-        if args.variants is None:
-            steps = runner.steps_per_shape(n_engines, config)
-        else:
+        if args.variants is not None:
             steps = variants.steps_per_variant_shape(n_engines, len(args.variants), config)
+        elif args.resets is not None:
+            steps = resets.steps_per_reset_shape(n_engines, config)
+        else:
+            steps = runner.steps_per_shape(n_engines, config)
         with progress.progress(
             len(shapes) * steps, "bench", enabled=args.progress, unit="run"
         ) as bar:
-            if args.variants is None:
-                report = runner.run_bench(shapes, args.engines, config, advance=bar.update)
-            else:
+            if args.variants is not None:
                 report = variants.run_variant_bench(
                     shapes, args.variants, args.engines, config, advance=bar.update
                 )
+            elif args.resets is not None:
+                report = resets.run_reset_bench(
+                    shapes, args.resets, args.engines, config, advance=bar.update
+                )
+            else:
+                report = runner.run_bench(shapes, args.engines, config, advance=bar.update)
     finally:
         torch.set_num_threads(threads)
     report["command"] = command_line(args)
     print(machine_line(report["machine"]))
-    print(format_table(report))
+    print(format_resets_table(report) if "resets" in report else format_table(report))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
@@ -246,7 +267,7 @@ def command_line(args: argparse.Namespace) -> str:
             words += [f"--{name}", ",".join(getattr(args, name))]
     if args.quick:
         words.append("--quick")
-    for name in ("device", "dtype", "threads", "repeats", "warmup", "json", "plot"):
+    for name in ("resets", "device", "dtype", "threads", "repeats", "warmup", "json", "plot"):
         value = getattr(args, name)
         if value is not None:
             words += [f"--{name}", str(value)]
@@ -304,8 +325,7 @@ def format_table(report: dict) -> str:
                     _x(r["train_speedup_vs_reference"]),
                 ]
             else:
-                label = "FAILED PARITY" if row["status"] == "failed parity" else "UNSUPPORTED"
-                cells = [f"{label}: {row['detail']}"] + [""] * 6
+                cells = [f"{_label(row)}: {row['detail']}"] + [""] * 6
             lines.append("| " + " | ".join([name, row["impl"], *cells]) + " |")
     config = report["config"]
     lines.append("")
@@ -321,6 +341,70 @@ def format_table(report: dict) -> str:
         lines.append("")
         lines.append(_variants_note(report["variants"]))
     return "\n".join(lines)
+
+
+def format_resets_table(report: dict) -> str:
+    """A ``--resets`` report as a Markdown table, one row per shape and implementation: each
+    engine's times without and with resets and their ratio, torch.nn's plain times."""
+    head = [
+        "shape",
+        "engine",
+        "fwd ms",
+        "fwd ms reset",
+        "fwd reset vs plain",
+        "fwd reset vs torch.nn",
+        "fwd+bwd ms",
+        "fwd+bwd ms reset",
+        "fwd+bwd reset vs plain",
+        "fwd+bwd reset vs torch.nn",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    results = report["results"]
+    for plain, reset in zip(results[::2], results[1::2], strict=True):
+        name = plain["shape"]["name"]
+        plain_rows = {r["impl"]: r for r in plain["rows"]}
+        for row in reset["rows"]:
+            impl = row["impl"]
+            if impl == TORCH_NN:
+                cells = [_ms(row["fwd_ms"]), "", "", "", _ms(row["train_ms"]), "", "", ""]
+            else:
+                off = [
+                    f"{_label(r)}{what}: {r['detail']}"
+                    for r, what in ((plain_rows.get(impl), ""), (row, " with resets"))
+                    if r is not None and r["status"] != "ok"
+                ]
+                if off:
+                    cells = ["; ".join(off)] + [""] * 7
+                else:
+                    base, r = plain_rows[impl], row["ratios"]
+                    cells = [
+                        _ms(base["fwd_ms"]),
+                        _ms(row["fwd_ms"]),
+                        _x(r["fwd_vs_plain"]),
+                        _x(r["fwd_vs_torch"]),
+                        _ms(base["train_ms"]),
+                        _ms(row["train_ms"]),
+                        _x(r["train_vs_plain"]),
+                        _x(r["train_vs_torch"]),
+                    ]
+            lines.append("| " + " | ".join([name, impl, *cells]) + " |")
+    config = report["config"]
+    lines.append("")
+    lines.append(
+        f"ms: median ± half the interquartile range of {config['repeats']} runs after "
+        f"{config['warmup']} warm-up runs; fwd: inference (eval(), torch.no_grad()); fwd+bwd: a "
+        "training step (forward, weighted-sum loss, backward into the input and parameters); "
+        "reset: the same layer called with reset=, a seeded mask with each step of each "
+        f"sequence a reset with probability 1/{report['resets']}; reset vs plain: the engine's "
+        "time with resets over its own without (the cost of the resets); reset vs torch.nn: "
+        "over torch.nn's plain layer. Engines that do not run reset= are left out unless named; "
+        "the calls with resets are parity-checked against the reference engine."
+    )
+    return "\n".join(lines)
+
+
+def _label(row: dict) -> str:
+    return "FAILED PARITY" if row["status"] == "failed parity" else "UNSUPPORTED"
 
 
 def _variants_note(variants: dict[str, dict]) -> str:

@@ -189,7 +189,9 @@ def _forward(case: Case, module: nn.Module, leaves: Mapping[str, Tensor]) -> dic
     else:
         if case.packed:
             x = pack_padded_sequence(x, leaves["lengths"], case.batch_first, enforce_sorted=False)
-        out, hidden = module(x, hx)
+        # a bool mask, passed as it is: torch.nn's layers take no reset=
+        reset = {"reset": leaves["reset"]} if "reset" in leaves else {}
+        out, hidden = module(x, hx, **reset)
         named = {"output": out.data if isinstance(out, PackedSequence) else out}
     if case.is_lstm:
         named["h_n"], named["c_n"] = hidden
@@ -205,6 +207,8 @@ def run(case: Case, module: nn.Module, leaves: Mapping[str, Tensor], seed: int =
     rounded to ``case.dtype``), so torch's run, rnnkit's and a float64 run of the same case
     (:func:`run_truth`) get the same upstream gradients. Returns ``output``, ``h_n``
     (``c_n``), then ``grad_<leaf>`` for ``input``, ``h_0`` (``c_0``) and every parameter.
+    A ``reset`` among ``leaves`` (a bool mask, not a leaf of the gradient) is the layer's
+    ``reset=``.
     """
     named = _forward(case, module, leaves)
     gen = torch.Generator().manual_seed(seed + 1)
@@ -214,7 +218,7 @@ def run(case: Case, module: nn.Module, leaves: Mapping[str, Tensor], seed: int =
         for t in named.values()
     ]
     loss = sum((t * w).sum() for t, w in zip(named.values(), weights, strict=True))
-    wrt = {k: v for k, v in leaves.items() if k != "lengths"}
+    wrt = {k: v for k, v in leaves.items() if k not in ("lengths", "reset")}
     wrt.update(module.named_parameters())
     grads = torch.autograd.grad(loss, list(wrt.values()), allow_unused=True)
     named = {k: v.detach() for k, v in named.items()}
