@@ -131,11 +131,23 @@ def _default_path_results(path: str) -> None:
                 ref, ours = _modules(case, engine)
                 inp = _inputs(case, which)
                 with default_path():
-                    results[name, which, engine] = (
-                        autocast_run(case, ref, inp),
-                        autocast_run(case, ours, inp),
-                    )
+                    results[name, which, engine] = _torch_and_ours(case, ref, ours, inp)
     torch.save(results, path)
+
+
+# oneDNN's message when this CPU has no bfloat16 kernel for torch's LSTM (an AVX2-only CPU)
+_NO_PRIMITIVE = "could not create a primitive descriptor"
+
+
+def _torch_and_ours(case, ref, ours, inp) -> tuple | str:
+    """Both runs, or torch's own error where torch.nn cannot run the case on this CPU."""
+    try:
+        expected = autocast_run(case, ref, inp)
+    except RuntimeError as error:
+        if _NO_PRIMITIVE not in str(error):
+            raise
+        return f"torch.nn's default path fails on this CPU: {str(error).splitlines()[0]}"
+    return expected, autocast_run(case, ours, inp)
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +172,10 @@ def default_path_results(tmp_path_factory):
 def test_matches_torch_default_path(name, which, engine, default_path_results):
     """oneDNN on: torch's dtypes everywhere (all bfloat16 where torch's LSTM takes oneDNN),
     values and gradients within bfloat16's tolerance."""
-    (expected, expected_structure), (actual, structure) = default_path_results[name, which, engine]
+    result = default_path_results[name, which, engine]
+    if isinstance(result, str):
+        pytest.skip(result)
+    (expected, expected_structure), (actual, structure) = result
     assert_same_structure(expected_structure, structure)
     assert_close(expected, actual, BF16)
 

@@ -2,12 +2,17 @@
 // recurrence against one fixed weight matrix.
 #pragma once
 
+#include "panel_gemm.h"
+
 #include <c10/util/Exception.h>
+#include <cpuid.h>
 #include <sys/mman.h>
 
 #include <algorithm>
 #include <climits>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <type_traits>
 
@@ -79,18 +84,52 @@ class MappedBuffer {
   void* data_ = nullptr;
 };
 
-// C[m, n] = A[m, k] op(W) + beta * C for one weight W used at every step, m <= max_m. In
-// float32 with MKL, W is packed once into MKL's internal layout: a per-step GEMM then skips
-// the repacking of W that every plain call does, 1.5-2x faster at recurrent sizes.
+// Which GEMM runs the per-step products: MKL's packed GEMM where MKL takes its fast code path
+// (Intel CPUs), rnnkit's own PanelGemm elsewhere, where MKL runs generic kernels. The
+// environment variable RNNKIT_STEP_GEMM=own|mkl overrides the choice (read at every call,
+// so that a test can run both on one machine).
+inline bool cpu_is_intel() {
+  static const bool intel = [] {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (!__get_cpuid(0, &eax, &ebx, &ecx, &edx)) return false;
+    // "GenuineIntel" in ebx, edx, ecx
+    return ebx == 0x756e6547 && edx == 0x49656e69 && ecx == 0x6c65746e;
+  }();
+  return intel;
+}
+
+inline bool own_step_gemm() {
+  const char* choice = std::getenv("RNNKIT_STEP_GEMM");
+  if (choice && std::strcmp(choice, "own") == 0) return true;
+  if (choice && std::strcmp(choice, "mkl") == 0) return false;
+  return !cpu_is_intel() || cblas_sgemm_compute == nullptr;
+}
+
+// Below about half a million multiply-adds a step, a second thread costs more than it saves
+// (measured: 1 x 128 x 512 runs in 2.1 us on one MKL thread, 3.3 us on two).
+inline bool small_step_gemm(int64_t macs_per_step) { return macs_per_step < (int64_t(1) << 19); }
+
+// C[m, n] = A[m, k] op(W) + beta * C for one weight W used at every step, m <= max_m, beta 0
+// or 1. W is packed once, into PanelGemm's panels or MKL's internal layout (float32): a
+// per-step GEMM then skips the repacking of W that every plain call does, 1.5-2x faster at
+// recurrent sizes. PanelGemm runs the products that one thread computes (small_step_gemm);
+// larger ones stay with MKL, which threads them itself.
 template <typename T>
 class StepGemm {
  public:
   // op(W) = W^T when trans_w; W is row-major with leading dimension ldw.
   StepGemm(const T* w, int64_t ldw, bool trans_w, int64_t n, int64_t k, int64_t max_m)
-      : w_(w), ldw_(ldw), trans_w_(trans_w), n_(n), k_(k) {
+      : w_(w), ldw_(ldw), trans_w_(trans_w), n_(n), k_(k),
+        threaded_(!small_step_gemm(max_m * n * k)) {
+    if (max_m <= 0 || n <= 0 || k <= 0) return;
+    // PanelGemm where one thread runs the product; split over threads at every step it lost
+    // to MKL's threading on an AMD EPYC (lstm-L100-N32-H256 inference 1.31x -> 1.60x torch.nn)
+    if (!threaded_ && own_step_gemm()) {
+      panels_ = std::make_unique<PanelGemm<T>>(w, ldw, trans_w, n, k);
+      return;
+    }
     if constexpr (std::is_same_v<T, float>) {
-      if (cblas_sgemm_pack_get_size && cblas_sgemm_pack && cblas_sgemm_compute && max_m > 0 &&
-          n > 0 && k > 0) {
+      if (cblas_sgemm_pack_get_size && cblas_sgemm_pack && cblas_sgemm_compute) {
         const size_t bytes = cblas_sgemm_pack_get_size(
             kBMatrix, blas_int(max_m), blas_int(n), blas_int(k));
         auto buffer = std::make_unique<MappedBuffer>(bytes);
@@ -106,6 +145,10 @@ class StepGemm {
 
   void operator()(int64_t m, const T* a, int64_t lda, T beta, T* c, int64_t ldc) const {
     if (m == 0) return;
+    if (panels_) {
+      panels_->columns(0, panels_->groups(), m, a, lda, beta, c, ldc);
+      return;
+    }
     if constexpr (std::is_same_v<T, float>) {
       if (packed_) {
         cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, blas_int(m), blas_int(n_),
@@ -126,6 +169,8 @@ class StepGemm {
   int64_t ldw_;
   bool trans_w_;
   int64_t n_, k_;
+  bool threaded_;
+  std::unique_ptr<PanelGemm<T>> panels_;
   std::unique_ptr<MappedBuffer> packed_;
 };
 
@@ -146,9 +191,5 @@ class SingleThreadBlas {
   bool active_;
   int previous_ = 0;
 };
-
-// Below about half a million multiply-adds a step, a second BLAS thread costs more than it
-// saves (measured: 1 x 128 x 512 runs in 2.1 us on one thread, 3.3 us on two).
-inline bool small_step_gemm(int64_t macs_per_step) { return macs_per_step < (int64_t(1) << 19); }
 
 }  // namespace rnnkit
