@@ -86,7 +86,7 @@ class MappedBuffer {
 
 // Which GEMM runs the per-step products: MKL's packed GEMM where MKL takes its fast code path
 // (Intel CPUs), rnnkit's own PanelGemm elsewhere, where MKL runs generic kernels. The
-// environment variable RNNKIT_STEP_GEMM=own|mkl overrides the choice (read at every call,
+// environment variable RNNKIT_STEP_GEMM=own|mkl overrides the choice (read by every op call,
 // so that a test can run both on one machine).
 inline bool cpu_is_intel() {
   static const bool intel = [] {
@@ -109,8 +109,8 @@ inline bool own_step_gemm() {
 // (measured: 1 x 128 x 512 runs in 2.1 us on one MKL thread, 3.3 us on two).
 inline bool small_step_gemm(int64_t macs_per_step) { return macs_per_step < (int64_t(1) << 19); }
 
-// C[m, n] = A[m, k] op(W) + beta * C for one weight W used at every step, m <= max_m, beta 0
-// or 1. W is packed once, into PanelGemm's panels or MKL's internal layout (float32): a
+// C[m, n] = A[m, k] op(W) + beta * C for one weight W used at every step, m <= max_m. W is
+// packed once, into PanelGemm's panels or MKL's internal layout (float32): a
 // per-step GEMM then skips the repacking of W that every plain call does, 1.5-2x faster at
 // recurrent sizes. PanelGemm runs the products that one thread computes (small_step_gemm);
 // larger ones stay with MKL, which threads them itself.
@@ -119,12 +119,11 @@ class StepGemm {
  public:
   // op(W) = W^T when trans_w; W is row-major with leading dimension ldw.
   StepGemm(const T* w, int64_t ldw, bool trans_w, int64_t n, int64_t k, int64_t max_m)
-      : w_(w), ldw_(ldw), trans_w_(trans_w), n_(n), k_(k),
-        threaded_(!small_step_gemm(max_m * n * k)) {
+      : w_(w), ldw_(ldw), trans_w_(trans_w), n_(n), k_(k) {
     if (max_m <= 0 || n <= 0 || k <= 0) return;
     // PanelGemm where one thread runs the product; split over threads at every step it lost
     // to MKL's threading on an AMD EPYC (lstm-L100-N32-H256 inference 1.31x -> 1.60x torch.nn)
-    if (!threaded_ && own_step_gemm()) {
+    if (small_step_gemm(max_m * n * k) && own_step_gemm()) {
       panels_ = std::make_unique<PanelGemm<T>>(w, ldw, trans_w, n, k);
       return;
     }
@@ -146,7 +145,7 @@ class StepGemm {
   void operator()(int64_t m, const T* a, int64_t lda, T beta, T* c, int64_t ldc) const {
     if (m == 0) return;
     if (panels_) {
-      panels_->columns(0, panels_->groups(), m, a, lda, beta, c, ldc);
+      (*panels_)(m, a, lda, beta, c, ldc);
       return;
     }
     if constexpr (std::is_same_v<T, float>) {
@@ -169,7 +168,6 @@ class StepGemm {
   int64_t ldw_;
   bool trans_w_;
   int64_t n_, k_;
-  bool threaded_;
   std::unique_ptr<PanelGemm<T>> panels_;
   std::unique_ptr<MappedBuffer> packed_;
 };

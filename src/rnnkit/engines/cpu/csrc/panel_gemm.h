@@ -42,15 +42,11 @@ class PanelGemm {
     }
   }
 
-  // Groups of kGroup panels: the unit that columns() and a split over threads work in.
-  int64_t groups() const { return (panels_ + kGroup - 1) / kGroup; }
-
-  // C = A op(W) + beta C on the columns of groups [g_lo, g_hi), beta 0 or 1 (0 never reads C).
-  void columns(int64_t g_lo, int64_t g_hi, int64_t m, const T* a, int64_t lda, T beta, T* c,
-               int64_t ldc) const {
+  // C = A op(W) + beta C (beta 0 never reads C).
+  void operator()(int64_t m, const T* a, int64_t lda, T beta, T* c, int64_t ldc) const {
     // Panels outer, rows inner: each panel (k * kNR values, 16 KB at k = 256 in float32)
     // comes from memory once per step and stays in L1 while every row block uses it.
-    for (int64_t p = g_lo * kGroup; p < std::min(panels_, g_hi * kGroup); p += kGroup) {
+    for (int64_t p = 0; p < panels_; p += kGroup) {
       const int64_t np = std::min(kGroup, panels_ - p);
       int64_t r = 0;
       for (; r + 6 <= m; r += 6) panels<6, 1>(p, np, a + r * lda, lda, beta, c + r * ldc, ldc);
@@ -113,7 +109,7 @@ class PanelGemm {
       for (int r = 0; r < MR; ++r) {
         T* dst = c + r * ldc + col;
         Vec<T> v = acc[r][j];
-        if (beta != T(0)) v = v + Vec<T>::loadu(dst, cnt);
+        if (beta != T(0)) v = at::vec::fmadd(Vec<T>(beta), Vec<T>::loadu(dst, cnt), v);
         v.store(dst, cnt);
       }
     }
