@@ -26,7 +26,7 @@ from engines import (
     layer,
     with_reference,
 )
-from grid import ModuleCase, module_params
+from grid import MODULE_CASES, ModuleCase, module_params
 from parity import engines_picked
 from rnnkit.engines.cpu import build
 
@@ -61,6 +61,25 @@ EXTRA_CASES = [
 @pytest.mark.parametrize("case", module_params(EXTRA_CASES))
 def test_matches_reference_wide_and_long(case):
     check_case(FUSED, case)
+
+
+@pytest.mark.parametrize("step_gemm", ["own", "mkl"])
+@pytest.mark.parametrize("case", module_params(MODULE_CASES + EXTRA_CASES[3:]))
+def test_either_step_gemm_matches_reference(case, step_gemm, monkeypatch):
+    """The per-step products on rnnkit's own PanelGemm (the default off Intel) and on MKL's
+    packed GEMM (the default on Intel), whatever this CPU is: the covering grid and the
+    packed, long and partial-vector cases."""
+    monkeypatch.setenv("RNNKIT_STEP_GEMM", step_gemm)
+    check_case(FUSED, case)
+
+
+@pytest.mark.parametrize("step_gemm", ["own", "mkl"])
+@pytest.mark.parametrize("variant", ["all", "layer_norm"])
+def test_either_step_gemm_variant_matches_reference(variant, step_gemm, monkeypatch):
+    monkeypatch.setenv("RNNKIT_STEP_GEMM", step_gemm)
+    check_variant_case(
+        FUSED, VariantCase(ModuleCase("LSTM", size=(7, 5, 6, 13), h0=True), variant, True)
+    )
 
 
 # A step wide enough for BLAS threads, H over several vectors plus a partial one.
