@@ -23,7 +23,7 @@ from torch import Tensor
 import rnnkit
 from grid import CaseInputs, ModuleCase
 from parity import assert_same_structure, randomize_variant_parameters
-from rnnkit.testing import compare, engine_tolerance, kind_of, tolerance
+from rnnkit.testing import FLOAT64_ACCURACY_FACTOR, compare, engine_tolerance, kind_of, tolerance
 
 CUDA = torch.cuda.is_available()
 
@@ -107,6 +107,7 @@ def assert_matches_reference(
     truth: Truth = None,
     dtype: torch.dtype | None = None,
     strict: bool = True,
+    factor: float = FLOAT64_ACCURACY_FACTOR,
 ) -> None:
     """``engine``'s results against the reference engine's on the same case and values, name
     by name (outputs, final states, every gradient: ``grad_*``); every mismatch is reported.
@@ -153,7 +154,7 @@ def assert_matches_reference(
         elif e.dtype == torch.float32:
             if truth is None:
                 raise ValueError(f"{name}: a float32 comparison needs its float64 truth")
-            result = compare(a, e, what=name, truth=truth_of(name))
+            result = compare(a, e, what=name, truth=truth_of(name), factor=factor)
         else:
             result = compare(a, e, what=name, tol=engine_tolerance(e, name))
         if not result.ok:
@@ -213,7 +214,10 @@ def run_as(engine: Engine, case: ModuleCase, module, dtype: torch.dtype, seed: i
     return run(case, module, on_device(engine, case.inputs(seed), dtype), seed)
 
 
-def check_module(engine: Engine, case: ModuleCase, module, *, seed: int = 0) -> None:
+def check_module(
+    engine: Engine, case: ModuleCase, module, *, seed: int = 0,
+    factor: float = FLOAT64_ACCURACY_FACTOR,
+) -> None:  # fmt: skip
     """``module`` (on ``engine``) and a reference copy on the case's inputs, from one seed
     (the masks): the same structure, and :func:`assert_matches_reference`, the reference on
     float64 copies the truth of a float32 case (made only when needed)."""
@@ -226,7 +230,7 @@ def check_module(engine: Engine, case: ModuleCase, module, *, seed: int = 0) -> 
     def float64():
         return run_as(engine, case, reference, torch.float64, seed)[0]
 
-    assert_matches_reference(actual, expected, engine=engine.name, truth=float64)
+    assert_matches_reference(actual, expected, engine=engine.name, truth=float64, factor=factor)
 
 
 def check_case(engine: Engine, case: ModuleCase, *, seed: int = 0, scale: float = 1.0) -> None:
@@ -249,6 +253,14 @@ def randn64(engine: Engine, *shape: int) -> Tensor:
     """A float64 leaf on the engine's device, from the global generator."""
     return torch.randn(*shape, dtype=torch.float64, device=engine.device, requires_grad=True)
 
+
+# The float32 factor of the LayerNorm variant cases (check_variant_case). Measured on this
+# suite's case LSTM-L5-N3-H6-bidir-l3-drop0.4 with every variant on, 40 seeds of its masks: the
+# fused engine's error against the float64 truth was about the reference's (geometric mean of
+# the ratio 1.0-1.1 per tensor kind) but reached 20 times it (one seed on an Intel Xeon, seed 0
+# on an AMD EPYC), with a recurrent LayerNorm row of deviation 0.0016 (1 / rstd ~ 280 times
+# rounding). Without layer_norm the same 40 seeds stayed within a third of the usual bound.
+LAYER_NORM_FLOAT32_FACTOR = 4 * FLOAT64_ACCURACY_FACTOR
 
 VARIANTS = {
     "layer_norm": dict(layer_norm=True),
@@ -295,7 +307,13 @@ class VariantCase:
 
 
 def check_variant_case(engine: Engine, case: VariantCase, seed: int = 0) -> None:
-    """:func:`check_module` on the variant's module (with LayerNorm of a few nearly equal
-    units, which divides by a standard deviation near sqrt(eps), float32 rounding grows in
-    every implementation: the float64 truth says by how much)."""
-    check_module(engine, case.core, case.module(engine), seed=seed)
+    """:func:`check_module` on the variant's module. With ``layer_norm`` in float32 the
+    comparison allows :data:`LAYER_NORM_FLOAT32_FACTOR` times the reference's own error: a
+    recurrent LayerNorm over a few nearly equal units (a row of ``h`` mostly dropped or near 0)
+    divides by a deviation near sqrt(eps), which amplifies each side's rounding by hundreds,
+    and where the reference happens to round well the ratio of the two errors has a long tail.
+    The float64 run of the same case keeps the tight check."""
+    layer_norm = VARIANTS[case.variant].get("layer_norm", False)
+    wide = layer_norm and case.core.dtype == torch.float32
+    factor = LAYER_NORM_FLOAT32_FACTOR if wide else FLOAT64_ACCURACY_FACTOR
+    check_module(engine, case.core, case.module(engine), seed=seed, factor=factor)
