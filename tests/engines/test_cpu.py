@@ -66,9 +66,9 @@ def test_matches_reference_wide_and_long(case):
 @pytest.mark.parametrize("step_gemm", ["own", "mkl"])
 @pytest.mark.parametrize("case", module_params(MODULE_CASES + EXTRA_CASES[3:]))
 def test_either_step_gemm_matches_reference(case, step_gemm, monkeypatch):
-    """The per-step products on rnnkit's own PanelGemm (the default off Intel) and on MKL's
-    packed GEMM (the default on Intel), whatever this CPU is: the covering grid and the
-    packed, long and partial-vector cases."""
+    """The per-step products on rnnkit's own PanelGemm (the default) and on MKL's packed
+    GEMM (``RNNKIT_STEP_GEMM=mkl``), whatever this CPU is: the covering grid and the packed,
+    long and partial-vector cases."""
     monkeypatch.setenv("RNNKIT_STEP_GEMM", step_gemm)
     check_case(FUSED, case)
 
