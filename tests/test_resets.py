@@ -179,8 +179,8 @@ def by_pieces(case: ResetCase, module, inputs: dict) -> dict[str, Tensor]:
     return _named(case, module, x, hx, out, final)
 
 
-# the engines that run reset= (the others decline it: auto then takes the reference)
-RESET_ENGINES = ["reference", "triton"]
+# the engines that run reset= (every engine; auto picks the fused one on CPU)
+RESET_ENGINES = ["reference", "fused", "triton"]
 # where each engine runs here: the Triton engine on CUDA, else in Triton's interpreter on CPU
 # tensors (the triton_interpreter fixture)
 _DEVICES = {"triton": "cuda" if torch.cuda.is_available() else "cpu"}
@@ -373,15 +373,30 @@ def test_an_all_false_reset_changes_nothing(engine):
     torch.testing.assert_close(with_mask, plain, rtol=0, atol=0)
 
 
-def test_resets_under_vmap_and_compile():
-    module = ResetCase(mode="GRU", dtype=torch.float32).module()
-    x = torch.randn(5, 7, 3, 4)
+@pytest.mark.parametrize("engine", ["reference", "fused"])
+@pytest.mark.parametrize(
+    "case",
+    [ResetCase(mode="GRU", dtype=torch.float32), ResetCase(variant=(("layer_norm", True),))],
+    ids=_id,
+)
+def test_resets_under_vmap_and_compile(case, engine):
+    module = ResetCase(**{**case.__dict__, "engine": engine}).module()
+    x = torch.randn(5, 7, 3, 4, dtype=case.dtype)
     reset = torch.rand(5, 7, 3) < 0.3
     looped = torch.stack([module(x[i], reset=reset[i])[0] for i in range(5)])
     mapped = torch.func.vmap(lambda xi, ri: module(xi, reset=ri)[0])(x, reset)
     torch.testing.assert_close(mapped, looped)
     compiled = torch.compile(lambda xi, ri: module(xi, reset=ri)[0], fullgraph=True)
     torch.testing.assert_close(compiled(x[0], reset[0]), looped[0])
+
+    # and each sample's input gradient under vmap (torch.no_grad: the module's parameters are
+    # leaves that torch.autograd tracks, which the fused engine refuses under torch.func.grad)
+    def grad_x(xi, ri):
+        return torch.func.grad(lambda v: module(v, reset=ri)[0].square().sum())(xi)
+
+    with torch.no_grad():
+        looped = torch.stack([grad_x(x[i], reset[i]) for i in range(5)])
+        torch.testing.assert_close(torch.func.vmap(grad_x)(x, reset), looped)
 
 
 @pytest.mark.parametrize(

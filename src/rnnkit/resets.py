@@ -38,7 +38,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["CARRY", "INITIAL", "ZERO", "Restarts", "check_reset", "restarts", "row_restarts"]
+__all__ = [
+    "CARRY", "INITIAL", "ZERO", "Restarts", "check_reset", "restarts", "restarts_of",
+    "row_restarts",
+]  # fmt: skip
 
 CARRY, ZERO, INITIAL = 0, 1, 2
 
@@ -120,6 +123,12 @@ class Restarts:
     def at(self, t: int) -> int:
         """The bits of the codes that occur at step ``t`` (both when unknown)."""
         return ZERO | INITIAL if self.steps is None else self.steps[t]
+
+
+def restarts_of(codes: Tensor, steps: tuple[int, ...] | None = None) -> Restarts:
+    """A direction's :class:`Restarts` again from its codes ``[R]`` (as an engine saves them
+    for backward) and their ``steps`` (None: select at every step)."""
+    return Restarts(codes, steps, (codes == ZERO).unsqueeze(1), (codes == INITIAL).unsqueeze(1))
 
 
 def row_restarts(

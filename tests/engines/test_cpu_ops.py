@@ -82,6 +82,23 @@ def test_good_layer_arguments_run(ops, kw):
 
 
 @pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN_TANH"])
+def test_restart_codes_of_carry_alone_change_nothing(ops, mode):
+    """Codes that all carry the state (rnnkit.resets.CARRY) give the results without codes,
+    bit for bit, forward and backward; a code that restarts a row changes them."""
+    fwd = layer_args(mode, L=5, N=3)
+    carry = torch.zeros(2, 15, dtype=torch.int8)
+    for a, b in zip(ops.layer_forward(**fwd), ops.layer_forward(**fwd, restart=carry), strict=True):
+        assert torch.equal(a, b)
+    bwd = backward_args(ops, fwd)
+    grads = ops.layer_backward(**bwd)
+    for a, b in zip(grads, ops.layer_backward(**bwd, restart=carry), strict=True):
+        assert torch.equal(a, b)
+    zero = carry.clone()
+    zero[0, 7] = 1  # direction 0, step 2, sequence 1 starts from zeros
+    assert not torch.equal(ops.layer_forward(**fwd)[0], ops.layer_forward(**fwd, restart=zero)[0])
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN_TANH"])
 def test_empty_batch_sizes_mean_the_full_batch_every_step(ops, mode):
     fwd = layer_args(mode, L=5, N=3)
     explicit = dict(fwd, batch_sizes=[3] * 5)
@@ -162,6 +179,13 @@ BAD_FORWARD = [
      r"w_hr of direction 0 must have shape \[4, 6\] \(\[H_out, H\]\), got \[6, 4\]"),
     ("H_out-without-proj", dict(mode="GRU"), _set(h0=_randn(2, 3, 7)),
      r"h0's H_out \(7\) must equal the hidden size H = 6 without w_hr"),
+    ("restart-dtype", {}, _set(restart=torch.zeros(2, 12, dtype=torch.bool)),
+     r"restart must have dtype Char \(the op's\), got Bool"),
+    ("restart-shape", {}, _set(restart=torch.zeros(1, 12, dtype=torch.int8)),
+     r"restart must have shape \[2, 12\] \(\[D, R\]\), got \[1, 12\]"),
+    ("restart-code", {}, _set(restart=torch.tensor([[0] * 12, [0] * 5 + [3] + [0] * 6],
+                                                   dtype=torch.int8)),
+     r"restart codes must be 0, 1 or 2, got 3 at row 5 of direction 1"),
 ]  # fmt: skip
 
 
@@ -183,8 +207,8 @@ def test_layer_forward_refuses_bad_arguments(ops, kw, mutate, message):
 def test_layer_backward_refuses_bad_forward_arguments(ops, kw, mutate, message):
     """Backward reads the forward's arguments again: the same checks."""
     args = backward_args(ops, layer_args(**(kw or _DEFAULT)))
-    forward_keys = {"mode", "x", "h0", "c0", "weights", "batch_sizes"}
-    fwd = {k: args[k] for k in forward_keys}
+    forward_keys = {"mode", "x", "h0", "c0", "weights", "batch_sizes", "restart"}
+    fwd = {k: args[k] for k in forward_keys if k in args}
     mutate(fwd)
     with pytest.raises(RuntimeError, match="rnnkit fused engine: .*" + message):
         ops.layer_backward(**{**args, **fwd})

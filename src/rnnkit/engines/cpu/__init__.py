@@ -38,9 +38,18 @@ _OPTIONS = frozenset(
     }
 )  # fmt: skip
 SUPPORT = (
-    # forget_bias changes the init only: the step math is torch's
-    Support(ALL_MODES, frozenset({"cpu"}), _DTYPES, _OPTIONS, frozenset({"forget_bias"})),
-    Support(frozenset({"LSTM"}), frozenset({"cpu"}), _DTYPES, _OPTIONS, variant.VARIANT_FIELDS),
+    # forget_bias changes the init only: the step math is torch's; every time loop applies
+    # resets inside a sequence (reset=)
+    Support(
+        ALL_MODES, frozenset({"cpu"}), _DTYPES, _OPTIONS | {"reset"}, frozenset({"forget_bias"})
+    ),
+    Support(
+        frozenset({"LSTM"}),
+        frozenset({"cpu"}),
+        _DTYPES,
+        _OPTIONS | {"reset"},
+        variant.VARIANT_FIELDS,
+    ),  # fmt: skip
 )
 
 

@@ -21,7 +21,7 @@ def _empty(like: Tensor) -> Tensor:
     return like.new_empty(0)
 
 
-def layer_forward(mode, x, h0, c0, weights, batch_sizes, has_bias, train):
+def layer_forward(mode, x, h0, c0, weights, batch_sizes, has_bias, train, restart=None):
     D, _, H_out = h0.shape
     R = x.size(0)
     G = _GATES[mode]
@@ -41,14 +41,15 @@ def layer_forward(mode, x, h0, c0, weights, batch_sizes, has_bias, train):
 
 
 def layer_backward(mode, grad_out, grad_hn, grad_cn, x, h0, c0, weights, out, saved,
-                   batch_sizes, has_bias, need_dx, reuse_saved):  # fmt: skip
+                   batch_sizes, has_bias, need_dx, reuse_saved, restart=None):  # fmt: skip
     grads = [torch.empty_like(x) if need_dx else _empty(x), torch.empty_like(h0)]
     grads.append(torch.empty_like(c0) if mode == _LSTM else _empty(x))
     return grads + [torch.empty_like(w) for w in weights]
 
 
 def lstm_variant_forward(gx, h0, c0, w_hh, b_hh, w_hr, peephole, ln_hh, ln_c_weight, ln_c_bias,
-                         rec_mask, keep_h, keep_c, rates, coupled, batch_sizes, reverse, train):  # fmt: skip
+                         rec_mask, keep_h, keep_c, rates, coupled, batch_sizes, reverse, train,
+                         restart=None):  # fmt: skip
     R, H, H_out = gx.size(0), c0.size(1), h0.size(1)
     out = [gx.new_empty(R, H_out), torch.empty_like(h0), torch.empty_like(c0)]
     if not train:
@@ -73,7 +74,7 @@ def lstm_variant_forward(gx, h0, c0, w_hh, b_hh, w_hr, peephole, ln_hh, ln_c_wei
 
 def lstm_variant_backward(grad_out, grad_hn, grad_cn, out, saved, h0, c0, w_hh, b_hh, w_hr,
                           peephole, ln_hh, ln_c_weight, ln_c_bias, rec_mask, keep_h, keep_c,
-                          rates, coupled, batch_sizes, reverse):  # fmt: skip
+                          rates, coupled, batch_sizes, reverse, restart=None):  # fmt: skip
     R, H = out.size(0), c0.size(1)
 
     def like(t):

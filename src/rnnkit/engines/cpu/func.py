@@ -20,12 +20,14 @@ from torch import Tensor
 # at the given position, a weight (batched weights make the op run per sample), batch_sizes.
 _ROWS, _WEIGHT, _SIZES = "rows", "weight", "sizes"
 _FORWARD = {
-    # mode, x, h0 [D, N, H_out], c0 [D, N, H], weights, batch_sizes, has_bias, train
-    "layer_forward": (None, _ROWS, 1, 1, _WEIGHT, _SIZES, None, None),
+    # mode, x, h0 [D, N, H_out], c0 [D, N, H], weights, batch_sizes, has_bias, train, restart
+    # [D, R] (restart codes: its rows at dim 1, folded as the states' sequences are)
+    "layer_forward": (None, _ROWS, 1, 1, _WEIGHT, _SIZES, None, None, 1),
     # gx, h0 [N, H_out], c0 [N, H], w_hh, b_hh, w_hr, peephole, ln_hh, ln_c_weight, ln_c_bias,
-    # rec_mask [N, H_out], keep_h, keep_c, rates, coupled, batch_sizes, reverse, train
+    # rec_mask [N, H_out], keep_h, keep_c, rates, coupled, batch_sizes, reverse, train,
+    # restart [R]
     "lstm_variant_forward": (_ROWS, 0, 0, *[_WEIGHT] * 7, 0, _ROWS, _ROWS)
-    + (None, None, _SIZES, None, None),
+    + (None, None, _SIZES, None, None, _ROWS),
 }
 # Where the batch dim of the final states h_n, c_n is in a forward op's outputs (out, h_n,
 # c_n, saved...); out and the saved buffers are rows, or 1-D empty placeholders.
@@ -74,6 +76,9 @@ def _forward_rule(name: str, op):
     kinds = _FORWARD[name]
 
     def rule(info, in_dims, *args):
+        # trailing arguments left to their defaults (None)
+        missing = len(kinds) - len(args)
+        args, in_dims = (*args, *[None] * missing), (*in_dims, *[None] * missing)
         weight_dims = [d for kind, d in zip(kinds, in_dims, strict=True) if kind == _WEIGHT]
         if any(d is not None for d in _flat(weight_dims)):
             return _per_sample(op, info, in_dims, args)
@@ -100,11 +105,11 @@ def _flat(dims: list) -> list:
     return [d for x in dims for d in (x if isinstance(x, list) else [x])]
 
 
-def _backward_rule(op, reuse_saved_last: bool):
+def _backward_rule(op, reuse_saved_at: int | None):
     def rule(info, in_dims, *args):
-        if reuse_saved_last:
+        if reuse_saved_at is not None:
             # the saved buffers serve every sample's call: none may be written over
-            args = (*args[:-1], False)
+            args = (*args[:reuse_saved_at], False, *args[reuse_saved_at + 1 :])
         return _per_sample(op, info, in_dims, args)
 
     return rule
@@ -115,6 +120,9 @@ def register(namespace: str) -> None:
     ops = getattr(torch.ops, namespace)
     for name in _FORWARD:
         torch.library.register_vmap(f"{namespace}::{name}", _forward_rule(name, getattr(ops, name)))
-    for name, reuse in (("layer_backward", True), ("lstm_variant_backward", False)):
-        rule = _backward_rule(getattr(ops, name), reuse)
+    for name in ("layer_backward", "lstm_variant_backward"):
+        op = getattr(ops, name)
+        names = [a.name for a in op.default._schema.arguments]
+        reuse = names.index("reuse_saved") if "reuse_saved" in names else None
+        rule = _backward_rule(op, reuse)
         torch.library.register_vmap(f"{namespace}::{name}", rule)

@@ -25,6 +25,7 @@ from rnnkit.engines.grads import (
 )
 from rnnkit.engines.reference import flat_layer_graph
 from rnnkit.modes import MODES
+from rnnkit.resets import restarts_of
 
 __all__ = ["FusedLayer", "layer"]
 
@@ -32,16 +33,18 @@ _LSTM = MODES["LSTM"].code
 _NAMES = {m.code: m.name for m in MODES.values()}
 
 
-def _reference_graph(mode: int, batch_sizes, has_bias, x, h0, c0, weights):
+def _reference_graph(mode: int, batch_sizes, has_bias, x, h0, c0, restart, weights):
     """The layer again on the reference engine's ops, as an autograd graph: what a double
-    backward differentiates."""
-    return flat_layer_graph(_NAMES[mode], batch_sizes, has_bias, x, h0, c0, weights)
+    backward differentiates (``restart``: the directions' codes ``[D, R]``, or None)."""
+    restarts = None if restart is None else tuple(restarts_of(codes) for codes in restart)
+    return flat_layer_graph(_NAMES[mode], batch_sizes, has_bias, x, h0, c0, weights, restarts)
 
 
 class FusedLayer(torch.autograd.Function):
     """One layer over all its steps: ``x`` ``[R, H_in]`` rows in time-major (or packed) order.
 
-    ``h0`` is ``[D, N, H_out]``, ``c0`` ``[D, N, H]`` for LSTM (else None), ``weights`` the
+    ``h0`` is ``[D, N, H_out]``, ``c0`` ``[D, N, H]`` for LSTM (else None), ``restart`` the
+    directions' restart codes ``[D, R]`` int8 (:mod:`rnnkit.resets`) or None, ``weights`` the
     layer's slice of ``_flat_weights``. Returns ``out`` ``[R, D*H_out]``, ``h_n``, ``c_n``
     (LSTM; else an empty placeholder) and the buffers that backward needs, which take no
     gradient. ``mode``, ``batch_sizes`` and ``has_bias`` are plain Python values kept on
@@ -53,25 +56,27 @@ class FusedLayer(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(mode, batch_sizes, has_bias, x, h0, c0, *weights):
+    def forward(mode, batch_sizes, has_bias, x, h0, c0, restart, *weights):
         return tuple(
-            kernels().layer_forward(mode, x, h0, c0, list(weights), batch_sizes, has_bias, True)
+            kernels().layer_forward(
+                mode, x, h0, c0, list(weights), batch_sizes, has_bias, True, restart
+            )
         )
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        mode, batch_sizes, has_bias, x, h0, c0, *weights = inputs
+        mode, batch_sizes, has_bias, x, h0, c0, restart, *weights = inputs
         out, h_n, c_n, *saved = output
         ctx.mode, ctx.batch_sizes, ctx.has_bias = mode, batch_sizes, has_bias
         ctx.n_weights = len(weights)
-        ctx.save_for_backward(x, h0, c0, out, *weights, *saved)
+        ctx.save_for_backward(x, h0, c0, restart, out, *weights, *saved)
         ctx.mark_non_differentiable(*saved, *([c_n] if mode != _LSTM else []))
         # gradients of the saved buffers are never used: no zeros for them
         ctx.set_materialize_grads(False)
 
     @staticmethod
     def backward(ctx, grad_out, grad_hn, grad_cn, *_):
-        x, h0, c0, out, *rest = ctx.saved_tensors
+        x, h0, c0, restart, out, *rest = ctx.saved_tensors
         weights, saved = rest[: ctx.n_weights], rest[ctx.n_weights :]
         grad_out = grad_or_zeros(grad_out, out)
         grad_hn = grad_or_zeros(grad_hn, h0)
@@ -81,25 +86,30 @@ class FusedLayer(torch.autograd.Function):
         if batched_grads(grads):
             # a batch of gradients: torch's ops have batching rules there, the kernels none
             def recompute(x, h0, c0, *weights):
-                return _reference_graph(ctx.mode, ctx.batch_sizes, ctx.has_bias, x, h0, c0, weights)
+                return _reference_graph(
+                    ctx.mode, ctx.batch_sizes, ctx.has_bias, x, h0, c0, restart, weights
+                )
 
             inputs = [x, h0, c0, *weights]
-            return (None, None, None, *regrads(recompute, grads, inputs, need[3:]))
+            needs = (*need[3:6], *need[7:])
+            return (*_nones(3), *_with_restart(regrads(recompute, grads, inputs, needs)))
         if backward_needs_graph([x, h0, c0, *weights, *grads]):
             # create_graph=True: the gradient must itself be differentiable, which the compiled
             # loops are not; recompute the layer as a graph of torch ops and differentiate that.
-            return (None, None, None, *_double_backward(ctx, x, h0, c0, weights, grads))
+            grads = _double_backward(ctx, x, h0, c0, restart, weights, grads)
+            return (*_nones(3), *_with_restart(grads))
         reuse_saved = _saved_die_here()
         dx, dh0, dc0, *dweights = kernels().layer_backward(
             ctx.mode, grad_out, grad_hn, grad_cn, x, h0, c0, list(weights), out, list(saved),
-            ctx.batch_sizes, ctx.has_bias, need[3], reuse_saved,
+            ctx.batch_sizes, ctx.has_bias, need[3], reuse_saved, restart,
         )  # fmt: skip
-        dweights = [g if n else None for g, n in zip(dweights, need[6:], strict=True)]
+        dweights = [g if n else None for g, n in zip(dweights, need[7:], strict=True)]
         return (
             None, None, None,
             dx if need[3] else None,
             dh0 if need[4] else None,
             dc0 if ctx.mode == _LSTM and need[5] else None,
+            None,
             *dweights,
         )  # fmt: skip
 
@@ -115,13 +125,27 @@ def _saved_die_here() -> bool:
     return keep_graph is not None and not keep_graph()
 
 
-def _double_backward(ctx, x, h0, c0, weights, grads):
+def _double_backward(ctx, x, h0, c0, restart, weights, grads):
     """Gradients as a graph (``create_graph=True``): the same layer recomputed with the
-    reference engine's torch ops on the saved inputs, and differentiated by autograd."""
-    out, h_n, c_n = _reference_graph(ctx.mode, ctx.batch_sizes, ctx.has_bias, x, h0, c0, weights)
+    reference engine's torch ops on the saved inputs, and differentiated by autograd. Returns
+    those of ``x, h0, c0, *weights``."""
+    out, h_n, c_n = _reference_graph(
+        ctx.mode, ctx.batch_sizes, ctx.has_bias, x, h0, c0, restart, weights
+    )
     outputs = (out, h_n) if c_n is None else (out, h_n, c_n)
     inputs = [x, h0, c0, *weights]
-    return graph_grads(outputs, grads, inputs, ctx.needs_input_grad[3:])
+    need = ctx.needs_input_grad
+    return graph_grads(outputs, grads, inputs, (*need[3:6], *need[7:]))
+
+
+def _nones(n: int) -> tuple[None, ...]:
+    return (None,) * n
+
+
+def _with_restart(grads) -> tuple:
+    """The gradients of ``x, h0, c0, *weights`` with None for ``restart`` (after ``c0``)."""
+    grads = tuple(grads)
+    return (*grads[:3], None, *grads[3:])
 
 
 def layer(lc: LayerCall) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -133,11 +157,14 @@ def layer(lc: LayerCall) -> tuple[Tensor, Tensor, Tensor | None]:
     weights = [t for p in lc.params for t in p.to_flat()]
     has_bias = lc.params[0].b_ih is not None
     batch_sizes = list(lc.batch_sizes)
+    restart = None if lc.restart is None else torch.stack([r.codes for r in lc.restart])
     tensors = [x, h0, *weights] if c0 is None else [x, h0, c0, *weights]
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        out, h_n, c_n, *_ = FusedLayer.apply(mode, batch_sizes, has_bias, x, h0, c0, *weights)
+        out, h_n, c_n, *_ = FusedLayer.apply(
+            mode, batch_sizes, has_bias, x, h0, c0, restart, *weights
+        )
     else:
         out, h_n, c_n = kernels().layer_forward(
-            mode, x, h0, c0, weights, batch_sizes, has_bias, False
+            mode, x, h0, c0, weights, batch_sizes, has_bias, False, restart
         )
     return lc.shaped(out), h_n, c_n if mode == _LSTM else None

@@ -19,19 +19,19 @@ NAMESPACE = "rnnkit_cpu"
 
 SCHEMAS = (
     "layer_forward(int mode, Tensor x, Tensor h0, Tensor? c0, Tensor[] weights, "
-    "int[] batch_sizes, bool has_bias, bool train) -> Tensor[]",
+    "int[] batch_sizes, bool has_bias, bool train, Tensor? restart=None) -> Tensor[]",
     "layer_backward(int mode, Tensor grad_out, Tensor grad_hn, Tensor? grad_cn, Tensor x, "
     "Tensor h0, Tensor? c0, Tensor[] weights, Tensor out, Tensor[] saved, int[] batch_sizes, "
-    "bool has_bias, bool need_dx, bool reuse_saved) -> Tensor[]",
+    "bool has_bias, bool need_dx, bool reuse_saved, Tensor? restart=None) -> Tensor[]",
     "lstm_variant_forward(Tensor gx, Tensor h0, Tensor c0, Tensor w_hh, Tensor? b_hh, "
     "Tensor? w_hr, Tensor? peephole, Tensor? ln_hh, Tensor? ln_c_weight, Tensor? ln_c_bias, "
     "Tensor? rec_mask, Tensor? keep_h, Tensor? keep_c, float[] rates, bool coupled, "
-    "int[] batch_sizes, bool reverse, bool train) -> Tensor[]",
+    "int[] batch_sizes, bool reverse, bool train, Tensor? restart=None) -> Tensor[]",
     "lstm_variant_backward(Tensor grad_out, Tensor grad_hn, Tensor grad_cn, Tensor out, "
     "Tensor[] saved, Tensor h0, Tensor c0, Tensor w_hh, Tensor? b_hh, Tensor? w_hr, "
     "Tensor? peephole, Tensor? ln_hh, Tensor? ln_c_weight, Tensor? ln_c_bias, "
     "Tensor? rec_mask, Tensor? keep_h, Tensor? keep_c, float[] rates, bool coupled, "
-    "int[] batch_sizes, bool reverse) -> Tensor[]",
+    "int[] batch_sizes, bool reverse, Tensor? restart=None) -> Tensor[]",
 )
 NAMES = tuple(schema[: schema.index("(")] for schema in SCHEMAS)
 

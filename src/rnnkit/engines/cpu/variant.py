@@ -30,6 +30,7 @@ from rnnkit.engines.grads import (
     regrads,
 )
 from rnnkit.engines.reference import direction_graph
+from rnnkit.resets import restarts_of
 from rnnkit.variants import Variant
 
 __all__ = ["VARIANT_FIELDS", "layer"]
@@ -59,7 +60,7 @@ class VariantLSTM(torch.autograd.Function):
     """One direction of one layer: ``gx`` ``[R, 4H]`` (input projection of every row), ``h0``
     ``[N, H_out]``, ``c0`` ``[N, H]``, the recurrent-side parameters, then the masks
     (``rec_mask`` ``[N, H_out]``, ``keep_h`` ``[R, H_out]``, ``keep_c`` ``[R, H]``, each or
-    None). Returns ``out`` ``[R, H_out]``, ``h_n``, ``c_n`` and the buffers that backward
+    None) and the restart codes ``[R]`` int8 (:mod:`rnnkit.resets`) or None. Returns ``out`` ``[R, H_out]``, ``h_n``, ``c_n`` and the buffers that backward
     needs, which take no gradient; vmaps as ``FusedLayer`` does."""
 
     generate_vmap_rule = True
@@ -68,10 +69,11 @@ class VariantLSTM(torch.autograd.Function):
     def forward(static, gx, h0, c0, w_hh, b_hh, w_hr, peep, ln_hh, ln_cw, ln_cb, *masks):
         variant, rates, batch_sizes, reverse = static
         params = [w_hh, b_hh, w_hr, peep, ln_hh, ln_cw, ln_cb]
+        *masks, restart = masks
         return tuple(
             kernels().lstm_variant_forward(
                 gx, h0, c0, *params, *masks, rates, variant.coupled_input_forget, batch_sizes,
-                reverse, True,
+                reverse, True, restart,
             )
         )  # fmt: skip
 
@@ -90,7 +92,7 @@ class VariantLSTM(torch.autograd.Function):
     def backward(ctx, grad_out, grad_hn, grad_cn, *_):
         variant, rates, batch_sizes, reverse = ctx.static
         gx, h0, c0, *rest = ctx.saved_tensors
-        params, masks, out, saved = rest[:7], rest[7:10], rest[10], rest[11:]
+        params, masks, out, saved = rest[:7], rest[7:11], rest[11], rest[12:]
         grads = (
             grad_or_zeros(grad_out, out),
             grad_or_zeros(grad_hn, h0),
@@ -100,15 +102,16 @@ class VariantLSTM(torch.autograd.Function):
             # a batch of gradients: torch's ops have batching rules there, the kernel none
             inputs = [gx, h0, c0, *params]
             grads = regrads(_recompute(ctx, masks), grads, inputs, ctx.needs_input_grad[1:11])
-            return (None, *grads, None, None, None)
+            return (None, *grads, None, None, None, None)
         if backward_needs_graph([gx, h0, c0, *params, *grads]):
             # create_graph=True: the compiled backward is no graph; differentiate the same
             # direction rebuilt from torch ops instead
             grads = _double_backward(ctx, gx, h0, c0, params, masks, grads)
-            return (None, *grads, None, None, None)
+            return (None, *grads, None, None, None, None)
+        *masks, restart = masks
         dgx, dh0, dc0, *dparams = kernels().lstm_variant_backward(
             *grads, out, list(saved), h0, c0, *params, *masks, rates,
-            variant.coupled_input_forget, batch_sizes, reverse,
+            variant.coupled_input_forget, batch_sizes, reverse, restart,
         )  # fmt: skip
         need = ctx.needs_input_grad
         dparams = [g if n else None for g, n in zip(dparams, need[4:11], strict=True)]
@@ -118,7 +121,7 @@ class VariantLSTM(torch.autograd.Function):
             dh0 if need[2] else None,
             dc0 if need[3] else None,
             *dparams,
-            None, None, None,
+            None, None, None, None,
         )  # fmt: skip
 
 
@@ -126,12 +129,13 @@ def _recompute(ctx, masks):
     """The direction as a function of ``(gx, h0, c0, *params)`` on the reference engine's ops,
     with the call's masks (no new random numbers): ``(out, h_n, c_n)``."""
     variant, _, batch_sizes, reverse = ctx.static
-    rec_mask, keep_h, keep_c = masks
+    rec_mask, keep_h, keep_c, codes = masks
+    restart = None if codes is None else restarts_of(codes)
 
     def direction(gx, h0, c0, w_hh, b_hh, w_hr, peep, ln_hh, ln_cw, ln_cb):
         p = CellParams(None, w_hh, None, b_hh, w_hr, peep, None, ln_hh, ln_cw, ln_cb, rec_mask)  # type: ignore[arg-type]
         out, (h_n, c_n) = direction_graph(
-            "LSTM", variant, (gx, keep_h, keep_c), batch_sizes, (h0, c0), p, reverse
+            "LSTM", variant, (gx, keep_h, keep_c), batch_sizes, (h0, c0), p, reverse, restart
         )
         return out, h_n, c_n
 
@@ -146,18 +150,18 @@ def _double_backward(ctx, gx, h0, c0, params, masks, grads):
     return graph_grads(outputs, grads, inputs, ctx.needs_input_grad[1:11])
 
 
-def _run(variant, train, gx, h0, c0, p, keep_h, keep_c, batch_sizes, reverse):
+def _run(variant, train, gx, h0, c0, p, keep_h, keep_c, batch_sizes, reverse, restart):
     """Run one direction: through :class:`VariantLSTM` when a gradient is wanted, else
     straight to the kernel, which then keeps nothing for backward."""
     static = (variant, _rates(variant, train), batch_sizes, reverse)
     params = _recurrent_params(p)
-    masks = [p.rec_mask, keep_h, keep_c]
+    masks = [p.rec_mask, keep_h, keep_c, restart]
     tensors = [gx, h0, c0, *params]
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return VariantLSTM.apply(static, gx, h0, c0, *params, *masks)[:3]
     out, h_n, c_n = kernels().lstm_variant_forward(
-        gx, h0, c0, *params, *masks, static[1], variant.coupled_input_forget, batch_sizes,
-        reverse, False,
+        gx, h0, c0, *params, *masks[:3], static[1], variant.coupled_input_forget, batch_sizes,
+        reverse, False, restart,
     )[:3]  # fmt: skip
     return out, h_n, c_n
 
@@ -168,9 +172,10 @@ def _direction(dc: DirectionCall, out: LayerOutput) -> State:
     lc = dc.layer
     gx, keep_h, keep_c = dc.seq_rows()
     h0, c0 = dc.state
+    restart = None if dc.restart is None else dc.restart.codes
     y, h_n, c_n = _run(
         lc.variant, lc.train, gx, h0, c0, dc.params, keep_h, keep_c, list(lc.batch_sizes),
-        dc.plan.reverse,
+        dc.plan.reverse, restart,
     )  # fmt: skip
     out.set(dc.d, lc.shaped(y))
     return h_n, c_n

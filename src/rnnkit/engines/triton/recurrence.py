@@ -28,7 +28,7 @@ from rnnkit.cells import CellParams
 from rnnkit.engines.driver import StepPlan
 from rnnkit.engines.triton import launch, persistent
 from rnnkit.modes import MODES
-from rnnkit.resets import INITIAL, ZERO, Restarts
+from rnnkit.resets import Restarts, restarts_of
 
 __all__ = [
     "backward_direction",
@@ -74,12 +74,6 @@ def prev_states(
     if restart is not None:
         parts.append(initial.new_zeros(1, initial.size(1)))
     return torch.cat(parts).index_select(0, _prev_rows(plan, states.device, restart))
-
-
-def restarts_of(codes: Tensor, steps: tuple[int, ...] | None) -> Restarts:
-    """A direction's :class:`~rnnkit.resets.Restarts` again from its codes ``[R]`` (saved for
-    backward) and their ``steps``."""
-    return Restarts(codes, steps, (codes == ZERO).unsqueeze(1), (codes == INITIAL).unsqueeze(1))
 
 
 def restarts_at(restart: Restarts | None, plan: StepPlan, s: int) -> Tensor | None:

@@ -144,6 +144,19 @@ inline LayerShape check_layer_args(int64_t mode, const Tensor& x, const Tensor& 
   return s;
 }
 
+// The restart codes of a layer's directions (rnnkit.resets), when given: int8 [D, R], each
+// code 0 (carry), 1 (zeros) or 2 (the initial state).
+inline void check_restart(const LayerShape& s, const std::optional<Tensor>& restart) {
+  if (!present(restart)) return;
+  check_tensor("restart", *restart, at::kChar, {s.D, s.R}, "[D, R]");
+  const Tensor codes = restart->contiguous();
+  const int8_t* c = codes.data_ptr<int8_t>();
+  for (int64_t i = 0, n = codes.numel(); i < n; ++i) {
+    TORCH_CHECK(c[i] >= 0 && c[i] <= 2, "rnnkit fused engine: restart codes must be 0, 1 or 2, ",
+                "got ", static_cast<int>(c[i]), " at row ", i % s.R, " of direction ", i / s.R);
+  }
+}
+
 // What a layer's backward reads beyond its forward's arguments: the gradients of the outputs
 // and the forward's output and saved buffers, shaped as layer_forward returned them.
 inline void check_layer_grads(int64_t mode, const LayerShape& s, const Tensor& grad_out,
@@ -184,6 +197,18 @@ struct VariantShape {
   bool proj, ln, zone_c, proj_clip;
   std::vector<int64_t> batch_sizes;  // of every step (step_batches)
 };
+
+// The restart codes of one variant direction, when given: int8 [R], each 0, 1 or 2.
+inline void check_variant_restart(const VariantShape& s, const std::optional<Tensor>& restart) {
+  if (!present(restart)) return;
+  check_tensor("restart", *restart, at::kChar, {s.R}, "[R]");
+  const Tensor codes = restart->contiguous();
+  const int8_t* c = codes.data_ptr<int8_t>();
+  for (int64_t i = 0; i < s.R; ++i) {
+    TORCH_CHECK(c[i] >= 0 && c[i] <= 2, "rnnkit fused engine: restart codes must be 0, 1 or 2, ",
+                "got ", static_cast<int>(c[i]), " at row ", i);
+  }
+}
 
 // Everything a variant direction reads but gx (forward) or out (backward), whose dtype and
 // rows R are given: h0 [N, H_out], c0 [N, H], w_hh [4H, H_out], b_hh [4H], w_hr [H_out, H]

@@ -3,7 +3,8 @@
 
 namespace rnnkit {
 
-// Per step: hw = h_{t-1} W_hh^T (one GEMM), then one pass:
+// Per step: the rows that restart there take zeros or h0 as h_{t-1} (Restart, kernels.h);
+// hw = h_{t-1} W_hh^T (one GEMM), then one pass:
 //   r = vsigmoid(x_r + h_r), z = vsigmoid(x_z + h_z), n = tanh(x_n + r * h_n),
 //   h_t = (h_{t-1} - n) * z + n,
 // with x_* = x W_ih^T + b_ih and h_* = h W_hh^T + b_hh, in the op order of the reference
@@ -18,6 +19,7 @@ void gru_forward(const Plan& p, int64_t H, const GRUForward<T>& a) {
   const StepGemm<T> gemm_hh(a.w_hh, H, true, G, H, p.N);
   for (int64_t s = 0; s < p.steps(); ++s) {
     const int64_t o = p.off[s], b = p.bs[s];
+    a.restart.state(p, s, 0, b, a.h, H, a.h0);
     gemm_hh(b, a.h, H, T(0), a.hw, G);
     for (int64_t j = 0; j < b; ++j) {
       const T* p_x = a.xw + (o + j) * a.ld_xw;
@@ -81,7 +83,7 @@ void gru_backward(const Plan& p, int64_t H, const GRUBackward<T>& a) {
     const int64_t o = p.off[s], b = p.bs[s];
     for (int64_t j = 0; j < b; ++j) {
       const T* p_ws = a.ws + (o + j) * W;
-      const T* p_hp = prev_row(p, s, j, a.out, a.ld_out, a.h0, H);
+      const T* p_hp = a.restart.prev(p, s, j, a.out, a.ld_out, a.h0, H);
       const T* p_go = a.gout + (o + j) * a.ld_gout;
       T* p_dh = a.dh + j * H;
       T* p_dG = a.dG + (o + j) * W;
@@ -99,6 +101,7 @@ void gru_backward(const Plan& p, int64_t H, const GRUBackward<T>& a) {
       });
     }
     gemm_hh(b, a.dG + o * W, W, T(1), a.dh, H);
+    a.restart.cut(p, s, 0, b, a.dh, H, a.dh0);
   }
 }
 

@@ -119,6 +119,65 @@ inline const T* prev_row(const Plan& p, int64_t s, int64_t j, const T* hist, int
   return j < p.prev_batch(s) ? hist + (p.off[s - 1] + j) * ld_hist : init + j * ld_init;
 }
 
+// Resets inside a sequence (rnnkit.resets): one code per row, which the time loops apply
+// before the row's step. kZero: the state before the step is zeros (a later piece of the
+// sequence starts); kInitial: it is the row's initial state (in reverse, the first piece starts
+// its run after a later one's); kCarry: the previous step's, as without resets.
+constexpr int8_t kCarry = 0, kZero = 1, kInitial = 2;
+
+template <typename T>
+struct Restart {
+  const int8_t* codes = nullptr;  // [R] this direction's, in row order; null: no resets
+  const T* zeros = nullptr;       // a row of zeros as wide as any state
+
+  int8_t at(const Plan& p, int64_t s, int64_t j) const {
+    return codes ? codes[p.off[s] + j] : kCarry;
+  }
+  // Whether any row of the steps [s_lo, s_hi) restarts.
+  bool any(const Plan& p, int64_t s_lo, int64_t s_hi) const {
+    if (!codes || s_lo >= s_hi) return false;
+    const int8_t* c = codes + p.first_row(s_lo, s_hi);
+    return std::any_of(c, c + p.rows_of(s_lo, s_hi), [](int8_t v) { return v != kCarry; });
+  }
+  // Forward, before step s: the state rows [lo, hi) of the rows that restart there, from zeros
+  // or from `init`, their initial rows.
+  void state(const Plan& p, int64_t s, int64_t lo, int64_t hi, T* state, int64_t width,
+             const T* init) const {
+    if (!codes) return;
+    for (int64_t j = lo; j < hi; ++j) {
+      const int8_t code = at(p, s, j);
+      if (code == kZero) std::fill_n(state + j * width, width, T(0));
+      if (code == kInitial) std::copy_n(init + j * width, width, state + j * width);
+    }
+  }
+  // Backward, after step s: the gradient of the state before it, rows [lo, hi), stops at the
+  // rows that restarted there; where they restarted from their initial state it joins that
+  // state's gradient, `grad_init` (no gradient flows across a reset).
+  void cut(const Plan& p, int64_t s, int64_t lo, int64_t hi, T* grad, int64_t width,
+           T* grad_init) const {
+    if (!codes) return;
+    for (int64_t j = lo; j < hi; ++j) {
+      const int8_t code = at(p, s, j);
+      if (code == kCarry) continue;
+      T* g = grad + j * width;
+      if (code == kInitial) {
+        T* gi = grad_init + j * width;
+        for (int64_t u = 0; u < width; ++u) gi[u] += g[u];
+      }
+      std::fill_n(g, width, T(0));
+    }
+  }
+  // Row j of the state that step s read: zeros or the initial row where it restarted, else
+  // prev_row.
+  const T* prev(const Plan& p, int64_t s, int64_t j, const T* hist, int64_t ld_hist,
+                const T* init, int64_t ld_init) const {
+    const int8_t code = at(p, s, j);
+    if (code == kZero) return zeros;
+    if (code == kInitial) return init + j * ld_init;
+    return prev_row(p, s, j, hist, ld_hist, init, ld_init);
+  }
+};
+
 // One direction each. Forward: `gates` [R, G*H] holds x W_ih^T on entry; states h [N, H_out]
 // (and c [N, H]) hold h0 (c0) on entry and the final state on exit. Backward: dh, dc hold the
 // gradient of the final state on entry and that of h0, c0 on exit; dG [R, ...] receives the
@@ -139,6 +198,9 @@ struct LSTMForward {
   T* cs;             // [R, H] saved cell states, or null (inference)
   T* rs;             // [R, H] saved o * tanh(c) with proj when train, else [N, H] scratch
   bool train;
+  Restart<T> restart;
+  const T* h0;       // [N, H_out] the initial state (read where rows restart from it)
+  const T* c0;       // [N, H]
 };
 
 template <typename T>
@@ -155,6 +217,9 @@ struct LSTMBackward {
   T* dG;             // [R, 4H], or `gates` itself
   T* dhs;            // [R, H_out] gradient of each projected h (proj only)
   T* dr;             // [N, H] scratch (proj only)
+  Restart<T> restart;
+  T* dh0;            // [N, H_out] what reaches h0, c0 at rows that restart from them
+  T* dc0;            // [N, H]
 };
 
 // run(lo, hi) over blocks of [0, n) (batch rows, or the directions of a layer), one block
@@ -191,6 +256,8 @@ struct GRUForward {
   int64_t ld_out;
   T* hw;             // [N, 3H] scratch for h W_hh^T
   T* ws;             // [R, 4H] saved r|z|n|W_hn h + b_hn (may be xw itself), or null
+  Restart<T> restart;
+  const T* h0;       // [N, H]
 };
 
 template <typename T>
@@ -204,6 +271,8 @@ struct GRUBackward {
   int64_t ld_gout;
   T* dh;             // [N, H]
   T* dG;             // [R, 4H] r|z|n (hidden side, r * da_n)|n (input side, da_n), or `ws`
+  Restart<T> restart;
+  T* dh0;            // [N, H]
 };
 
 template <typename T>
@@ -222,6 +291,8 @@ struct RNNForward {
   T* out;            // [R, ld_out] x W_ih^T on entry, the output on exit
   int64_t ld_out;
   bool relu;
+  Restart<T> restart;
+  const T* h0;       // [N, H]
 };
 
 template <typename T>
@@ -234,6 +305,8 @@ struct RNNBackward {
   T* dh;             // [N, H]
   T* dG;             // [rows_of(s_lo, s_hi), H] the block's rows, from first_row(s_lo, s_hi)
   bool relu;
+  Restart<T> restart;
+  T* dh0;            // [N, H]
 };
 
 template <typename T>

@@ -10,6 +10,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
 #include <c10/core/ScalarType.h>
 #include <torch/library.h>
 
@@ -61,14 +62,14 @@ constexpr int64_t kBlockRows = 128;
 // dW_hh (+)= sum over the steps [s_lo, s_hi) of dA_s^T h_{s-1}, with dG the rows of those
 // steps (from first_row(s_lo, s_hi)); beta 0 overwrites dw, 1 adds. Padded input: the previous
 // states are the output rows one step back (N rows before in the forward direction, N after
-// in the reverse one), and h0 for step 0: two GEMMs on views. Packed input: the batch changes,
-// so gather them first, kBlockRows rows at a time.
+// in the reverse one), and h0 for step 0: two GEMMs on views. Packed input, or rows that
+// restart (zeros or h0 as their previous state): gather them first, kBlockRows rows at a time.
 template <typename T>
 void weight_grad_hh(const Plan& p, int64_t s_lo, int64_t s_hi, int64_t GH, const T* dG,
                     int64_t ldG, const T* h0, const T* out, int64_t ld_out, int64_t H_out,
-                    T beta, T* dw) {
+                    const Restart<T>& restart, T beta, T* dw) {
   const int64_t r0 = p.first_row(s_lo, s_hi);
-  if (p.uniform) {
+  if (p.uniform && !restart.any(p, s_lo, s_hi)) {
     int64_t s = s_lo;
     if (s == 0) {
       gemm<T>(true, false, GH, H_out, p.N, T(1), dG + (p.off[0] - r0) * ldG, ldG, h0, H_out,
@@ -92,7 +93,7 @@ void weight_grad_hh(const Plan& p, int64_t s_lo, int64_t s_hi, int64_t GH, const
     const int64_t r = p.first_row(bottom, top);
     for (int64_t s = bottom; s < top; ++s) {
       for (int64_t j = 0; j < p.bs[s]; ++j) {
-        const T* src = prev_row(p, s, j, out, ld_out, h0, H_out);
+        const T* src = restart.prev(p, s, j, out, ld_out, h0, H_out);
         std::memcpy(prev + (p.off[s] + j - r) * H_out, src, H_out * sizeof(T));
       }
     }
@@ -120,6 +121,7 @@ struct StepGrads {
   T* dw_ih;          // [G*H, H_in]
   T* dw_hh;          // [G*H, H_out]
   Tensor db_ih, db_hh;  // [G*H] each, or undefined without bias
+  Restart<T> restart;   // the previous states of the rows that restart
 };
 
 // dst (+)= the column sums of src: the bias gradient of a block of rows.
@@ -156,7 +158,8 @@ void add_step_grads(const Plan& p, int64_t s_lo, int64_t s_hi, const T* dG, int6
     gemm<T>(true, false, H, H_in, rows, T(1), dG + 3 * H, ldG, p_x, H_in, beta,
             g.dw_ih + 2 * H * H_in, H_in);
   }
-  weight_grad_hh<T>(p, s_lo, s_hi, GH, dG, ldG, g.h0, g.out, g.ld_out, g.H_out, beta, g.dw_hh);
+  weight_grad_hh<T>(p, s_lo, s_hi, GH, dG, ldG, g.h0, g.out, g.ld_out, g.H_out, g.restart, beta,
+                    g.dw_hh);
   if (g.db_hh.defined()) {
     const Tensor block =
         at::from_blob(const_cast<T*>(dG), {rows, ldG}, {ldG, 1}, g.db_hh.options());
@@ -187,13 +190,23 @@ void for_directions(int64_t D, bool small_steps, const F& run) {
   });
 }
 
+// Direction d's restart codes (rows [d*R, (d+1)*R) of `restart` [D, R]), over `zeros`.
+template <typename T>
+Restart<T> direction_restart(const std::optional<Tensor>& restart, int64_t d, int64_t R,
+                             const std::vector<T>& zeros) {
+  if (!present(restart)) return {};
+  return {restart->data_ptr<int8_t>() + d * R, zeros.data()};
+}
+
 template <typename T>
 std::vector<Tensor> forward_impl(int64_t mode, const LayerShape& s, const Tensor& x,
                                  const Tensor& h0, const std::optional<Tensor>& c0,
-                                 at::TensorList weights, bool has_bias, bool train) {
+                                 const std::optional<Tensor>& restart, at::TensorList weights,
+                                 bool has_bias, bool train) {
   const int64_t D = s.D, N = s.N, H_out = s.H_out, R = s.R, H_in = s.H_in, G = s.G, H = s.H;
   const bool proj = s.proj;
   const std::vector<Weights> ws = split_weights(s, weights, has_bias);
+  const std::vector<T> zeros(std::max(H, H_out), T(0));
 
   Tensor out = at::empty({R, D * H_out}, x.options());
   Tensor h_n = h0.clone(at::MemoryFormat::Contiguous);
@@ -222,19 +235,22 @@ std::vector<Tensor> forward_impl(int64_t mode, const LayerShape& s, const Tensor
     const Plan& p = plans[d];
     T* p_out = ptr<T>(out) + d * H_out;
     T* p_h = ptr<T>(h_n) + d * N * H_out;
+    const T* p_h0 = ptr<T>(h0) + d * N * H_out;
+    const Restart<T> rs_d = direction_restart<T>(restart, d, R, zeros);
     if (mode == LSTM) {
       T* p_c = ptr<T>(c_n) + d * N * H;
       LSTMForward<T> a{ptr<T>(gates[d]), ptr<T>(bias[d]), ptr<T>(ws[d].w_hh), ptr<T>(ws[d].w_hr),
-                       p_h, p_c, p_out, D * H_out, ptr<T>(cs[d]), ptr<T>(rs[d]), train};
+                       p_h, p_c, p_out, D * H_out, ptr<T>(cs[d]), ptr<T>(rs[d]), train,
+                       rs_d, p_h0, ptr<T>(*c0) + d * N * H};
       lstm_forward<T>(p, H, H_out, a);
     } else if (mode == GRU) {
       GRUForward<T> a{ptr<T>(gates[d]), ld_gates, ptr<T>(ws[d].b_ih), ptr<T>(ws[d].b_hh),
                       ptr<T>(ws[d].w_hh), p_h, p_out, D * H_out, ptr<T>(hw[d]),
-                      train ? ptr<T>(gates[d]) : nullptr};
+                      train ? ptr<T>(gates[d]) : nullptr, rs_d, p_h0};
       gru_forward<T>(p, H, a);
     } else {
       RNNForward<T> a{ptr<T>(bias[d]), ptr<T>(ws[d].w_hh), p_h, p_out, D * H_out,
-                      mode == RNN_RELU};
+                      mode == RNN_RELU, rs_d, p_h0};
       rnn_forward<T>(p, H, a);
     }
   });
@@ -258,12 +274,19 @@ template <typename T>
 std::vector<Tensor> backward_impl(int64_t mode, const LayerShape& s, const Tensor& grad_out,
                                   const Tensor& grad_hn, const std::optional<Tensor>& grad_cn,
                                   const Tensor& x, const Tensor& h0,
-                                  const std::optional<Tensor>& c0, at::TensorList weights,
+                                  const std::optional<Tensor>& c0,
+                                  const std::optional<Tensor>& restart, at::TensorList weights,
                                   const Tensor& out, at::TensorList saved, bool has_bias,
                                   bool need_dx, bool reuse_saved) {
   const int64_t D = s.D, N = s.N, H_out = s.H_out, R = s.R, H_in = s.H_in, G = s.G, H = s.H;
   const bool proj = s.proj;
   const std::vector<Weights> ws = split_weights(s, weights, has_bias);
+  const std::vector<T> zeros(std::max(H, H_out), T(0));
+  // with resets: what reaches h0, c0 at the rows that restart from them, added at the end
+  const bool resets = present(restart);
+  const Tensor dh_init = resets ? at::zeros({D, N, H_out}, x.options()) : none_like(x);
+  const Tensor dc_init = resets && mode == LSTM ? at::zeros({D, N, H}, x.options()) : none_like(x);
+
   // GRU keeps the input-side n gradient as a fourth block, see gru.cpp
   const int64_t ldG = mode == GRU ? 4 * H : G * H;
   const int64_t per_dir = mode == LSTM ? 3 : mode == GRU ? 1 : 0;
@@ -287,6 +310,11 @@ std::vector<Tensor> backward_impl(int64_t mode, const LayerShape& s, const Tenso
   auto allocate_dx = [&] {
     if (need_dx) result[0] = dx = at::empty({R, H_in}, x.options());
   };
+  auto finish_initial = [&] {
+    if (!resets) return;
+    dh.add_(dh_init);
+    if (mode == LSTM) dc.add_(dc_init);
+  };
 
   // The gradient tensors of direction d, appended to `result` in the order of `weights`
   // (but for W_hr, which comes last and which the LSTM branch appends itself).
@@ -294,6 +322,7 @@ std::vector<Tensor> backward_impl(int64_t mode, const LayerShape& s, const Tenso
     StepGrads<T> g{mode, H, H_in, H_out, ptr<T>(x), ptr<T>(ws[d].w_ih),
                    ptr<T>(h0) + d * N * H_out, ptr<T>(out) + d * H_out, D * H_out,
                    need_dx ? ptr<T>(dx) : nullptr, d > 0};
+    g.restart = direction_restart<T>(restart, d, R, zeros);
     const Tensor dw_ih = at::empty({G * H, H_in}, x.options());
     const Tensor dw_hh = at::empty({G * H, H_out}, x.options());
     g.dw_ih = ptr<T>(dw_ih);
@@ -323,7 +352,8 @@ std::vector<Tensor> backward_impl(int64_t mode, const LayerShape& s, const Tenso
       }();
       RNNBackward<T> a{ptr<T>(out) + d * H_out, D * H_out, gemm_hh.get(),
                        ptr<T>(gout) + d * H_out, ld_gout, ptr<T>(dh) + d * N * H_out,
-                       ptr<T>(dG), mode == RNN_RELU};
+                       ptr<T>(dG), mode == RNN_RELU, g.restart,
+                       resets ? ptr<T>(dh_init) + d * N * H_out : nullptr};
       for (int64_t s_hi = p.steps(); s_hi > 0;) {
         const int64_t s_lo = p.block_start(s_hi, kBlockRows);
         rnn_backward<T>(p, s_lo, s_hi, H, a);
@@ -332,6 +362,7 @@ std::vector<Tensor> backward_impl(int64_t mode, const LayerShape& s, const Tenso
       }
       finish_bias(g);
     }
+    finish_initial();
     return result;
   }
 
@@ -347,19 +378,23 @@ std::vector<Tensor> backward_impl(int64_t mode, const LayerShape& s, const Tenso
     const Plan& p = plans[d];
     const T* p_gout = ptr<T>(gout) + d * H_out;
     T* p_dh = ptr<T>(dh) + d * N * H_out;
+    const Restart<T> rs_d = direction_restart<T>(restart, d, R, zeros);
+    T* p_dh_init = resets ? ptr<T>(dh_init) + d * N * H_out : nullptr;
     if (mode == LSTM) {
       LSTMBackward<T> a{ptr<T>(saved[3 * d]), ptr<T>(saved[3 * d + 1]),
                         ptr<T>(*c0) + d * N * H, ptr<T>(ws[d].w_hh), ptr<T>(ws[d].w_hr),
                         p_gout, ld_gout, p_dh, ptr<T>(dc) + d * N * H, ptr<T>(dG[d]),
-                        ptr<T>(dhs[d]), ptr<T>(dr[d])};
+                        ptr<T>(dhs[d]), ptr<T>(dr[d]), rs_d, p_dh_init,
+                        resets ? ptr<T>(dc_init) + d * N * H : nullptr};
       lstm_backward<T>(p, H, H_out, a);
     } else {
       GRUBackward<T> a{ptr<T>(saved[d]), ptr<T>(out) + d * H_out, D * H_out,
                        ptr<T>(h0) + d * N * H, ptr<T>(ws[d].w_hh), p_gout, ld_gout, p_dh,
-                       ptr<T>(dG[d])};
+                       ptr<T>(dG[d]), rs_d, p_dh_init};
       gru_backward<T>(p, H, a);
     }
   });
+  finish_initial();
 
   // after the time loops, whose packed weights are freed by now
   allocate_dx();
@@ -382,19 +417,23 @@ std::vector<Tensor> backward_impl(int64_t mode, const LayerShape& s, const Tenso
   return result;
 }
 
-std::vector<Tensor> layer_forward(int64_t mode, const Tensor& x, const Tensor& h0,
-                                  const std::optional<Tensor>& c0, at::TensorList weights,
-                                  at::IntArrayRef batch_sizes, bool has_bias, bool train) {
-  const LayerShape s = check_layer_args(mode, x, h0, c0, weights, batch_sizes, has_bias);
-  const Tensor xc = x.contiguous();
-  if (s.dtype == at::kFloat) {
-    return forward_impl<float>(mode, s, xc, h0, c0, weights, has_bias, train);
-  }
-  return forward_impl<double>(mode, s, xc, h0, c0, weights, has_bias, train);
-}
-
 std::optional<Tensor> contiguous(const std::optional<Tensor>& t) {
   return present(t) ? std::optional<Tensor>(t->contiguous()) : std::nullopt;
+}
+
+std::vector<Tensor> layer_forward(int64_t mode, const Tensor& x, const Tensor& h0,
+                                  const std::optional<Tensor>& c0, at::TensorList weights,
+                                  at::IntArrayRef batch_sizes, bool has_bias, bool train,
+                                  const std::optional<Tensor>& restart) {
+  const LayerShape s = check_layer_args(mode, x, h0, c0, weights, batch_sizes, has_bias);
+  check_restart(s, restart);
+  // the time loops read h0, c0 by rows where rows restart from them
+  const Tensor xc = x.contiguous(), h0c = h0.contiguous();
+  const std::optional<Tensor> c0c = contiguous(c0), rc = contiguous(restart);
+  if (s.dtype == at::kFloat) {
+    return forward_impl<float>(mode, s, xc, h0c, c0c, rc, weights, has_bias, train);
+  }
+  return forward_impl<double>(mode, s, xc, h0c, c0c, rc, weights, has_bias, train);
 }
 
 std::vector<Tensor> layer_backward(int64_t mode, const Tensor& grad_out, const Tensor& grad_hn,
@@ -402,21 +441,23 @@ std::vector<Tensor> layer_backward(int64_t mode, const Tensor& grad_out, const T
                                    const Tensor& h0, const std::optional<Tensor>& c0,
                                    at::TensorList weights, const Tensor& out,
                                    at::TensorList saved, at::IntArrayRef batch_sizes,
-                                   bool has_bias, bool need_dx, bool reuse_saved) {
+                                   bool has_bias, bool need_dx, bool reuse_saved,
+                                   const std::optional<Tensor>& restart) {
   const LayerShape s = check_layer_args(mode, x, h0, c0, weights, batch_sizes, has_bias);
   check_layer_grads(mode, s, grad_out, grad_hn, grad_cn, out, saved);
+  check_restart(s, restart);
   // the time loops read these by rows of their sizes (a contiguous saved buffer is the one
   // that reuse_saved writes over)
   const Tensor xc = x.contiguous(), h0c = h0.contiguous(), outc = out.contiguous();
-  const std::optional<Tensor> c0c = contiguous(c0);
+  const std::optional<Tensor> c0c = contiguous(c0), rc = contiguous(restart);
   std::vector<Tensor> sv;
   for (const Tensor& t : saved) sv.push_back(t.contiguous());
   if (s.dtype == at::kFloat) {
-    return backward_impl<float>(mode, s, grad_out, grad_hn, grad_cn, xc, h0c, c0c, weights, outc,
-                                sv, has_bias, need_dx, reuse_saved);
+    return backward_impl<float>(mode, s, grad_out, grad_hn, grad_cn, xc, h0c, c0c, rc, weights,
+                                outc, sv, has_bias, need_dx, reuse_saved);
   }
-  return backward_impl<double>(mode, s, grad_out, grad_hn, grad_cn, xc, h0c, c0c, weights, outc,
-                               sv, has_bias, need_dx, reuse_saved);
+  return backward_impl<double>(mode, s, grad_out, grad_hn, grad_cn, xc, h0c, c0c, rc, weights,
+                               outc, sv, has_bias, need_dx, reuse_saved);
 }
 
 }  // namespace

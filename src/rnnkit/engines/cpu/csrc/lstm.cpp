@@ -6,7 +6,8 @@
 
 namespace rnnkit {
 
-// Per step: gates += h_{t-1} W_hh^T (one GEMM on the rows of the active batch), then one
+// Per step: the rows that restart there (Restart, kernels.h) take zeros or h0, c0 as their
+// state; gates += h_{t-1} W_hh^T (one GEMM on the rows of the active batch), then one
 // pass that applies the activations, updates c and writes h. With proj_size the pass writes
 // r_t = o * tanh(c_t) and a second GEMM gives h_t = r_t W_hr^T. Training keeps the
 // activations in place of the pre-activations, the c_t and the r_t: all that backward needs.
@@ -23,6 +24,8 @@ void lstm_forward(const Plan& p, int64_t H, int64_t H_out, const LSTMForward<T>&
     for (int64_t s = 0; s < p.steps(); ++s) {
       const int64_t o = p.off[s], b = std::min(p.bs[s], hi);
       if (b <= lo) continue;
+      a.restart.state(p, s, lo, b, a.h, H_out, a.h0);
+      a.restart.state(p, s, lo, b, a.c, H, a.c0);
       T* p_gates = a.gates + o * G;
       gemm_hh(b - lo, a.h + lo * H_out, H_out, T(1), p_gates + lo * G, G);
       T* p_r = proj ? (a.train ? a.rs + o * H : a.rs) : nullptr;
@@ -83,6 +86,8 @@ void lstm_forward(const Plan& p, int64_t H, int64_t H_out, const LSTMForward<T>&
 //   a = x W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh
 //                                     =>  dh_{t-1} = dA W_hh  (one GEMM per step)
 //
+// A row that restarted at step t read zeros or h0, c0 there instead of the previous step's
+// state: its dh_{t-1}, dc_{t-1} go to dh0, dc0 or nowhere, and the earlier step gets none.
 // Only dh_{t-1} feeds the next step; dW_ih = dA^T X, dW_hh = dA^T H_prev, dX = dA W_ih and
 // db = sum_rows dA need all steps' dA at once and are one GEMM each in layer.cpp.
 template <typename T>
@@ -113,7 +118,7 @@ void lstm_backward(const Plan& p, int64_t H, int64_t H_out, const LSTMBackward<T
       for (int64_t j = lo; j < b; ++j) {
         const T* p_g = a.gates + (o + j) * G;
         const T* p_ct = a.cs + (o + j) * H;
-        const T* p_cp = prev_row(p, s, j, a.cs, H, a.c0, H);
+        const T* p_cp = a.restart.prev(p, s, j, a.cs, H, a.c0, H);
         const T* p_dr = proj ? a.dr + j * H : nullptr;
         const T* p_dh = a.dh + j * H_out;
         const T* p_go = a.gout + (o + j) * a.ld_gout;
@@ -134,6 +139,8 @@ void lstm_backward(const Plan& p, int64_t H, int64_t H_out, const LSTMBackward<T
         });
       }
       gemm_hh(b - lo, a.dG + (o + lo) * G, G, T(0), a.dh + lo * H_out, H_out);
+      a.restart.cut(p, s, lo, b, a.dh, H_out, a.dh0);
+      a.restart.cut(p, s, lo, b, a.dc, H, a.dc0);
     }
   });
 }

@@ -29,6 +29,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -140,6 +141,7 @@ struct Args {
   T zh, zc;           // zoneout rates used when the masks are null
   T gate_clip, cell_clip, proj_clip;  // <= 0: none
   bool coupled;
+  Restart<T> restart;  // resets inside the sequences (kernels.h), or none
 
   bool zone_h() const { return keep_h || zh != 0; }
   bool zone_c() const { return keep_c || zc != 0; }
@@ -168,6 +170,8 @@ void forward_loop(const Plan& p, const Args<T>& a, const Saved<T>& sv, T* out, T
   std::vector<T> ys(proj && !train ? N * H : 0), hps(proj ? N * H_out : 0);
   for (int64_t s = 0; s < p.steps(); ++s) {
     const int64_t o = p.off[s], b = p.bs[s];
+    a.restart.state(p, s, 0, b, h, H_out, a.h0);
+    a.restart.state(p, s, 0, b, c, H, a.c0);
     const T* p_in = h;
     if (a.rec_mask) {
       for (int64_t k = 0; k < b * H_out; ++k) hin[k] = h[k] * a.rec_mask[k];
@@ -300,7 +304,8 @@ inline void accumulate(T* acc, const Vec<T>& v, int64_t n) {
 //   dh_prev += (dr W_hh) * m  (a GEMM)
 template <typename T>
 void backward_loop(const Plan& p, const Args<T>& a, const Saved<T>& sv, const T* gout,
-                   T* dh, T* dc, T* dz_all, T* dr_all, T* dht_all, Accum<T>& acc) {
+                   T* dh, T* dc, T* dz_all, T* dr_all, T* dht_all, Accum<T>& acc, T* dh_init,
+                   T* dc_init) {
   const int64_t H = a.H, H_out = a.H_out, G = 4 * H, N = p.N;
   const bool proj = a.w_hr != nullptr;
   const SingleThreadBlas blas(small_step_gemm(N * G * H_out));
@@ -338,7 +343,7 @@ void backward_loop(const Plan& p, const Args<T>& a, const Saved<T>& sv, const T*
       const int64_t row = o + j;
       const T* p_z = sv.z + row * G;
       const T* p_ct = sv.ct + row * H;
-      const T* p_cp = prev_row(p, s, j, c_hist, H, a.c0, H);
+      const T* p_cp = a.restart.prev(p, s, j, c_hist, H, a.c0, H);
       const T* p_dy = dys.data() + j * H;
       const T* p_kc = a.keep_c ? a.keep_c + row * H : nullptr;
       const T* p_st = sv.stats ? sv.stats + row * 3 : nullptr;
@@ -452,6 +457,8 @@ void backward_loop(const Plan& p, const Args<T>& a, const Saved<T>& sv, const T*
     } else {
       gemm_hh(b, p_dr, G, T(1), dh, H_out);
     }
+    a.restart.cut(p, s, 0, b, dh, H_out, dh_init);
+    a.restart.cut(p, s, 0, b, dc, H, dc_init);
   }
 }
 
@@ -552,8 +559,16 @@ std::vector<Tensor> backward_impl(const Tensor& grad_out, const Tensor& grad_hn,
     acc.ln_cw.assign(H, T(0));
     acc.ln_cb.assign(H, T(0));
   }
+  // with resets: what reaches h0, c0 at the rows that restart from them
+  const bool resets = a.restart.codes != nullptr;
+  Tensor dh_init = resets ? at::zeros_like(dh) : Tensor();
+  Tensor dc_init = resets ? at::zeros_like(dc) : Tensor();
   backward_loop<T>(p, a, sv, ptr<T>(gout), ptr<T>(dh), ptr<T>(dc), ptr<T>(dz), ptr<T>(dr),
-                   ptr<T>(dht), acc);
+                   ptr<T>(dht), acc, ptr<T>(dh_init), ptr<T>(dc_init));
+  if (resets) {
+    dh.add_(dh_init);
+    dc.add_(dc_init);
+  }
 
   // dW_hh = sum over rows of dr^T (h_prev * m): the previous states gathered into one matrix
   Tensor hin = at::empty({R, H_out}, opts);
@@ -561,7 +576,7 @@ std::vector<Tensor> backward_impl(const Tensor& grad_out, const Tensor& grad_hn,
   T* p_hin = ptr<T>(hin);
   for (int64_t s = 0; s < p.steps(); ++s) {
     for (int64_t j = 0; j < p.bs[s]; ++j) {
-      const T* src = prev_row(p, s, j, p_out, H_out, a.h0, H_out);
+      const T* src = a.restart.prev(p, s, j, p_out, H_out, a.h0, H_out);
       T* dst = p_hin + (p.off[s] + j) * H_out;
       if (a.rec_mask) {
         for (int64_t u = 0; u < H_out; ++u) dst[u] = src[u] * a.rec_mask[j * H_out + u];
@@ -603,22 +618,29 @@ std::vector<Tensor> lstm_variant_forward(
     const std::optional<Tensor>& ln_c_weight, const std::optional<Tensor>& ln_c_bias,
     const std::optional<Tensor>& rec_mask, const std::optional<Tensor>& keep_h,
     const std::optional<Tensor>& keep_c, at::ArrayRef<double> rates, bool coupled,
-    at::IntArrayRef batch_sizes, bool reverse, bool train) {
+    at::IntArrayRef batch_sizes, bool reverse, bool train, const std::optional<Tensor>& restart) {
   const c10::ScalarType dtype = float_dtype("gx", gx);
   check_tensor("gx", gx, dtype, 2);
   const VariantShape s =
       check_variant_args(dtype, gx.size(0), h0, c0, w_hh, b_hh, w_hr, peephole, ln_hh,
                          ln_c_weight, ln_c_bias, rec_mask, keep_h, keep_c, rates, batch_sizes);
+  check_variant_restart(s, restart);
+  const Tensor rc = opt(restart);
   check_tensor("gx", gx, dtype, {s.R, 4 * s.H}, "[R, 4*H]");
   const Tensor g = gx.contiguous(), h = h0.contiguous(), c = c0.contiguous();
   const Tensor w = w_hh.contiguous(), bh = opt(b_hh), wr = opt(w_hr), pp = opt(peephole);
   const Tensor lh = opt(ln_hh), lw = opt(ln_c_weight), lb = opt(ln_c_bias);
   const Tensor rm = opt(rec_mask), kh = opt(keep_h), kc = opt(keep_c);
+  const int64_t width = std::max(h.size(1), c.size(1));
   if (gx.scalar_type() == at::kFloat) {
-    const auto a = make_args<float>(g, h, c, w, bh, wr, pp, lh, lw, lb, rm, kh, kc, rates, coupled);
+    const std::vector<float> zeros(width, 0.0f);
+    auto a = make_args<float>(g, h, c, w, bh, wr, pp, lh, lw, lb, rm, kh, kc, rates, coupled);
+    if (rc.defined()) a.restart = {rc.data_ptr<int8_t>(), zeros.data()};
     return forward_impl<float>(g, h, c, a, s.batch_sizes, reverse, train);
   }
-  const auto a = make_args<double>(g, h, c, w, bh, wr, pp, lh, lw, lb, rm, kh, kc, rates, coupled);
+  const std::vector<double> zeros(width, 0.0);
+  auto a = make_args<double>(g, h, c, w, bh, wr, pp, lh, lw, lb, rm, kh, kc, rates, coupled);
+  if (rc.defined()) a.restart = {rc.data_ptr<int8_t>(), zeros.data()};
   return forward_impl<double>(g, h, c, a, s.batch_sizes, reverse, train);
 }
 
@@ -630,13 +652,15 @@ std::vector<Tensor> lstm_variant_backward(
     const std::optional<Tensor>& ln_c_weight, const std::optional<Tensor>& ln_c_bias,
     const std::optional<Tensor>& rec_mask, const std::optional<Tensor>& keep_h,
     const std::optional<Tensor>& keep_c, at::ArrayRef<double> rates, bool coupled,
-    at::IntArrayRef batch_sizes, bool reverse) {
+    at::IntArrayRef batch_sizes, bool reverse, const std::optional<Tensor>& restart) {
   const c10::ScalarType dtype = float_dtype("out", out);
   check_tensor("out", out, dtype, 2);
   const VariantShape s =
       check_variant_args(dtype, out.size(0), h0, c0, w_hh, b_hh, w_hr, peephole, ln_hh,
                          ln_c_weight, ln_c_bias, rec_mask, keep_h, keep_c, rates, batch_sizes);
   check_variant_grads(dtype, s, grad_out, grad_hn, grad_cn, out, saved);
+  check_variant_restart(s, restart);
+  const Tensor rc = opt(restart);
   const Tensor h = h0.contiguous(), c = c0.contiguous();
   const Tensor w = w_hh.contiguous(), bh = opt(b_hh), wr = opt(w_hr), pp = opt(peephole);
   const Tensor lh = opt(ln_hh), lw = opt(ln_c_weight), lb = opt(ln_c_bias);
@@ -645,12 +669,17 @@ std::vector<Tensor> lstm_variant_backward(
   std::vector<Tensor> sv;
   for (const Tensor& t : saved) sv.push_back(t.contiguous());
   const bool has_b = bh.defined();
+  const int64_t width = std::max(h.size(1), c.size(1));
   if (out.scalar_type() == at::kFloat) {
-    const auto a = make_args<float>(o, h, c, w, bh, wr, pp, lh, lw, lb, rm, kh, kc, rates, coupled);
+    const std::vector<float> zeros(width, 0.0f);
+    auto a = make_args<float>(o, h, c, w, bh, wr, pp, lh, lw, lb, rm, kh, kc, rates, coupled);
+    if (rc.defined()) a.restart = {rc.data_ptr<int8_t>(), zeros.data()};
     return backward_impl<float>(grad_out, grad_hn, grad_cn, o, sv, a, s.batch_sizes, reverse,
                                 has_b);
   }
-  const auto a = make_args<double>(o, h, c, w, bh, wr, pp, lh, lw, lb, rm, kh, kc, rates, coupled);
+  const std::vector<double> zeros(width, 0.0);
+  auto a = make_args<double>(o, h, c, w, bh, wr, pp, lh, lw, lb, rm, kh, kc, rates, coupled);
+  if (rc.defined()) a.restart = {rc.data_ptr<int8_t>(), zeros.data()};
   return backward_impl<double>(grad_out, grad_hn, grad_cn, o, sv, a, s.batch_sizes, reverse,
                                has_b);
 }

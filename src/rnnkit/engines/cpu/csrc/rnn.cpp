@@ -3,7 +3,8 @@
 
 namespace rnnkit {
 
-// Per step: a = x W_ih^T + h_{t-1} W_hh^T (one GEMM accumulating into the projection, which
+// Per step (the rows that restart there taking zeros or h0 as h_{t-1}, Restart in kernels.h):
+// a = x W_ih^T + h_{t-1} W_hh^T (one GEMM accumulating into the projection, which
 // sits in the output rows) + b, h_t = act(a) over a in place. The output is the activation
 // itself, so training saves nothing more.
 template <typename T>
@@ -13,6 +14,7 @@ void rnn_forward(const Plan& p, int64_t H, const RNNForward<T>& a) {
   const StepGemm<T> gemm_hh(a.w_hh, H, true, H, H, p.N);
   for (int64_t s = 0; s < p.steps(); ++s) {
     const int64_t o = p.off[s], b = p.bs[s];
+    a.restart.state(p, s, 0, b, a.h, H, a.h0);
     gemm_hh(b, a.h, H, T(1), a.out + o * a.ld_out, a.ld_out);
     for (int64_t j = 0; j < b; ++j) {
       T* p_h = a.h + j * H;
@@ -55,6 +57,7 @@ void rnn_backward(const Plan& p, int64_t s_lo, int64_t s_hi, int64_t H, const RN
       });
     }
     (*a.gemm_hh)(b, a.dG + (o - r0) * H, H, T(0), a.dh, H);
+    a.restart.cut(p, s, 0, b, a.dh, H, a.dh0);
   }
 }
 
