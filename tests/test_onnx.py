@@ -62,11 +62,13 @@ def in_float64(module, *inputs) -> list[torch.Tensor]:
 
 
 class Call(nn.Module):
-    """Calls ``layer`` on ``(x, [h0, [c0]], [lengths])`` and returns its outputs flat."""
+    """Calls ``layer`` on ``(x, [h0, [c0]], [lengths], [reset])`` and returns its outputs
+    flat."""
 
-    def __init__(self, layer: nn.Module, with_hx: bool, with_lengths: bool):
+    def __init__(self, layer: nn.Module, with_hx: bool, with_lengths: bool, with_reset=False):
         super().__init__()
         self.layer, self.with_hx, self.with_lengths = layer, with_hx, with_lengths
+        self.with_reset = with_reset
 
     def forward(self, x, *extra):
         is_lstm = isinstance(self.layer, (rnnkit.LSTM, rnnkit.LSTMCell, nn.LSTM))
@@ -78,12 +80,16 @@ class Call(nn.Module):
             out = self.layer(x, hx)
             return tuple(out) if is_lstm else (out,)
         kwargs = {"lengths": extra.pop(0)} if self.with_lengths else {}
+        if self.with_reset:
+            kwargs["reset"] = extra.pop(0)
         out, hidden = self.layer(x, hx, **kwargs)
         return (out, *hidden) if is_lstm else (out, hidden)
 
 
-def _inputs(m, L: int, N: int, with_hx: bool, with_lengths: bool, unbatched: bool):
-    """Random ``(x, [h0, c0], [lengths])`` for ``m`` and the dynamic axes of each."""
+def _inputs(m, L: int, N: int, with_hx: bool, with_lengths: bool, unbatched: bool,
+            with_reset: bool = False):  # fmt: skip
+    """Random ``(x, [h0, c0], [lengths], [reset])`` for ``m`` and the dynamic axes of each
+    (``reset``: a restart at about one step in three, at least one, in ``x``'s layout)."""
     batch_first = getattr(m, "batch_first", False)
     x_shape = [N, L, m.input_size] if batch_first else [L, N, m.input_size]
     x_axes = {0: "N", 1: "L"} if batch_first else {0: "L", 1: "N"}
@@ -104,6 +110,11 @@ def _inputs(m, L: int, N: int, with_hx: bool, with_lengths: bool, unbatched: boo
         lengths[0] = L
         feeds["lengths"] = lengths
         axes["lengths"] = {0: "N"}
+    if with_reset:
+        reset = torch.rand(x_shape[:-1]) < 0.3
+        reset.view(-1)[torch.randint(reset.numel(), ())] = True
+        feeds["reset"] = reset
+        axes["reset"] = x_axes
     return feeds, axes
 
 
@@ -111,11 +122,13 @@ def _output_names(m) -> list[str]:
     return ["output", "h_n", "c_n"] if m.mode == "LSTM" else ["output", "h_n"]
 
 
-def _check_layer(m, with_hx=False, with_lengths=False, unbatched=False, expect="LSTM"):
+def _check_layer(
+    m, with_hx=False, with_lengths=False, unbatched=False, expect="LSTM", with_reset=False
+):
     torch.manual_seed(0)
     m.eval()
-    call = Call(m, with_hx, with_lengths).eval()
-    feeds, axes = _inputs(m, 5, 2, with_hx, with_lengths, unbatched)
+    call = Call(m, with_hx, with_lengths, with_reset).eval()
+    feeds, axes = _inputs(m, 5, 2, with_hx, with_lengths, unbatched, with_reset)
     names = _output_names(m)
     out_axes = {"output": axes["x"], "h_n": {1: "N"}, "c_n": {1: "N"}}
     if unbatched:
@@ -126,9 +139,10 @@ def _check_layer(m, with_hx=False, with_lengths=False, unbatched=False, expect="
     )  # fmt: skip
     assert expect in op_types(proto)
     assert not any(node.domain == "rnnkit" for node in proto.graph.node)
-    torch_m = rnnkit.revert(copy.deepcopy(m)).eval() if m.variant.is_plain else None
+    plain = m.variant.is_plain and not with_reset
+    torch_m = rnnkit.revert(copy.deepcopy(m)).eval() if plain else None
     for L, N in SIZES:
-        feeds, _ = _inputs(m, L, N, with_hx, with_lengths, unbatched)
+        feeds, _ = _inputs(m, L, N, with_hx, with_lengths, unbatched, with_reset)
         got = ort_run(proto, feeds)
         with torch.no_grad():
             want = call(*feeds.values())
@@ -428,6 +442,45 @@ def test_torch_onnx_export_of_a_layer_that_needs_a_scan_raises():
     m = rnnkit.LSTM(4, 6, proj_size=3).eval()
     with pytest.raises(NotImplementedError, match="rnnkit.onnx.export"):
         torch.onnx.export(m, (torch.randn(5, 2, 4),), io.BytesIO(), dynamo=False)
+
+
+# Resets inside a sequence (reset=): always a Scan, whose steps select the restarted rows'
+# state; against eager rnnkit with the same mask (tests/test_resets.py holds eager to the
+# definition), on two other sizes than the export's.
+RESET_LAYERS = [
+    P("LSTM", dict(bidirectional=True), dict(with_hx=True, with_lengths=True),
+      id="LSTM-bidir-h0-lengths"),
+    P("LSTM", dict(proj_size=2, num_layers=2), dict(), id="LSTM-proj-2layers"),
+    P("GRU", dict(bidirectional=True, batch_first=True, num_layers=2), dict(with_hx=True),
+      id="GRU-bidir-batch_first-2layers-h0"),
+    P("RNN", dict(nonlinearity="relu", bidirectional=True), dict(unbatched=True),
+      id="RNN-relu-bidir-unbatched"),
+    P("LSTM", dict(layer_norm=True, peephole=True, bidirectional=True),
+      dict(with_hx=True, with_lengths=True), id="LSTM-layer_norm-peephole-bidir-h0-lengths"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("cls, kw, call_kw", RESET_LAYERS)
+def test_layer_with_resets(cls, kw, call_kw):
+    m = getattr(rnnkit, cls)(4, 3, **kw)
+    _check_layer(m, **call_kw, with_reset=True, expect="Scan")
+
+
+def test_torch_onnx_export_of_a_call_with_resets_raises():
+    """torch's own exporter takes ONNX's LSTM/GRU/RNN nodes alone; resets need a Scan."""
+    m = rnnkit.LSTM(4, 3).eval()
+
+    class WithResets(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x, reset):
+            return self.m(x, reset=reset)[0]
+
+    args = (torch.randn(5, 2, 4), torch.zeros(5, 2, dtype=torch.bool))
+    with pytest.raises(NotImplementedError, match=r"reset= runs as a Scan: rnnkit.onnx.export"):
+        torch.onnx.export(WithResets(), args, io.BytesIO(), dynamo=False)
 
 
 def test_packed_input_raises():

@@ -202,7 +202,9 @@ class RNNBase(nn.Module):
             # graph of the layer, not as the engine's ops
             if reset is not None:
                 raise NotImplementedError(
-                    f"{_NAMES[self.mode]}: reset= does not export to ONNX yet (issue 17)"
+                    f"{_NAMES[self.mode]}: torch.onnx.export exports an rnnkit layer only where "
+                    "ONNX's LSTM/GRU/RNN op computes it, and reset= runs as a Scan: "
+                    "rnnkit.onnx.export(model, args, f) exports this call"
                 )
             return onnx_traced_call(self, input, hx, lengths)
         return self._eager_forward(input, hx, lengths, reset)

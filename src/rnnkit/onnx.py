@@ -3,8 +3,8 @@ r"""ONNX export of models that hold rnnkit layers: :func:`export`.
 ``export(model, args, f)`` exports the whole model, rnnkit's layers and cells included, to an
 ONNX model that onnxruntime runs with a dynamic sequence length and batch. Each rnnkit layer
 becomes ONNX ``LSTM``/``GRU``/``RNN`` nodes where ONNX's op computes it exactly, and a ``Scan``
-over the step where it cannot (``proj_size`` and most variants); :mod:`rnnkit.onnx_layers`
-builds those graphs.
+over the step where it cannot (``proj_size``, most variants, calls with ``reset=``);
+:mod:`rnnkit.onnx_layers` builds those graphs.
 
 How: while torch's TorchScript-based exporter traces the model, each rnnkit module's call is
 one ``rnnkit::Layer`` placeholder node (its eager result keeps the trace going); the layer's
@@ -45,6 +45,7 @@ from torch.nn.utils.rnn import PackedSequence
 from rnnkit.cell_modules import LSTMCell, RNNCellBase
 from rnnkit.modules import RNNBase
 from rnnkit.onnx_layers import LayerSpec, OnnxGraph, build_layer, layer_spec, uses_onnx_node
+from rnnkit.resets import check_reset
 
 __all__ = ["export"]
 
@@ -133,8 +134,6 @@ class _Exporter:
     def _forward(self, index: int, input, hx=None, reset=None, lengths=None):
         module = self.modules[index]
         name = type(module).__name__
-        if reset is not None:
-            raise NotImplementedError(f"ONNX export of {name} with reset= is not supported yet")
         if isinstance(input, PackedSequence):
             raise NotImplementedError(
                 f"ONNX export of {name} with a PackedSequence input is not supported: pass the "
@@ -162,6 +161,14 @@ class _Exporter:
                 lengths = torch.tensor(lengths)
             tensors.append(lengths.to(torch.int32))
             present.append("lengths")
+        if reset is not None:
+            # time-major [L, N], as x is here; the shape check compares sizes the trace records,
+            # which holds for other sizes too (the graph reads them from x and reset)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                reset = check_reset(name, reset, input, module.batch_first, batched)
+            tensors.append(reset if batched else reset.unsqueeze(1))
+            present.append("reset")
         output, *states = _Layer.apply(self, index, ",".join(present), *tensors)
         if batched and module.batch_first:
             output = output.transpose(0, 1)
@@ -193,7 +200,7 @@ class _Exporter:
         """The module's own result in ``_Layer``'s layout."""
         module = self.modules[index]
         named = dict(zip(_inputs(present), tensors, strict=True))
-        x, lengths = named["x"], named.get("lengths")
+        x, lengths, reset = named["x"], named.get("lengths"), named.get("reset")
         hx = None
         if "h0" in named:
             hx = (named["h0"], named["c0"]) if "c0" in named else named["h0"]
@@ -207,7 +214,8 @@ class _Exporter:
             return tuple(t.clone() for t in (states[0], *states))
         if module.batch_first:
             x = x.transpose(0, 1)
-        output, states = module._eager_forward(x, hx, lengths)
+            reset = None if reset is None else reset.t()
+        output, states = module._eager_forward(x, hx, lengths, reset)
         if module.batch_first:
             output = output.transpose(0, 1)
         states = states if isinstance(states, tuple) else (states,)
@@ -220,8 +228,9 @@ class _Exporter:
         built = OnnxGraph(f"{spec.name}layer", dtype, {})
         names = dict(zip(_inputs(present), (f"input{j}" for j in range(len(tensors))), strict=True))
         results = build_layer(
-            built, spec, names["x"], names.get("h0"), names.get("c0"), names.get("lengths")
-        )
+            built, spec, names["x"], names.get("h0"), names.get("c0"), names.get("lengths"),
+            names.get("reset"),
+        )  # fmt: skip
         values = dict(zip(names.values(), tensors, strict=True))
         for name, initializer in built.initializers.items():
             values[name] = g.op("Constant", value_t=torch.from_numpy(_array(initializer)))
@@ -255,8 +264,9 @@ class _Exporter:
             g = OnnxGraph(f"{spec.name}layer{count}", dtype, initializers)
             names = dict(zip(_inputs(attrs["present"]), node.input, strict=True))
             results = build_layer(
-                g, spec, names["x"], names.get("h0"), names.get("c0"), names.get("lengths")
-            )
+                g, spec, names["x"], names.get("h0"), names.get("c0"), names.get("lengths"),
+                names.get("reset"),
+            )  # fmt: skip
             results = results[: len(node.output)]
             renames = dict(zip(results, node.output, strict=True))
             for built in g.nodes:

@@ -14,6 +14,10 @@ Both keep the sequence length and batch dynamic. Variable lengths are ONNX's ``s
 for the nodes, and a step mask for the ``Scan``: a masked step keeps the state and outputs
 zeros, so the forward direction ends at each sequence's last step and the reverse one starts
 there, as torch's packed path does.
+
+Resets inside a sequence (``reset=``, :mod:`rnnkit.resets`) run as a ``Scan`` too: the graph
+turns the mask into each direction's restart codes (as :func:`rnnkit.resets.restarts` does),
+and the step selects zeros or the initial state for the rows that restart before it.
 """
 
 from __future__ import annotations
@@ -336,9 +340,12 @@ def _step(g: OnnxGraph, spec: LayerSpec, w: dict, gx: str, h: str, c: str | None
     return _zoneout(g, h_new, h, zh), None
 
 
-def _scan_direction(g: OnnxGraph, spec: LayerSpec, k: int, d: int, x: str, h0, c0, mask):
+def _scan_direction(
+    g: OnnxGraph, spec: LayerSpec, k: int, d: int, x: str, h0, c0, mask, restart=None
+):
     """Layer ``k``, direction ``d`` as a Scan: ``[L, N, H_out]`` output, ``[N, H_out]`` and
-    ``[N, H]`` final states."""
+    ``[N, H]`` final states. ``restart``: the direction's ``(zero, initial)`` bool masks
+    ``[L, N, 1]`` (``initial`` None where no row restarts from ``h0``), or None."""
     H = spec.hidden_size
     is_lstm = spec.mode == "LSTM"
 
@@ -372,14 +379,24 @@ def _scan_direction(g: OnnxGraph, spec: LayerSpec, k: int, d: int, x: str, h0, c
     h_in, gx_t = body.fresh("h"), body.fresh("gates_x")
     c_in = body.fresh("c") if is_lstm else None
     m_t = body.fresh("mask") if mask is not None else None
-    h_new, c_new = _step(body, spec, w, gx_t, h_in, c_in)
+    restarts = [] if restart is None else [r for r in restart if r is not None]
+    r_t = [body.fresh(tag) for tag in ("zero", "initial")[: len(restarts)]]
+    h_prev, c_prev = h_in, c_in
+    if r_t:
+        # the rows that restart here read zeros, or their initial state (an outer value)
+        h_prev = body.op1("Where", [r_t[0], body.const(0.0), h_prev])
+        c_prev = body.op1("Where", [r_t[0], body.const(0.0), c_prev]) if is_lstm else None
+        if len(r_t) > 1:
+            h_prev = body.op1("Where", [r_t[1], h0, h_prev])
+            c_prev = body.op1("Where", [r_t[1], c0, c_prev]) if is_lstm else None
+    h_new, c_new = _step(body, spec, w, gx_t, h_prev, c_prev)
     y_t = h_new
     if m_t is not None:
         # a step past the sequence's end keeps the state and outputs zeros
-        h_new = body.op1("Where", [m_t, h_new, h_in])
+        h_new = body.op1("Where", [m_t, h_new, h_prev])
         y_t = body.op1("Where", [m_t, y_t, body.const(0.0)])
         if is_lstm:
-            c_new = body.op1("Where", [m_t, c_new, c_in])
+            c_new = body.op1("Where", [m_t, c_new, c_prev])
     # a graph's outputs are distinct values: y_t may be h_new, which may be an input
     h_out = body.op1("Identity", [h_new])
     y_out = body.op1("Identity", [y_t])
@@ -389,12 +406,11 @@ def _scan_direction(g: OnnxGraph, spec: LayerSpec, k: int, d: int, x: str, h0, c
         return helper.make_tensor_value_info(name, elem_type or g.elem_type, None)
 
     states = [h_in] + ([c_in] if is_lstm else [])
-    scans = [gx_t] + ([m_t] if m_t is not None else [])
+    scans = [gx_t] + ([m_t] if m_t is not None else []) + r_t
     body_inputs = [info(n) for n in states + [gx_t]]
-    if m_t is not None:
-        body_inputs.append(info(m_t, TensorProto.BOOL))
+    body_inputs += [info(n, TensorProto.BOOL) for n in scans[1:]]
     graph = helper.make_graph(body.nodes, body.prefix, body_inputs, [info(n) for n in outs])
-    scan_inputs = [gx] + ([mask] if mask is not None else [])
+    scan_inputs = [gx] + ([mask] if mask is not None else []) + restarts
     results = g.op(
         "Scan",
         [h0] + ([c0] if is_lstm else []) + scan_inputs,
@@ -433,17 +449,60 @@ def _step_mask(g: OnnxGraph, x: str, lengths: str) -> str:
     return g.op1("Unsqueeze", [inside, g.ints([2])])
 
 
-def build_layer(g: OnnxGraph, spec: LayerSpec, x: str, h0, c0, lengths):
+def _restart_masks(g: OnnxGraph, x: str, lengths, reset: str) -> list[tuple]:
+    """Per direction, the ``(zero, initial)`` bool masks ``[L, N, 1]`` of
+    :func:`rnnkit.resets.restarts` for the time-major ``reset`` ``[L, N]``: forward, a step
+    that starts a piece starts from zeros; in reverse, each piece starts at its last step, from
+    zeros unless it is the first piece, which starts from ``h0`` (``initial``; a sequence
+    without resets just starts at its end). Steps past ``lengths`` carry."""
+    i64 = TensorProto.INT64
+
+    def scalar(v):
+        return g.const(np.array(v, dtype=np.int64))
+
+    shape = g.op1("Shape", [x])
+    L = g.op1("Gather", [shape, scalar(0)], axis=0)
+    t = g.op1("Unsqueeze", [g.op1("Range", [scalar(0), L, scalar(1)]), g.ints([1])])  # [L, 1]
+    if lengths is None:
+        end = g.op1("Sub", [L, scalar(1)])
+    else:
+        end = g.op1("Sub", [g.op1("Cast", [lengths], to=i64), scalar(1)])
+    end = g.op1("Unsqueeze", [end, g.ints([0])])  # [1, N] or [1]
+    running = g.op1("LessOrEqual", [t, end])
+    forward_zero = g.op1("And", [reset, running])
+    # any reset at or before each step: the piece there is not the first
+    later = g.op1("Greater", [g.op1("CumSum", [g.op1("Cast", [reset], to=i64), scalar(0)]),
+                              scalar(0)])  # fmt: skip
+    # a reset at the next step: this one ends a piece, where its reverse run starts
+    ahead = g.op1("Slice", [reset, g.ints([1]), g.ints([np.iinfo(np.int64).max]), g.ints([0])])
+    zeros_row = g.op1("ConstantOfShape", [g.op1("Concat", [g.ints([1]), g.op1(
+        "Slice", [shape, g.ints([1]), g.ints([2])])], axis=0)],
+        value=helper.make_tensor("value", TensorProto.BOOL, [1], [False]))  # fmt: skip
+    next_reset = g.op1("Concat", [ahead, zeros_row], axis=0)
+    before = g.op1("And", [next_reset, g.op1("Less", [t, end])])
+    at_end = g.op1("And", [g.op1("Equal", [t, end]), later])
+    reverse_zero = g.op1("Or", [g.op1("And", [before, later]), at_end])
+    reverse_initial = g.op1("And", [before, g.op1("Not", [later])])
+
+    def steps(m):
+        return g.op1("Unsqueeze", [m, g.ints([2])])
+
+    return [(steps(forward_zero), None), (steps(reverse_zero), steps(reverse_initial))]
+
+
+def build_layer(g: OnnxGraph, spec: LayerSpec, x: str, h0, c0, lengths, reset=None):
     """The nodes of a whole layer into ``g``; returns the names of ``output``, ``h_n``, ``c_n``.
 
     ``x`` is ``[L, N, H_in]``; ``h0`` ``[D*num_layers, N, H_out]`` and ``c0`` (LSTM)
-    ``[D*num_layers, N, H]`` or ``None`` for zeros; ``lengths`` int32 ``[N]`` or ``None``.
-    ``c_n`` is ``None`` but for LSTM.
+    ``[D*num_layers, N, H]`` or ``None`` for zeros; ``lengths`` int32 ``[N]`` or ``None``;
+    ``reset`` bool ``[L, N]`` (time-major) or ``None``. ``c_n`` is ``None`` but for LSTM.
     """
     D, is_lstm = spec.num_directions, spec.mode == "LSTM"
-    # onnxruntime's LSTM/GRU/RNN kernels take float32 only: float64 layers run as a Scan
-    node = uses_onnx_node(spec) and g.dtype == torch.float32
+    # onnxruntime's LSTM/GRU/RNN kernels take float32 only: float64 layers run as a Scan, and
+    # so do resets, which ONNX's nodes do not have
+    node = uses_onnx_node(spec) and g.dtype == torch.float32 and reset is None
     mask = None if node or lengths is None else _step_mask(g, x, lengths)
+    restarts = None if reset is None else _restart_masks(g, x, lengths, reset)
     hs, cs = [], []
     for k in range(spec.num_layers):
         if node:
@@ -458,7 +517,8 @@ def build_layer(g: OnnxGraph, spec: LayerSpec, x: str, h0, c0, lengths):
             c0_j = None
             if is_lstm:
                 c0_j = _state(g, c0, j) if c0 else _zeros_state(g, x, spec.hidden_size)
-            y, h_n, c_n = _scan_direction(g, spec, k, d, x, h0_j, c0_j, mask)
+            restart = None if restarts is None else restarts[d]
+            y, h_n, c_n = _scan_direction(g, spec, k, d, x, h0_j, c0_j, mask, restart)
             ys.append(y)
             hs.append(g.op1("Unsqueeze", [h_n, g.ints([0])]))
             if is_lstm:
