@@ -10,6 +10,7 @@ kernels cannot be built.
 from __future__ import annotations
 
 import copy
+import threading
 import warnings
 
 import pytest
@@ -242,3 +243,23 @@ def test_unavailable_build_warns_once_and_falls_back(monkeypatch):
         with pytest.raises(RuntimeError, match="fused: .*unavailable.*not on PATH"):
             named(x)
     assert not [w for w in caught if "engine='auto'" in str(w.message)]
+
+
+def test_a_call_leaves_torchs_thread_count_as_it_was():
+    """The first parallel region of a thread fixes its OpenMP thread count (ATen reads MKL's
+    then): the ops make sure that is not the single thread their per-step BLAS calls pin. A
+    fresh thread, whose first parallel call is the op's, keeps torch's count."""
+    counts = {}
+
+    def first_call_here():
+        counts["before"] = torch.get_num_threads()
+        layer = rnnkit.LSTM(6, 13, engine="fused")
+        layer(torch.randn(7, 5, 6))[0].sum().backward()
+        with torch.no_grad():
+            rnnkit.LSTM(6, 13, engine="fused", layer_norm=True)(torch.randn(7, 5, 6))
+        counts["after"] = torch.get_num_threads()
+
+    thread = threading.Thread(target=first_call_here)
+    thread.start()
+    thread.join()
+    assert counts["after"] == counts["before"], counts

@@ -69,13 +69,16 @@ def recipe() -> Recipe:
         isa += [f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}"]
     root = Path(torch.__file__).parent
     include = root / "include"
+    # -fopenmp: ATen's at::parallel_for is inline and runs its body on OpenMP threads only
+    # where _OPENMP is defined (else serially); the library then shares the OpenMP runtime that
+    # libtorch_cpu loaded (its libgomp.so.1)
     cflags = [
-        "-fPIC", "-std=c++20", "-O3", "-Wno-unused-function",
+        "-fPIC", "-std=c++20", "-O3", "-fopenmp", "-Wno-unused-function",
         f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
         "-isystem", str(include), "-isystem", str(include / "torch" / "csrc" / "api" / "include"),
         *isa, *_mode_macros(),
     ]  # fmt: skip
-    ldflags = ["-shared", f"-L{root / 'lib'}", "-lc10", "-ltorch_cpu", "-ltorch"]
+    ldflags = ["-shared", "-fopenmp", f"-L{root / 'lib'}", "-lc10", "-ltorch_cpu", "-ltorch"]
     return Recipe(
         cxx=os.environ.get("CXX") or "c++",
         capability=capability.lower() if isa else "default",

@@ -222,6 +222,11 @@ struct LSTMBackward {
   T* dc0;            // [N, H]
 };
 
+// What every op calls first: ATen sets a thread's OpenMP thread count once, at its first
+// parallel_for, to MKL's thread count at that moment; inside SingleThreadBlas that is 1, which
+// would leave torch at one thread from then on.
+inline void init_threads() { at::internal::lazy_init_num_threads(); }
+
 // run(lo, hi) over blocks of [0, n) (batch rows, or the directions of a layer), one block
 // per thread when the steps' GEMMs are small (`small`, single-threaded BLAS) and threads are
 // free; else run(0, n).

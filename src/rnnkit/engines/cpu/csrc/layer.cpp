@@ -425,6 +425,7 @@ std::vector<Tensor> layer_forward(int64_t mode, const Tensor& x, const Tensor& h
                                   const std::optional<Tensor>& c0, at::TensorList weights,
                                   at::IntArrayRef batch_sizes, bool has_bias, bool train,
                                   const std::optional<Tensor>& restart) {
+  init_threads();
   const LayerShape s = check_layer_args(mode, x, h0, c0, weights, batch_sizes, has_bias);
   check_restart(s, restart);
   // the time loops read h0, c0 by rows where rows restart from them
@@ -443,6 +444,7 @@ std::vector<Tensor> layer_backward(int64_t mode, const Tensor& grad_out, const T
                                    at::TensorList saved, at::IntArrayRef batch_sizes,
                                    bool has_bias, bool need_dx, bool reuse_saved,
                                    const std::optional<Tensor>& restart) {
+  init_threads();
   const LayerShape s = check_layer_args(mode, x, h0, c0, weights, batch_sizes, has_bias);
   check_layer_grads(mode, s, grad_out, grad_hn, grad_cn, out, saved);
   check_restart(s, restart);

@@ -619,6 +619,7 @@ std::vector<Tensor> lstm_variant_forward(
     const std::optional<Tensor>& rec_mask, const std::optional<Tensor>& keep_h,
     const std::optional<Tensor>& keep_c, at::ArrayRef<double> rates, bool coupled,
     at::IntArrayRef batch_sizes, bool reverse, bool train, const std::optional<Tensor>& restart) {
+  init_threads();
   const c10::ScalarType dtype = float_dtype("gx", gx);
   check_tensor("gx", gx, dtype, 2);
   const VariantShape s =
@@ -653,6 +654,7 @@ std::vector<Tensor> lstm_variant_backward(
     const std::optional<Tensor>& rec_mask, const std::optional<Tensor>& keep_h,
     const std::optional<Tensor>& keep_c, at::ArrayRef<double> rates, bool coupled,
     at::IntArrayRef batch_sizes, bool reverse, const std::optional<Tensor>& restart) {
+  init_threads();
   const c10::ScalarType dtype = float_dtype("out", out);
   check_tensor("out", out, dtype, 2);
   const VariantShape s =
