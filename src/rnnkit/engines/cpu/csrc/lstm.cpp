@@ -15,7 +15,7 @@ template <typename T>
 void lstm_forward(const Plan& p, int64_t H, int64_t H_out, const LSTMForward<T>& a) {
   const int64_t G = 4 * H;
   const bool proj = a.w_hr != nullptr;
-  const bool small = small_step_gemm(p.N * G * H_out);
+  const bool small = split_step_gemm(p.N * G * H_out);
   // pack with the thread count that computes, as MKL advises
   const SingleThreadBlas blas(small);
   const StepGemm<T> gemm_hh(a.w_hh, H_out, true, G, H_out, p.N);
@@ -94,7 +94,7 @@ template <typename T>
 void lstm_backward(const Plan& p, int64_t H, int64_t H_out, const LSTMBackward<T>& a) {
   const int64_t G = 4 * H;
   const bool proj = a.w_hr != nullptr;
-  const bool small = small_step_gemm(p.N * G * H_out);
+  const bool small = split_step_gemm(p.N * G * H_out);
   // pack with the thread count that computes, as MKL advises
   const SingleThreadBlas blas(small);
   const StepGemm<T> gemm_hh(a.w_hh, H_out, false, H_out, G, p.N);
