@@ -2,8 +2,21 @@
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
+
 import pytest
 import torch
+
+# inductor's on-disk caches of this run alone: measured here, a kernel cached by a run under
+# another ATEN_CPU_CAPABILITY (the suite's AVX2 check) came back in a later run and gave wrong
+# results (torch.compile of an LSTM with resets off by 0.8), so no run reads another's
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    _INDUCTOR_CACHE = tempfile.mkdtemp(prefix="rnnkit-tests-inductor-")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = _INDUCTOR_CACHE
+    atexit.register(shutil.rmtree, _INDUCTOR_CACHE, ignore_errors=True)
 
 
 @pytest.fixture
