@@ -57,6 +57,11 @@ inline void check_tensor(const std::string& name, const at::Tensor& t, c10::Scal
 
 inline bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
+// An optional tensor made contiguous, or none.
+inline std::optional<at::Tensor> contiguous(const std::optional<at::Tensor>& t) {
+  return present(t) ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
+}
+
 // An optional tensor: checked as above when given.
 inline void check_optional(const std::string& name, const std::optional<at::Tensor>& t,
                            c10::ScalarType dtype, c10::IntArrayRef sizes, const char* legend) {
@@ -144,17 +149,36 @@ inline LayerShape check_layer_args(int64_t mode, const Tensor& x, const Tensor& 
   return s;
 }
 
-// The restart codes of a layer's directions (rnnkit.resets), when given: int8 [D, R], each
-// code 0 (carry), 1 (zeros) or 2 (the initial state).
-inline void check_restart(const LayerShape& s, const std::optional<Tensor>& restart) {
+// Restart codes (rnnkit.resets), when given: int8 of `sizes` (`legend`), R = the last size
+// rows per direction, each code 0 (carry), 1 (zeros) or 2 (the initial state).
+inline void check_restart_codes(const std::optional<Tensor>& restart, c10::IntArrayRef sizes,
+                                const char* legend) {
   if (!present(restart)) return;
-  check_tensor("restart", *restart, at::kChar, {s.D, s.R}, "[D, R]");
+  check_tensor("restart", *restart, at::kChar, sizes, legend);
   const Tensor codes = restart->contiguous();
   const int8_t* c = codes.data_ptr<int8_t>();
+  const int64_t R = sizes.back();
   for (int64_t i = 0, n = codes.numel(); i < n; ++i) {
-    TORCH_CHECK(c[i] >= 0 && c[i] <= 2, "rnnkit fused engine: restart codes must be 0, 1 or 2, ",
-                "got ", static_cast<int>(c[i]), " at row ", i % s.R, " of direction ", i / s.R);
+    if (c[i] >= 0 && c[i] <= 2) continue;
+    const std::string direction =
+        sizes.size() > 1 ? " of direction " + std::to_string(i / R) : std::string();
+    TORCH_CHECK(false, "rnnkit fused engine: restart codes must be 0, 1 or 2, got ",
+                static_cast<int>(c[i]), " at row ", i % R, direction);
   }
+}
+
+// The restart codes of a layer's directions, when given: int8 [D, R].
+inline void check_restart(const LayerShape& s, const std::optional<Tensor>& restart) {
+  check_restart_codes(restart, {s.D, s.R}, "[D, R]");
+}
+
+// Direction d's Restart (kernels.h): rows [d*R, (d+1)*R) of the checked, contiguous codes
+// `restart`, over `zeros`; none without codes.
+template <typename T>
+Restart<T> direction_restart(const std::optional<Tensor>& restart, int64_t d, int64_t R,
+                             const std::vector<T>& zeros) {
+  if (!present(restart)) return {};
+  return {restart->data_ptr<int8_t>() + d * R, zeros.data()};
 }
 
 // What a layer's backward reads beyond its forward's arguments: the gradients of the outputs
@@ -198,16 +222,9 @@ struct VariantShape {
   std::vector<int64_t> batch_sizes;  // of every step (step_batches)
 };
 
-// The restart codes of one variant direction, when given: int8 [R], each 0, 1 or 2.
+// The restart codes of one variant direction, when given: int8 [R].
 inline void check_variant_restart(const VariantShape& s, const std::optional<Tensor>& restart) {
-  if (!present(restart)) return;
-  check_tensor("restart", *restart, at::kChar, {s.R}, "[R]");
-  const Tensor codes = restart->contiguous();
-  const int8_t* c = codes.data_ptr<int8_t>();
-  for (int64_t i = 0; i < s.R; ++i) {
-    TORCH_CHECK(c[i] >= 0 && c[i] <= 2, "rnnkit fused engine: restart codes must be 0, 1 or 2, ",
-                "got ", static_cast<int>(c[i]), " at row ", i);
-  }
+  check_restart_codes(restart, {s.R}, "[R]");
 }
 
 // Everything a variant direction reads but gx (forward) or out (backward), whose dtype and

@@ -196,14 +196,6 @@ void for_directions(int64_t D, bool small_steps, const F& run) {
   });
 }
 
-// Direction d's restart codes (rows [d*R, (d+1)*R) of `restart` [D, R]), over `zeros`.
-template <typename T>
-Restart<T> direction_restart(const std::optional<Tensor>& restart, int64_t d, int64_t R,
-                             const std::vector<T>& zeros) {
-  if (!present(restart)) return {};
-  return {restart->data_ptr<int8_t>() + d * R, zeros.data()};
-}
-
 template <typename T>
 std::vector<Tensor> forward_impl(int64_t mode, const LayerShape& s, const Tensor& x,
                                  const Tensor& h0, const std::optional<Tensor>& c0,
@@ -421,10 +413,6 @@ std::vector<Tensor> backward_impl(int64_t mode, const LayerShape& s, const Tenso
     dhs[d] = Tensor();
   }
   return result;
-}
-
-std::optional<Tensor> contiguous(const std::optional<Tensor>& t) {
-  return present(t) ? std::optional<Tensor>(t->contiguous()) : std::nullopt;
 }
 
 std::vector<Tensor> layer_forward(int64_t mode, const Tensor& x, const Tensor& h0,

@@ -626,7 +626,7 @@ std::vector<Tensor> lstm_variant_forward(
       check_variant_args(dtype, gx.size(0), h0, c0, w_hh, b_hh, w_hr, peephole, ln_hh,
                          ln_c_weight, ln_c_bias, rec_mask, keep_h, keep_c, rates, batch_sizes);
   check_variant_restart(s, restart);
-  const Tensor rc = opt(restart);
+  const std::optional<Tensor> rc = contiguous(restart);
   check_tensor("gx", gx, dtype, {s.R, 4 * s.H}, "[R, 4*H]");
   const Tensor g = gx.contiguous(), h = h0.contiguous(), c = c0.contiguous();
   const Tensor w = w_hh.contiguous(), bh = opt(b_hh), wr = opt(w_hr), pp = opt(peephole);
@@ -636,12 +636,12 @@ std::vector<Tensor> lstm_variant_forward(
   if (gx.scalar_type() == at::kFloat) {
     const std::vector<float> zeros(width, 0.0f);
     auto a = make_args<float>(g, h, c, w, bh, wr, pp, lh, lw, lb, rm, kh, kc, rates, coupled);
-    if (rc.defined()) a.restart = {rc.data_ptr<int8_t>(), zeros.data()};
+    a.restart = direction_restart(rc, 0, s.R, zeros);
     return forward_impl<float>(g, h, c, a, s.batch_sizes, reverse, train);
   }
   const std::vector<double> zeros(width, 0.0);
   auto a = make_args<double>(g, h, c, w, bh, wr, pp, lh, lw, lb, rm, kh, kc, rates, coupled);
-  if (rc.defined()) a.restart = {rc.data_ptr<int8_t>(), zeros.data()};
+  a.restart = direction_restart(rc, 0, s.R, zeros);
   return forward_impl<double>(g, h, c, a, s.batch_sizes, reverse, train);
 }
 
@@ -662,7 +662,7 @@ std::vector<Tensor> lstm_variant_backward(
                          ln_c_weight, ln_c_bias, rec_mask, keep_h, keep_c, rates, batch_sizes);
   check_variant_grads(dtype, s, grad_out, grad_hn, grad_cn, out, saved);
   check_variant_restart(s, restart);
-  const Tensor rc = opt(restart);
+  const std::optional<Tensor> rc = contiguous(restart);
   const Tensor h = h0.contiguous(), c = c0.contiguous();
   const Tensor w = w_hh.contiguous(), bh = opt(b_hh), wr = opt(w_hr), pp = opt(peephole);
   const Tensor lh = opt(ln_hh), lw = opt(ln_c_weight), lb = opt(ln_c_bias);
@@ -675,13 +675,13 @@ std::vector<Tensor> lstm_variant_backward(
   if (out.scalar_type() == at::kFloat) {
     const std::vector<float> zeros(width, 0.0f);
     auto a = make_args<float>(o, h, c, w, bh, wr, pp, lh, lw, lb, rm, kh, kc, rates, coupled);
-    if (rc.defined()) a.restart = {rc.data_ptr<int8_t>(), zeros.data()};
+    a.restart = direction_restart(rc, 0, s.R, zeros);
     return backward_impl<float>(grad_out, grad_hn, grad_cn, o, sv, a, s.batch_sizes, reverse,
                                 has_b);
   }
   const std::vector<double> zeros(width, 0.0);
   auto a = make_args<double>(o, h, c, w, bh, wr, pp, lh, lw, lb, rm, kh, kc, rates, coupled);
-  if (rc.defined()) a.restart = {rc.data_ptr<int8_t>(), zeros.data()};
+  a.restart = direction_restart(rc, 0, s.R, zeros);
   return backward_impl<double>(grad_out, grad_hn, grad_cn, o, sv, a, s.batch_sizes, reverse,
                                has_b);
 }
