@@ -449,8 +449,8 @@ def _step_mask(g: OnnxGraph, x: str, lengths: str) -> str:
     return g.op1("Unsqueeze", [inside, g.ints([2])])
 
 
-def _restart_masks(g: OnnxGraph, x: str, lengths, reset: str) -> list[tuple]:
-    """Per direction, the ``(zero, initial)`` bool masks ``[L, N, 1]`` of
+def _restart_masks(g: OnnxGraph, x: str, lengths, reset: str, D: int) -> list[tuple]:
+    """Per direction of ``D``, the ``(zero, initial)`` bool masks ``[L, N, 1]`` of
     :func:`rnnkit.resets.restarts` for the time-major ``reset`` ``[L, N]``: forward, a step
     that starts a piece starts from zeros; in reverse, each piece starts at its last step, from
     zeros unless it is the first piece, which starts from ``h0`` (``initial``; a sequence
@@ -470,6 +470,12 @@ def _restart_masks(g: OnnxGraph, x: str, lengths, reset: str) -> list[tuple]:
     end = g.op1("Unsqueeze", [end, g.ints([0])])  # [1, N] or [1]
     running = g.op1("LessOrEqual", [t, end])
     forward_zero = g.op1("And", [reset, running])
+
+    def steps(m):
+        return g.op1("Unsqueeze", [m, g.ints([2])])
+
+    if D == 1:
+        return [(steps(forward_zero), None)]
     # any reset at or before each step: the piece there is not the first
     later = g.op1("Greater", [g.op1("CumSum", [g.op1("Cast", [reset], to=i64), scalar(0)]),
                               scalar(0)])  # fmt: skip
@@ -483,10 +489,6 @@ def _restart_masks(g: OnnxGraph, x: str, lengths, reset: str) -> list[tuple]:
     at_end = g.op1("And", [g.op1("Equal", [t, end]), later])
     reverse_zero = g.op1("Or", [g.op1("And", [before, later]), at_end])
     reverse_initial = g.op1("And", [before, g.op1("Not", [later])])
-
-    def steps(m):
-        return g.op1("Unsqueeze", [m, g.ints([2])])
-
     return [(steps(forward_zero), None), (steps(reverse_zero), steps(reverse_initial))]
 
 
@@ -502,7 +504,7 @@ def build_layer(g: OnnxGraph, spec: LayerSpec, x: str, h0, c0, lengths, reset=No
     # so do resets, which ONNX's nodes do not have
     node = uses_onnx_node(spec) and g.dtype == torch.float32 and reset is None
     mask = None if node or lengths is None else _step_mask(g, x, lengths)
-    restarts = None if reset is None else _restart_masks(g, x, lengths, reset)
+    restarts = None if reset is None else _restart_masks(g, x, lengths, reset, D)
     hs, cs = [], []
     for k in range(spec.num_layers):
         if node:
