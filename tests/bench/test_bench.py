@@ -260,3 +260,21 @@ def test_table_of_report():
     table = format_table(report).splitlines()
     assert table[0].startswith("| shape | engine | fwd ms | fwd vs torch.nn |")
     assert table[2].startswith(f"| {TINY} | torch.nn | ") and "| 1.00x |" in table[2]
+
+
+def test_the_report_names_the_cpu_and_the_gemm_of_the_fused_engine():
+    """The CPU's vendor, family, model and ISA flags go into the JSON and the header line, and
+    the fused kernels' entry says which GEMM runs their products on this CPU."""
+    from rnnkit.cli.bench import machine_line
+
+    machine = runner.machine_info(BenchConfig())
+    with open("/proc/cpuinfo") as f:
+        vendor = next(line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id"))
+    assert machine["cpu_vendor"] == vendor
+    assert isinstance(machine["cpu_family"], int) and isinstance(machine["cpu_model"], int)
+    assert set(machine["cpu_flags"]) <= set(runner._ISA_FLAGS)
+    line = machine_line(machine)
+    assert f"family {machine['cpu_family']}, model {machine['cpu_model']}" in line
+    expected = "own" if vendor != "GenuineIntel" else "own step products below"
+    assert machine["fused_kernels"]["gemm"].startswith(expected)
+    assert f"GEMM: {machine['fused_kernels']['gemm']}" in line

@@ -413,15 +413,35 @@ def _load_average() -> float | None:
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 
-def machine_info(config: BenchConfig) -> dict:
-    """What the numbers were measured on."""
-    cpu = platform.processor() or platform.machine()
+# The instruction-set flags that decide which kernels MKL, oneDNN and rnnkit run.
+_ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+              "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_info() -> dict:
+    """The CPU as /proc/cpuinfo names it: model name, vendor, family and model, ISA flags."""
+    fields: dict[str, str] = {}
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu = names[0] if names else cpu
+            for line in f:
+                if not line.strip():
+                    break  # the first processor says it for all
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    flags = set(fields.get("flags", "").split())
+    return {
+        "cpu": fields.get("model name") or platform.processor() or platform.machine(),
+        "cpu_vendor": fields.get("vendor_id"),
+        "cpu_family": int(fields["cpu family"]) if "cpu family" in fields else None,
+        "cpu_model": int(fields["model"]) if fields.get("model", "").isdigit() else None,
+        "cpu_flags": [f for f in _ISA_FLAGS if f in flags],
+    }
+
+
+def machine_info(config: BenchConfig) -> dict:
+    """What the numbers were measured on."""
     info = {
-        "cpu": cpu,
+        **cpu_info(),
         "cores": os.cpu_count(),
         "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         # the vector width torch dispatches to, which the fused kernels are built for

@@ -249,14 +249,20 @@ def run(args: argparse.Namespace) -> int:
 
 def machine_line(machine: dict) -> str:
     """What the numbers were measured on, and what the fused kernels' build cost apart."""
-    line = f"{machine['cpu']} ({machine['isa']}), {machine['threads']} thread(s), torch {machine['torch']}"
+    cpu = machine["cpu"]
+    if machine.get("cpu_family") is not None:
+        cpu += f" (family {machine['cpu_family']}, model {machine['cpu_model']}; {machine['isa']})"
+    else:
+        cpu += f" ({machine['isa']})"
+    line = f"{cpu}, {machine['threads']} thread(s), torch {machine['torch']}"
     kernels = machine.get("fused_kernels")
     if kernels is None:
         return line
     if "error" in kernels:
         return f"{line}; fused kernels unavailable: {kernels['error']}"
     how = f"built in {kernels['build_s']:.1f} s" if kernels["build_s"] else "loaded from the cache"
-    return f"{line}; fused kernels {how}, before any timing"
+    gemm = f", GEMM: {kernels['gemm']}" if "gemm" in kernels else ""
+    return f"{line}; fused kernels {how}, before any timing{gemm}"
 
 
 def command_line(args: argparse.Namespace) -> str:
