@@ -67,17 +67,17 @@ def test_matches_reference_wide_and_long(case):
 @pytest.mark.parametrize("step_gemm", ["own", "mkl"])
 @pytest.mark.parametrize("case", module_params(MODULE_CASES + EXTRA_CASES[3:]))
 def test_either_step_gemm_matches_reference(case, step_gemm, monkeypatch):
-    """The per-step products on rnnkit's own PanelGemm (the default) and on MKL's packed
-    GEMM (``RNNKIT_STEP_GEMM=mkl``), whatever this CPU is: the covering grid and the packed,
-    long and partial-vector cases."""
-    monkeypatch.setenv("RNNKIT_STEP_GEMM", step_gemm)
+    """Every product on rnnkit's own PanelGemm (``RNNKIT_GEMM=own``: the step products and
+    the whole-sequence GEMMs, as on a CPU that is not Intel's) and on MKL (``RNNKIT_GEMM=mkl``),
+    whatever this CPU is: the covering grid and the packed, long and partial-vector cases."""
+    monkeypatch.setenv("RNNKIT_GEMM", step_gemm)
     check_case(FUSED, case)
 
 
 @pytest.mark.parametrize("step_gemm", ["own", "mkl"])
 @pytest.mark.parametrize("variant", ["all", "layer_norm"])
 def test_either_step_gemm_variant_matches_reference(variant, step_gemm, monkeypatch):
-    monkeypatch.setenv("RNNKIT_STEP_GEMM", step_gemm)
+    monkeypatch.setenv("RNNKIT_GEMM", step_gemm)
     check_variant_case(
         FUSED, VariantCase(ModuleCase("LSTM", size=(7, 5, 6, 13), h0=True), variant, True)
     )

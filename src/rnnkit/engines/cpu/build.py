@@ -301,13 +301,22 @@ def build_error() -> str | None:
 
 
 def summary() -> dict:
-    """The library of this process as plain data (for reports): its path and the seconds
-    spent building it (0 when it was cached) and loading it, or the reason it is missing."""
+    """The library of this process as plain data (for reports): its path, the seconds spent
+    building it (0 when it was cached) and loading it, and which GEMM runs its products on
+    this CPU (``gemm``: ``own``, ``mkl``, or own for the small step products and MKL for the
+    rest); or the reason it is missing."""
     try:
         loaded = prepare()
     except BuildError as e:
         return {"error": str(e)}
-    return {"library": str(loaded.path), "build_s": loaded.build_s, "load_s": loaded.load_s}
+    kernels = ctypes.CDLL(str(loaded.path)).rnnkit_gemm_kernels
+    kernels.restype = ctypes.c_char_p
+    return {
+        "library": str(loaded.path),
+        "build_s": loaded.build_s,
+        "load_s": loaded.load_s,
+        "gemm": kernels().decode(),
+    }
 
 
 def _standin(name: str):

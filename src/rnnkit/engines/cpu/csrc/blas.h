@@ -1,10 +1,11 @@
-// Row-major GEMM on raw pointers through the BLAS that torch links, and the per-step GEMM of a
-// recurrence against one fixed weight matrix.
+// Row-major GEMM on raw pointers through the BLAS that torch links or rnnkit's own PanelGemm,
+// and the per-step GEMM of a recurrence against one fixed weight matrix.
 #pragma once
 
 #include "panel_gemm.h"
 
 #include <c10/util/Exception.h>
+#include <cpuid.h>
 #include <sys/mman.h>
 
 #include <algorithm>
@@ -44,12 +45,64 @@ inline int blas_int(int64_t v) {
   return static_cast<int>(std::max<int64_t>(v, 1));
 }
 
+// MKL picks its kernels by the CPU's vendor: on a CPU that is not Intel's it runs its generic
+// `def` kernels (mkl_blas_def_sgemm_kernel_0_zen on an AMD EPYC).
+inline bool intel_cpu() {
+  static const bool intel = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid(0, &a, &b, &c, &d)) return false;
+    return b == 0x756e6547 && d == 0x49656e69 && c == 0x6c65746e;  // "Genu" "ineI" "ntel"
+  }();
+  return intel;
+}
+
+// Which GEMM runs the fused engine's products. rnnkit's own PanelGemm:
+// - on every CPU below half a million multiply-adds a step (small_step_gemm), measured faster
+//   than MKL's packed GEMM on an AMD EPYC and on an Intel Xeon with AVX-512 (lstm-L1000-N1-H128
+//   inference 4.68 -> 4.03 ms there), and per call it saves packing W into a mapped buffer;
+// - on a CPU that is not Intel's, at every size: on an AMD EPYC (Zen 4, one thread) it runs
+//   16 x 1024 x 256 at 107 GFLOP/s where MKL's packed GEMM runs 59, 64 x 2048 x 512 at 112
+//   where MKL runs 84; and the products over whole sequences too (gemm below).
+// On an Intel Xeon MKL's packed GEMM was the faster one at 16 x 1024 x 256 (91 against 81
+// GMAC/s), so there MKL keeps the larger step products and every whole-sequence product.
+// The environment variable RNNKIT_GEMM (read at every product, so that a test can run each
+// choice on one machine) overrides: `mkl` runs MKL wherever MKL has it, `own` runs PanelGemm
+// for every product that it can run (one thread's step products and the sequence products).
+enum class GemmChoice { kByCpu, kMkl, kOwn };
+
+inline GemmChoice gemm_choice() {
+  const char* choice = std::getenv("RNNKIT_GEMM");
+  if (choice && std::strcmp(choice, "mkl") == 0) return GemmChoice::kMkl;
+  if (choice && std::strcmp(choice, "own") == 0) return GemmChoice::kOwn;
+  return GemmChoice::kByCpu;
+}
+
+// Whether gemm() runs on PanelGemm: on a CPU that is not Intel's, where op(B) is not much
+// narrower than a panel (padded to whole panels it stays within twice its size: a B of a few
+// columns and many rows, dW of a layer with H_in = 1, stays with BLAS).
+template <typename T>
+inline bool own_sequence_gemm(int64_t n, int64_t k, T alpha) {
+  switch (gemm_choice()) {
+    case GemmChoice::kMkl: return false;
+    case GemmChoice::kOwn: break;
+    default: if (intel_cpu()) return false;
+  }
+  constexpr int64_t nr = PanelGemm<T>::kNR;
+  return alpha == T(1) && k > 0 && (n + nr - 1) / nr * nr <= 2 * n;
+}
+
 // Row-major C[m, n] = alpha * op(A) op(B) + beta * C, op(X) = X^T when tX. A column-major
 // BLAS sees a row-major matrix as its transpose, so this is C^T = op(B)^T op(A)^T there.
 template <typename T>
 inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a,
                  int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
+  if (own_sequence_gemm<T>(n, k, alpha)) {
+    // op(B) packed over the threads that then compute
+    const PanelGemm<T> panels(b, ldb, tb, n, k, /*parallel=*/true);
+    panels.run(ta, m, a, lda, beta, c, ldc);
+    return;
+  }
   const char tra = tb ? 'T' : 'N', trb = ta ? 'T' : 'N';
   const int M = blas_int(n), N = blas_int(m), K = static_cast<int>(k);
   const int LA = blas_int(ldb), LB = blas_int(lda), LC = blas_int(ldc);
@@ -83,46 +136,48 @@ class MappedBuffer {
   void* data_ = nullptr;
 };
 
-// Which GEMM runs the per-step products that one thread computes: rnnkit's own PanelGemm on
-// every CPU (measured faster than MKL's packed GEMM on an AMD EPYC, where MKL runs its generic
-// kernels, and on an Intel Xeon with AVX-512: lstm-L1000-N1-H128 inference 4.68 -> 4.03 ms,
-// and per call it saves packing W into a mapped buffer). The environment variable
-// RNNKIT_STEP_GEMM=mkl runs MKL's packed GEMM instead where MKL has it (read by every op call,
-// so that a test can run both on one machine).
-inline bool own_step_gemm() {
-  const char* choice = std::getenv("RNNKIT_STEP_GEMM");
-  return !(choice && std::strcmp(choice, "mkl") == 0) || cblas_sgemm_compute == nullptr;
-}
-
 // Below about half a million multiply-adds a step, a second thread costs more than it saves
 // (measured: 1 x 128 x 512 runs in 2.1 us on one MKL thread, 3.3 us on two).
 inline bool small_step_gemm(int64_t macs_per_step) { return macs_per_step < (int64_t(1) << 19); }
+
+// C[m, n] = A[m, k] op(W) + beta * C for one weight W used at every step, m <= max_m. W is
+// packed once, into PanelGemm's panels or MKL's internal layout (float32): a
+// per-step GEMM then skips the repacking of W that every plain call does, 1.5-2x faster at
+// recurrent sizes. PanelGemm runs products that one thread computes, as own_step_gemm says;
+// larger ones stay with MKL, which threads them itself (splitting a large step's panels over
+// threads at every step lost to MKL's threading on an AMD EPYC: lstm-L100-N32-H256 inference
+// 1.31x -> 1.60x torch.nn).
+inline bool own_step_gemm(bool single_thread, int64_t macs) {
+  if (!single_thread) return false;
+  switch (gemm_choice()) {
+    case GemmChoice::kMkl: return cblas_sgemm_compute == nullptr;
+    case GemmChoice::kOwn: return true;
+    default: return small_step_gemm(macs) || !intel_cpu() || cblas_sgemm_compute == nullptr;
+  }
+}
 
 // An LSTM layer splits its batch (and a bidirectional layer its directions) over the threads,
 // each running its rows' steps on one BLAS thread, up to about 16 million multiply-adds a step:
 // no parallel region per step. Measured on 2 cores of an Intel Xeon against MKL threading each
 // step: lstm-L100-N32-H256 (8.4M a step) inference 15.7 -> 13.9 ms, training 45.7 -> 40.5;
 // bidirectional L100-N16-H128 6.8 -> 4.8, 16.8 -> 12.8; at 2-layer N64-H512 (67M a step) the
-// split lost (105.6 -> 109.0, 299 -> 310).
+// split lost (105.6 -> 109.0, 299 -> 310). Where PanelGemm runs every single-thread product (a
+// CPU that is not Intel's) the split runs at every size: on an AMD EPYC (Zen 4) lstm2-L50-N64-H512
+// inference 249 -> 167 ms (interleaved runs, medians).
 inline bool split_step_gemm(int64_t macs_per_step) {
-  return macs_per_step < (int64_t(1) << 24);
+  return macs_per_step < (int64_t(1) << 24) || own_step_gemm(true, macs_per_step) && !intel_cpu();
 }
 
-// C[m, n] = A[m, k] op(W) + beta * C for one weight W used at every step, m <= max_m. W is
-// packed once, into PanelGemm's panels or MKL's internal layout (float32): a
-// per-step GEMM then skips the repacking of W that every plain call does, 1.5-2x faster at
-// recurrent sizes. PanelGemm runs the products that one thread computes (small_step_gemm);
-// larger ones stay with MKL, which threads them itself.
 template <typename T>
 class StepGemm {
  public:
   // op(W) = W^T when trans_w; W is row-major with leading dimension ldw.
-  StepGemm(const T* w, int64_t ldw, bool trans_w, int64_t n, int64_t k, int64_t max_m)
+  // single_thread: one thread computes each product (the caller holds SingleThreadBlas).
+  StepGemm(const T* w, int64_t ldw, bool trans_w, int64_t n, int64_t k, int64_t max_m,
+           bool single_thread)
       : w_(w), ldw_(ldw), trans_w_(trans_w), n_(n), k_(k) {
     if (max_m <= 0 || n <= 0 || k <= 0) return;
-    // PanelGemm where one thread runs the product; split over threads at every step it lost
-    // to MKL's threading on an AMD EPYC (lstm-L100-N32-H256 inference 1.31x -> 1.60x torch.nn)
-    if (small_step_gemm(max_m * n * k) && own_step_gemm()) {
+    if (own_step_gemm(single_thread, max_m * n * k)) {
       panels_ = std::make_unique<PanelGemm<T>>(w, ldw, trans_w, n, k);
       return;
     }

@@ -15,8 +15,9 @@ template <typename T>
 void gru_forward(const Plan& p, int64_t H, const GRUForward<T>& a) {
   const int64_t G = 3 * H;
   // pack with the thread count that computes, as MKL advises
-  const SingleThreadBlas blas(small_step_gemm(p.N * G * H));
-  const StepGemm<T> gemm_hh(a.w_hh, H, true, G, H, p.N);
+  const bool small = small_step_gemm(p.N * G * H);
+  const SingleThreadBlas blas(small);
+  const StepGemm<T> gemm_hh(a.w_hh, H, true, G, H, p.N, small);
   for (int64_t s = 0; s < p.steps(); ++s) {
     const int64_t o = p.off[s], b = p.bs[s];
     a.restart.state(p, s, 0, b, a.h, H, a.h0);
@@ -77,8 +78,9 @@ template <typename T>
 void gru_backward(const Plan& p, int64_t H, const GRUBackward<T>& a) {
   const int64_t G = 3 * H, W = 4 * H;
   // pack with the thread count that computes, as MKL advises
-  const SingleThreadBlas blas(small_step_gemm(p.N * G * H));
-  const StepGemm<T> gemm_hh(a.w_hh, H, false, H, G, p.N);
+  const bool small = small_step_gemm(p.N * G * H);
+  const SingleThreadBlas blas(small);
+  const StepGemm<T> gemm_hh(a.w_hh, H, false, H, G, p.N, small);
   for (int64_t s = p.steps() - 1; s >= 0; --s) {
     const int64_t o = p.off[s], b = p.bs[s];
     for (int64_t j = 0; j < b; ++j) {

@@ -345,8 +345,9 @@ std::vector<Tensor> backward_impl(int64_t mode, const LayerShape& s, const Tenso
       // packed once for all blocks, with the thread count of rnn_backward's loop, as MKL
       // advises (the blocks' gradient GEMMs between them keep every thread)
       const auto gemm_hh = [&] {
-        const SingleThreadBlas blas(small_step_gemm(p.N * H * H));
-        return std::make_unique<StepGemm<T>>(ptr<T>(ws[d].w_hh), H, false, H, H, p.N);
+        const bool small = small_step_gemm(p.N * H * H);
+        const SingleThreadBlas blas(small);
+        return std::make_unique<StepGemm<T>>(ptr<T>(ws[d].w_hh), H, false, H, H, p.N, small);
       }();
       RNNBackward<T> a{ptr<T>(out) + d * H_out, D * H_out, gemm_hh.get(),
                        ptr<T>(gout) + d * H_out, ld_gout, ptr<T>(dh) + d * N * H_out,
@@ -489,3 +490,13 @@ TORCH_LIBRARY(rnnkit_cpu_plan, m) {
 // Asked by the loader (build.py) through ctypes, not as an op: a check that a tracer could
 // record into a graph has no place in one.
 extern "C" int rnnkit_blas_available() { return rnnkit::blas_available() ? 1 : 0; }
+
+// Which GEMM runs the products on this CPU (blas.h), for benchmark reports: asked the same way.
+extern "C" const char* rnnkit_gemm_kernels() {
+  switch (rnnkit::gemm_choice()) {
+    case rnnkit::GemmChoice::kMkl: return "mkl";
+    case rnnkit::GemmChoice::kOwn: return "own";
+    default: return rnnkit::intel_cpu() ? "own step products below 2^19 multiply-adds, else mkl"
+                                        : "own";
+  }
+}

@@ -18,8 +18,8 @@ void lstm_forward(const Plan& p, int64_t H, int64_t H_out, const LSTMForward<T>&
   const bool small = split_step_gemm(p.N * G * H_out);
   // pack with the thread count that computes, as MKL advises
   const SingleThreadBlas blas(small);
-  const StepGemm<T> gemm_hh(a.w_hh, H_out, true, G, H_out, p.N);
-  const StepGemm<T> gemm_hr(a.w_hr, H, true, H_out, H, proj ? p.N : 0);
+  const StepGemm<T> gemm_hh(a.w_hh, H_out, true, G, H_out, p.N, small);
+  const StepGemm<T> gemm_hr(a.w_hr, H, true, H_out, H, proj ? p.N : 0, small);
   for_blocks(p.N, small, [&](int64_t lo, int64_t hi) {
     for (int64_t s = 0; s < p.steps(); ++s) {
       const int64_t o = p.off[s], b = std::min(p.bs[s], hi);
@@ -97,8 +97,8 @@ void lstm_backward(const Plan& p, int64_t H, int64_t H_out, const LSTMBackward<T
   const bool small = split_step_gemm(p.N * G * H_out);
   // pack with the thread count that computes, as MKL advises
   const SingleThreadBlas blas(small);
-  const StepGemm<T> gemm_hh(a.w_hh, H_out, false, H_out, G, p.N);
-  const StepGemm<T> gemm_hr(a.w_hr, H, false, H, H_out, proj ? p.N : 0);
+  const StepGemm<T> gemm_hh(a.w_hh, H_out, false, H_out, G, p.N, small);
+  const StepGemm<T> gemm_hr(a.w_hr, H, false, H, H_out, proj ? p.N : 0, small);
   for_blocks(p.N, small, [&](int64_t lo, int64_t hi) {
     for (int64_t s = p.steps() - 1; s >= 0; --s) {
       const int64_t o = p.off[s], b = std::min(p.bs[s], hi);

@@ -163,9 +163,10 @@ template <typename T>
 void forward_loop(const Plan& p, const Args<T>& a, const Saved<T>& sv, T* out, T* h, T* c) {
   const int64_t H = a.H, H_out = a.H_out, G = 4 * H, N = p.N;
   const bool proj = a.w_hr != nullptr, train = sv.z != nullptr;
-  const SingleThreadBlas blas(small_step_gemm(N * G * H_out));
-  const StepGemm<T> gemm_hh(a.w_hh, H_out, true, G, H_out, N);
-  const StepGemm<T> gemm_hr(a.w_hr, H, true, H_out, H, proj ? N : 0);
+  const bool small = small_step_gemm(N * G * H_out);
+  const SingleThreadBlas blas(small);
+  const StepGemm<T> gemm_hh(a.w_hh, H_out, true, G, H_out, N, small);
+  const StepGemm<T> gemm_hr(a.w_hr, H, true, H_out, H, proj ? N : 0, small);
   std::vector<T> hin(a.rec_mask ? N * H_out : 0), rr(N * G), zs(G), cts(H), stats(3);
   std::vector<T> ys(proj && !train ? N * H : 0), hps(proj ? N * H_out : 0);
   for (int64_t s = 0; s < p.steps(); ++s) {
@@ -308,9 +309,10 @@ void backward_loop(const Plan& p, const Args<T>& a, const Saved<T>& sv, const T*
                    T* dc_init) {
   const int64_t H = a.H, H_out = a.H_out, G = 4 * H, N = p.N;
   const bool proj = a.w_hr != nullptr;
-  const SingleThreadBlas blas(small_step_gemm(N * G * H_out));
-  const StepGemm<T> gemm_hh(a.w_hh, H_out, false, H_out, G, N);
-  const StepGemm<T> gemm_hr(a.w_hr, H, false, H, H_out, proj ? N : 0);
+  const bool small = small_step_gemm(N * G * H_out);
+  const SingleThreadBlas blas(small);
+  const StepGemm<T> gemm_hh(a.w_hh, H_out, false, H_out, G, N, small);
+  const StepGemm<T> gemm_hr(a.w_hr, H, false, H, H_out, proj ? N : 0, small);
   std::vector<T> dys(N * H), dcd(H), dtmp(a.rec_mask ? N * H_out : 0);
   const T* c_hist = sv.cz ? sv.cz : sv.ct;
   const Vec<T> one(T(1));
