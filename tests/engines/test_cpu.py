@@ -83,6 +83,53 @@ def test_either_step_gemm_variant_matches_reference(variant, step_gemm, monkeypa
     )
 
 
+LSTM_CASES = [c for c in MODULE_CASES + EXTRA_CASES if c.mode == "LSTM"]
+
+
+@pytest.mark.parametrize("projection", ["step", "sequence"])
+@pytest.mark.parametrize("case", module_params(LSTM_CASES))
+def test_either_input_projection_matches_reference(case, projection, monkeypatch):
+    """The LSTM loop projecting each step's rows of x (``RNNKIT_PROJECTION=step``, the default
+    from batch 2) and one GEMM over the sequence first (``sequence``, the default at batch 1)."""
+    monkeypatch.setenv("RNNKIT_PROJECTION", projection)
+    check_case(FUSED, case)
+
+
+@pytest.mark.parametrize("projection", ["step", "sequence"])
+@pytest.mark.parametrize(
+    "size, kw, lengths",
+    [
+        pytest.param((9, 7, 6, 40), dict(proj_size=5, bidirectional=True), None, id="proj-bidir"),
+        pytest.param((30, 1, 3, 33), dict(num_layers=2), None, id="N1-l2"),
+        pytest.param((8, 5, 4, 17), dict(bidirectional=True), [8, 3, 8, 1, 5], id="packed"),
+        pytest.param((6, 64, 20, 256), {}, None, id="N64-H256"),
+    ],
+)
+def test_inference_equals_training_forward(size, kw, lengths, projection, monkeypatch):
+    """no_grad (which projects into a scratch block per step, or keeps no saved buffers) gives
+    the training forward's values bit for bit, either projection, on every thread count."""
+    monkeypatch.setenv("RNNKIT_PROJECTION", projection)
+    L, N, H_in, H = size
+    module = layer(FUSED, "LSTM", input_size=H_in, hidden_size=H, dtype=torch.float32, **kw)
+    x = torch.randn(L, N, H_in, requires_grad=True)
+    inp = (
+        x
+        if lengths is None
+        else pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=False)
+    )
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            with torch.no_grad():
+                out, (h_n, c_n) = module(inp)
+            t_out, (t_h, t_c) = module(inp)
+            out, t_out = (o.data if lengths else o for o in (out, t_out))
+            assert torch.equal(out, t_out) and torch.equal(h_n, t_h) and torch.equal(c_n, t_c)
+    finally:
+        torch.set_num_threads(before)
+
+
 # A step wide enough for BLAS threads, H over several vectors plus a partial one.
 WIDE_VARIANT_CASES = [
     VariantCase(ModuleCase("LSTM", size=(4, 48, 20, 200), h0=True), "all", True),
@@ -176,6 +223,40 @@ def test_training_step_peak_memory_within_torch(mode, bidirectional):
 
         step()
         peaks.append(_peak_mb(step, torch.device("cpu")))
+    expected, actual = peaks
+    assert actual <= expected, f"fused {actual:.3f} MiB, torch.nn {expected:.3f} MiB"
+
+
+@pytest.mark.parametrize(
+    "mode, size, kw",
+    [
+        pytest.param("LSTM", (100, 16, 64, 64), {}, id="LSTM-L100-N16-H64"),
+        pytest.param("LSTM", (50, 8, 32, 48), dict(bidirectional=True), id="LSTM-bidir"),
+        pytest.param("LSTM", (40, 8, 16, 24), dict(proj_size=8), id="LSTM-proj"),
+        pytest.param("LSTM", (16, 4096, 1, 8), {}, id="LSTM-wide-batch"),
+        pytest.param("LSTM", (300, 1, 32, 64), {}, id="LSTM-N1"),
+    ],
+)
+def test_inference_peak_memory_within_torch(mode, size, kw):
+    """no_grad allocates no more than torch.nn's: the LSTM loop projects each step into a
+    block that holds one step's gates (the [R, 4H] projection is kept only at batch 1, where
+    it is L x 4H). float64, as the training-step test."""
+    from rnnkit.bench.runner import _peak_mb
+
+    L, N, H_in, H = size
+    x = torch.randn(L, N, H_in, dtype=torch.float64)
+    peaks = []
+    for module in (
+        getattr(torch.nn, mode)(H_in, H, dtype=torch.float64, **kw),
+        layer(FUSED, mode, input_size=H_in, hidden_size=H, **kw),
+    ):
+
+        def forward(module=module):
+            with torch.no_grad():
+                module(x)
+
+        forward()
+        peaks.append(_peak_mb(forward, torch.device("cpu")))
     expected, actual = peaks
     assert actual <= expected, f"fused {actual:.3f} MiB, torch.nn {expected:.3f} MiB"
 

@@ -414,8 +414,18 @@ def _load_average() -> float | None:
 
 
 # The instruction-set flags that decide which kernels MKL, oneDNN and rnnkit run.
-_ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
-              "amx_tile", "amx_bf16", "amx_int8")
+_ISA_FLAGS = (
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512_vnni",
+    "avx512_bf16",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+)
 
 
 def cpu_info() -> dict:

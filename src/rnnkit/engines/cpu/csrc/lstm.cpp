@@ -1,15 +1,20 @@
 // LSTM time loops of one direction (gate order i, f, g, o; optional projection W_hr).
 #include "kernels.h"
 
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/core/ScalarType.h>
+
 #include <algorithm>
 #include <cstring>
 
 namespace rnnkit {
 
 // Per step: the rows that restart there (Restart, kernels.h) take zeros or h0, c0 as their
-// state; gates += h_{t-1} W_hh^T (one GEMM on the rows of the active batch), then one
-// pass that applies the activations, updates c and writes h. With proj_size the pass writes
-// r_t = o * tanh(c_t) and a second GEMM gives h_t = r_t W_hr^T. Training keeps the
+// state; with `x`, gates = x_t W_ih^T for the step's rows (one GEMM against W_ih packed once);
+// gates += h_{t-1} W_hh^T (one GEMM on the rows of the active batch), then one pass that
+// applies the activations, updates c and writes h. With proj_size the pass writes r_t =
+// o * tanh(c_t) and a second GEMM gives h_t = r_t W_hr^T. Training keeps the
 // activations in place of the pre-activations, the c_t and the r_t: all that backward needs.
 template <typename T>
 void lstm_forward(const Plan& p, int64_t H, int64_t H_out, const LSTMForward<T>& a) {
@@ -20,17 +25,24 @@ void lstm_forward(const Plan& p, int64_t H, int64_t H_out, const LSTMForward<T>&
   const SingleThreadBlas blas(small);
   const StepGemm<T> gemm_hh(a.w_hh, H_out, true, G, H_out, p.N, small);
   const StepGemm<T> gemm_hr(a.w_hr, H, true, H_out, H, proj ? p.N : 0, small);
+  const bool per_step = a.x != nullptr;
+  const StepGemm<T> gemm_ih(a.w_ih, a.H_in, true, G, a.H_in, per_step ? p.N : 0, small);
   for_blocks(p.N, small, [&](int64_t lo, int64_t hi) {
+    // inference projecting each step: this thread's rows of one step's gates, [hi - lo, 4H]
+    const at::Tensor scratch = at::empty(
+        {a.gates ? 0 : (hi - lo) * G}, at::TensorOptions(c10::CppTypeToScalarType<T>::value));
     for (int64_t s = 0; s < p.steps(); ++s) {
       const int64_t o = p.off[s], b = std::min(p.bs[s], hi);
       if (b <= lo) continue;
       a.restart.state(p, s, lo, b, a.h, H_out, a.h0);
       a.restart.state(p, s, lo, b, a.c, H, a.c0);
-      T* p_gates = a.gates + o * G;
-      gemm_hh(b - lo, a.h + lo * H_out, H_out, T(1), p_gates + lo * G, G);
+      // row lo of this step's gates
+      T* p_gates = a.gates ? a.gates + (o + lo) * G : scratch.data_ptr<T>();
+      if (per_step) gemm_ih(b - lo, a.x + (o + lo) * a.H_in, a.H_in, T(0), p_gates, G);
+      gemm_hh(b - lo, a.h + lo * H_out, H_out, T(1), p_gates, G);
       T* p_r = proj ? (a.train ? a.rs + o * H : a.rs) : nullptr;
       for (int64_t j = lo; j < b; ++j) {
-        T* p_g = p_gates + j * G;
+        T* p_g = p_gates + (j - lo) * G;
         T* p_c = a.c + j * H;
         T* p_hdst = proj ? p_r + j * H : a.out + (o + j) * a.ld_out;
         T* p_hstate = proj ? nullptr : a.h + j * H_out;
