@@ -130,6 +130,56 @@ def test_inference_equals_training_forward(size, kw, lengths, projection, monkey
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize(
+    "H, kw",
+    [
+        pytest.param(17, dict(bias=False), id="H17-nobias"),
+        pytest.param(40, dict(num_layers=2), id="H40-l2"),
+        pytest.param(128, {}, id="H128"),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_batch1_unit_split_gives_the_same_bits(H, kw, dtype, threads, monkeypatch):
+    """At batch 1 the LSTM splits each step by hidden units over the threads
+    (``RNNKIT_UNIT_SPLIT``): the same sums in the same order as one thread, so the same bits,
+    in inference and in the training forward, whose backward then matches too."""
+    module = layer(FUSED, "LSTM", input_size=5, hidden_size=H, dtype=dtype, **kw)
+    x = torch.randn(23, 1, 5, dtype=dtype, requires_grad=True)
+    hx = tuple(torch.randn(module.num_layers, 1, H, dtype=dtype) for _ in range(2))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    runs = []
+    try:
+        for split in ("on", "off"):
+            monkeypatch.setenv("RNNKIT_UNIT_SPLIT", split)
+            with torch.no_grad():
+                inference = module(x, hx)
+            out, (h_n, c_n) = module(x, hx)
+            grads = torch.autograd.grad(
+                (out.sum(), h_n.sum(), c_n.sum()), [x, *module.parameters()]
+            )
+            runs.append([inference[0], *inference[1], out, h_n, c_n, *grads])
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "case",
+    module_params(
+        [
+            ModuleCase("LSTM", size=(30, 1, 7, 40), h0=True),
+            ModuleCase("LSTM", size=(30, 1, 7, 33), num_layers=2, dtype=torch.float64),
+        ]
+    ),
+)
+def test_batch1_unit_split_matches_reference(case, monkeypatch):
+    monkeypatch.setenv("RNNKIT_UNIT_SPLIT", "on")
+    check_case(FUSED, case)
+
+
 # A step wide enough for BLAS threads, H over several vectors plus a partial one.
 WIDE_VARIANT_CASES = [
     VariantCase(ModuleCase("LSTM", size=(4, 48, 20, 200), h0=True), "all", True),
