@@ -3,6 +3,7 @@
 #pragma once
 
 #include "panel_gemm.h"
+#include "weight_cache.h"
 
 #include <c10/util/Exception.h>
 #include <cpuid.h>
@@ -173,12 +174,15 @@ class StepGemm {
  public:
   // op(W) = W^T when trans_w; W is row-major with leading dimension ldw.
   // single_thread: one thread computes each product (the caller holds SingleThreadBlas).
+  // id: what W's values are (an inference call), whose panels are then looked up in the
+  // weights cache (weight_cache.h); else W is packed for this call.
   StepGemm(const T* w, int64_t ldw, bool trans_w, int64_t n, int64_t k, int64_t max_m,
-           bool single_thread)
+           bool single_thread, const WeightId* id = nullptr)
       : w_(w), ldw_(ldw), trans_w_(trans_w), n_(n), k_(k) {
     if (max_m <= 0 || n <= 0 || k <= 0) return;
     if (own_step_gemm(single_thread, max_m * n * k)) {
-      panels_ = std::make_unique<PanelGemm<T>>(w, ldw, trans_w, n, k);
+      panels_ = id ? cached_panels<T>(*id, w, ldw, trans_w, n, k)
+                   : std::make_shared<const PanelGemm<T>>(w, ldw, trans_w, n, k);
       return;
     }
     if constexpr (std::is_same_v<T, float>) {
@@ -222,7 +226,7 @@ class StepGemm {
   int64_t ldw_;
   bool trans_w_;
   int64_t n_, k_;
-  std::unique_ptr<PanelGemm<T>> panels_;
+  std::shared_ptr<const PanelGemm<T>> panels_;
   std::unique_ptr<MappedBuffer> packed_;
 };
 

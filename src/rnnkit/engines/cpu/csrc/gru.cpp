@@ -17,7 +17,7 @@ void gru_forward(const Plan& p, int64_t H, const GRUForward<T>& a) {
   // pack with the thread count that computes, as MKL advises
   const bool small = small_step_gemm(p.N * G * H);
   const SingleThreadBlas blas(small);
-  const StepGemm<T> gemm_hh(a.w_hh, H, true, G, H, p.N, small);
+  const StepGemm<T> gemm_hh(a.w_hh, H, true, G, H, p.N, small, a.id_hh);
   for (int64_t s = 0; s < p.steps(); ++s) {
     const int64_t o = p.off[s], b = p.bs[s];
     a.restart.state(p, s, 0, b, a.h, H, a.h0);

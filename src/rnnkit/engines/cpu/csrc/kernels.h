@@ -204,6 +204,10 @@ struct LSTMForward {
   Restart<T> restart;
   const T* h0;       // [N, H_out] the initial state (read where rows restart from it)
   const T* c0;       // [N, H]
+  // inference: what the weights' values are, for the weights cache (weight_cache.h)
+  const WeightId* id_ih = nullptr;
+  const WeightId* id_hh = nullptr;
+  const WeightId* id_hr = nullptr;
 };
 
 template <typename T>
@@ -266,6 +270,7 @@ struct GRUForward {
   T* ws;             // [R, 4H] saved r|z|n|W_hn h + b_hn (may be xw itself), or null
   Restart<T> restart;
   const T* h0;       // [N, H]
+  const WeightId* id_hh = nullptr;  // inference: for the weights cache
 };
 
 template <typename T>
@@ -301,6 +306,7 @@ struct RNNForward {
   bool relu;
   Restart<T> restart;
   const T* h0;       // [N, H]
+  const WeightId* id_hh = nullptr;  // inference: for the weights cache
 };
 
 template <typename T>

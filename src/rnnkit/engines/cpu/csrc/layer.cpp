@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -233,6 +234,13 @@ std::vector<Tensor> forward_impl(int64_t mode, const LayerShape& s, const Tensor
   const int64_t ld_gates = elman ? D * H_out : mode == GRU && train ? 4 * H : G * H;
   std::vector<Tensor> gates(D), bias(D), cs(D), rs(D), hw(D);
   const bool per_step = mode == LSTM && project_per_step(N);
+  // inference: W_ih, W_hh, W_hr of each direction as the weights cache knows them
+  std::vector<std::array<WeightId, 3>> ids(D);
+  if (!train) {
+    for (int64_t d = 0; d < D; ++d) {
+      ids[d] = {WeightId::of(ws[d].w_ih), WeightId::of(ws[d].w_hh), WeightId::of(ws[d].w_hr)};
+    }
+  }
   for (int64_t d = 0; d < D; ++d) {
     // [R, G*H] = x W_ih^T for all steps at once, unless the LSTM loop projects each step (into
     // the saved buffer when training, a scratch row block in inference); the biases join in
@@ -240,8 +248,13 @@ std::vector<Tensor> forward_impl(int64_t mode, const LayerShape& s, const Tensor
     if (!elman && (train || !per_step)) gates[d] = at::empty({R, ld_gates}, x.options());
     if (!per_step) {
       T* p_gates = elman ? ptr<T>(out) + d * H_out : ptr<T>(gates[d]);
-      gemm<T>(false, true, R, G * H, H_in, T(1), ptr<T>(x), H_in, ptr<T>(ws[d].w_ih), H_in,
-              T(0), p_gates, ld_gates);
+      if (!train && own_sequence_gemm<T>(G * H, H_in, T(1))) {
+        cached_panels<T>(ids[d][0], ptr<T>(ws[d].w_ih), H_in, true, G * H, H_in)
+            ->run(false, R, ptr<T>(x), H_in, T(0), p_gates, ld_gates);
+      } else {
+        gemm<T>(false, true, R, G * H, H_in, T(1), ptr<T>(x), H_in, ptr<T>(ws[d].w_ih), H_in,
+                T(0), p_gates, ld_gates);
+      }
     }
     if (has_bias && mode != GRU) bias[d] = at::add(ws[d].b_ih, ws[d].b_hh);
     if (mode == LSTM && train) cs[d] = at::empty({R, H}, x.options());
@@ -263,15 +276,22 @@ std::vector<Tensor> forward_impl(int64_t mode, const LayerShape& s, const Tensor
                        H_in, ptr<T>(bias[d]), ptr<T>(ws[d].w_hh), ptr<T>(ws[d].w_hr),
                        p_h, p_c, p_out, D * H_out, ptr<T>(cs[d]), ptr<T>(rs[d]), train,
                        rs_d, p_h0, ptr<T>(*c0) + d * N * H};
+      if (!train) {
+        a.id_ih = &ids[d][0];
+        a.id_hh = &ids[d][1];
+        a.id_hr = &ids[d][2];
+      }
       lstm_forward<T>(p, H, H_out, a);
     } else if (mode == GRU) {
       GRUForward<T> a{ptr<T>(gates[d]), ld_gates, ptr<T>(ws[d].b_ih), ptr<T>(ws[d].b_hh),
                       ptr<T>(ws[d].w_hh), p_h, p_out, D * H_out, ptr<T>(hw[d]),
                       train ? ptr<T>(gates[d]) : nullptr, rs_d, p_h0};
+      if (!train) a.id_hh = &ids[d][1];
       gru_forward<T>(p, H, a);
     } else {
       RNNForward<T> a{ptr<T>(bias[d]), ptr<T>(ws[d].w_hh), p_h, p_out, D * H_out,
                       mode == RNN_RELU, rs_d, p_h0};
+      if (!train) a.id_hh = &ids[d][1];
       rnn_forward<T>(p, H, a);
     }
   });

@@ -64,16 +64,22 @@ void lstm_forward_units(const Plan& p, int64_t H, const LSTMForward<T>& a) {
     // whole vectors of units per thread
     const int64_t per = (H + V * team - 1) / (V * team) * V;
     const int64_t u0 = std::min(H, t * per), u1 = std::min(H, u0 + per), nu = u1 - u0;
-    // rows g * H + u of W_hh for this thread's units, gate by gate: [4 * nu, H]
-    std::vector<T> w(4 * nu * H), local(4 * nu);
-    for (int64_t g = 0; g < 4; ++g) {
-      std::copy_n(a.w_hh + (g * H + u0) * H, nu * H, w.data() + g * nu * H);
-    }
-    const PanelGemm<T> gemm_hh(w.data(), H, true, 4 * nu, H);
+    // rows g * H + u of W_hh for this thread's units, gate by gate: [4 * nu, H], packed
+    const auto pack = [&] {
+      std::vector<T> w(4 * nu * H);
+      for (int64_t g = 0; g < 4; ++g) {
+        std::copy_n(a.w_hh + (g * H + u0) * H, nu * H, w.data() + g * nu * H);
+      }
+      return std::make_shared<const PanelGemm<T>>(w.data(), H, true, 4 * nu, H);
+    };
+    // the part of the weights cache's key: this thread's units
+    const int64_t part = u0 * (H + 1) + u1;
+    const auto gemm_hh = a.id_hh ? cached_panels<T>(*a.id_hh, part, true, 4 * nu, H, pack) : pack();
+    std::vector<T> local(4 * nu);
     for (int64_t s = 0; s < p.steps(); ++s) {
       const int64_t o = p.off[s];
       const T* p_prev = s == 0 ? a.h : a.out + p.off[s - 1] * a.ld_out;
-      if (nu > 0) gemm_hh(1, p_prev, H, T(0), local.data(), 4 * nu);
+      if (nu > 0) (*gemm_hh)(1, p_prev, H, T(0), local.data(), 4 * nu);
       T* p_g = a.gates + o * G;
       T* p_out = a.out + o * a.ld_out;
       T* p_cs = a.cs ? a.cs + o * H : nullptr;
@@ -116,10 +122,10 @@ void lstm_forward(const Plan& p, int64_t H, int64_t H_out, const LSTMForward<T>&
   const bool small = split_step_gemm(p.N * G * H_out);
   // pack with the thread count that computes, as MKL advises
   const SingleThreadBlas blas(small);
-  const StepGemm<T> gemm_hh(a.w_hh, H_out, true, G, H_out, p.N, small);
-  const StepGemm<T> gemm_hr(a.w_hr, H, true, H_out, H, proj ? p.N : 0, small);
+  const StepGemm<T> gemm_hh(a.w_hh, H_out, true, G, H_out, p.N, small, a.id_hh);
+  const StepGemm<T> gemm_hr(a.w_hr, H, true, H_out, H, proj ? p.N : 0, small, a.id_hr);
   const bool per_step = a.x != nullptr;
-  const StepGemm<T> gemm_ih(a.w_ih, a.H_in, true, G, a.H_in, per_step ? p.N : 0, small);
+  const StepGemm<T> gemm_ih(a.w_ih, a.H_in, true, G, a.H_in, per_step ? p.N : 0, small, a.id_ih);
   for_blocks(p.N, small, [&](int64_t lo, int64_t hi) {
     // inference projecting each step: this thread's rows of one step's gates, [hi - lo, 4H]
     const at::Tensor scratch = at::empty(

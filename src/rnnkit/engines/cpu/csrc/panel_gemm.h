@@ -46,6 +46,11 @@ class PanelGemm {
     }
   }
 
+  // Bytes of the panels of an [k, n] op(W).
+  static int64_t packed_bytes(int64_t n, int64_t k) {
+    return std::max<int64_t>((n + kNR - 1) / kNR * k * kNR, 1) * int64_t(sizeof(T));
+  }
+
   // C = A op(W) + beta C (beta 0 never reads C): a per-step product, on the calling thread.
   void operator()(int64_t m, const T* a, int64_t lda, T beta, T* c, int64_t ldc) const {
     rows<false>(0, m, 0, panels_, 0, k_, a, lda, beta, c, ldc);

@@ -12,7 +12,7 @@ void rnn_forward(const Plan& p, int64_t H, const RNNForward<T>& a) {
   // pack with the thread count that computes, as MKL advises
   const bool small = small_step_gemm(p.N * H * H);
   const SingleThreadBlas blas(small);
-  const StepGemm<T> gemm_hh(a.w_hh, H, true, H, H, p.N, small);
+  const StepGemm<T> gemm_hh(a.w_hh, H, true, H, H, p.N, small, a.id_hh);
   for (int64_t s = 0; s < p.steps(); ++s) {
     const int64_t o = p.off[s], b = p.bs[s];
     a.restart.state(p, s, 0, b, a.h, H, a.h0);
