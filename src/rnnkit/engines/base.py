@@ -15,6 +15,7 @@ dtypes, devices) by ``rnnkit.functional``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 
@@ -209,6 +210,16 @@ def call_options(call: RNNCall | CellCall) -> frozenset[str]:
 def variant_fields(variant: Variant) -> frozenset[str]:
     """The fields of ``variant`` that differ from their defaults: what the call asks of the
     step math beyond torch's (a field added to :class:`Variant` tomorrow counts too)."""
+    try:
+        return _variant_fields(variant)
+    except TypeError:  # a field that does not hash
+        return _variant_fields.__wrapped__(variant)
+
+
+# A Variant is frozen, so its fields are worked out once per distinct variant (a small call
+# spent 7% of its time in dataclasses.fields here).
+@functools.lru_cache(maxsize=256)
+def _variant_fields(variant: Variant) -> frozenset[str]:
     return frozenset(f.name for f in fields(variant) if getattr(variant, f.name) != f.default)
 
 
@@ -236,18 +247,29 @@ class Support:
         """What of ``call`` lies outside this region, in words (empty: it lies inside).
         ``options``: :func:`call_options` of the call, where the caller has them."""
         options = call_options(call) if options is None else options
+        return self.misses_of(
+            call.mode, call.input.device.type, call.input.dtype, options, call.variant
+        )
+
+    def misses_of(
+        self,
+        mode: str,
+        device: str,
+        dtype: torch.dtype,
+        options: frozenset[str],
+        variant: Variant,
+    ) -> list[str]:
+        """:meth:`misses` of a call of this mode, device type, dtype, options and variant."""
         missing = []
-        if call.mode not in self.modes:
-            missing.append(f"mode {call.mode}")
-        device = call.input.device.type
+        if mode not in self.modes:
+            missing.append(f"mode {mode}")
         if self.devices is not None and device not in self.devices:
             missing.append(f"{device} tensors")
-        dtype = call.input.dtype
         if self.dtypes is not None and dtype not in self.dtypes:
             missing.append(str(dtype))
         missing += [OPTIONS[o] for o in sorted(options - self.options)]
-        fields_ = sorted(variant_fields(call.variant) - self.variant_fields)
-        missing += [f"variant {name}={getattr(call.variant, name)!r}" for name in fields_]
+        fields_ = sorted(variant_fields(variant) - self.variant_fields)
+        missing += [f"variant {name}={getattr(variant, name)!r}" for name in fields_]
         return missing
 
 
@@ -257,8 +279,18 @@ def refusal(support: tuple[Support, ...], call: RNNCall | CellCall) -> str | Non
     if not support:
         kind = "cells" if isinstance(call, CellCall) else "layers"
         return f"{kind} not supported"
-    options = call_options(call)
-    misses = [s.misses(call, options) for s in support]
+    # what Support.misses reads of the call: the answer is worked out once per distinct key
+    key = (support, call.mode, call.input.device.type, call.input.dtype, call_options(call))
+    try:
+        return _refusal(key, call.variant)
+    except TypeError:  # a variant field that does not hash
+        return _refusal.__wrapped__(key, call.variant)
+
+
+@functools.lru_cache(maxsize=1024)
+def _refusal(key: tuple, variant: Variant) -> str | None:
+    support, mode, device, dtype, options = key
+    misses = [s.misses_of(mode, device, dtype, options, variant) for s in support]
     if any(not m for m in misses):
         return None
     fewest = min(len(m) for m in misses)
