@@ -83,13 +83,10 @@ def test_either_step_gemm_variant_matches_reference(variant, step_gemm, monkeypa
     )
 
 
-LSTM_CASES = [c for c in MODULE_CASES + EXTRA_CASES if c.mode == "LSTM"]
-
-
 @pytest.mark.parametrize("projection", ["step", "sequence"])
-@pytest.mark.parametrize("case", module_params(LSTM_CASES))
+@pytest.mark.parametrize("case", module_params(MODULE_CASES + EXTRA_CASES))
 def test_either_input_projection_matches_reference(case, projection, monkeypatch):
-    """The LSTM loop projecting each step's rows of x (``RNNKIT_PROJECTION=step``, the default
+    """The time loop projecting each step's rows of x (``RNNKIT_PROJECTION=step``, the default
     from batch 2) and one GEMM over the sequence first (``sequence``, the default at batch 1)."""
     monkeypatch.setenv("RNNKIT_PROJECTION", projection)
     check_case(FUSED, case)
@@ -97,20 +94,28 @@ def test_either_input_projection_matches_reference(case, projection, monkeypatch
 
 @pytest.mark.parametrize("projection", ["step", "sequence"])
 @pytest.mark.parametrize(
-    "size, kw, lengths",
+    "mode, size, kw, lengths",
     [
-        pytest.param((9, 7, 6, 40), dict(proj_size=5, bidirectional=True), None, id="proj-bidir"),
-        pytest.param((30, 1, 3, 33), dict(num_layers=2), None, id="N1-l2"),
-        pytest.param((8, 5, 4, 17), dict(bidirectional=True), [8, 3, 8, 1, 5], id="packed"),
-        pytest.param((6, 64, 20, 256), {}, None, id="N64-H256"),
+        pytest.param(
+            "LSTM", (9, 7, 6, 40), dict(proj_size=5, bidirectional=True), None, id="LSTM-proj-bidir"
+        ),
+        pytest.param("LSTM", (30, 1, 3, 33), dict(num_layers=2), None, id="LSTM-N1-l2"),
+        pytest.param(
+            "LSTM", (8, 5, 4, 17), dict(bidirectional=True), [8, 3, 8, 1, 5], id="LSTM-packed"
+        ),
+        pytest.param("LSTM", (6, 64, 20, 256), {}, None, id="LSTM-N64-H256"),
+        pytest.param("GRU", (9, 7, 6, 40), dict(bidirectional=True), None, id="GRU-bidir"),
+        pytest.param("GRU", (8, 5, 4, 17), dict(num_layers=2), [8, 3, 8, 1, 5], id="GRU-packed"),
+        pytest.param("RNN_TANH", (9, 7, 6, 40), dict(bidirectional=True), None, id="RNN-bidir"),
+        pytest.param("RNN_RELU", (8, 5, 4, 17), {}, [8, 3, 8, 1, 5], id="RNNrelu-packed"),
     ],
 )
-def test_inference_equals_training_forward(size, kw, lengths, projection, monkeypatch):
+def test_inference_equals_training_forward(mode, size, kw, lengths, projection, monkeypatch):
     """no_grad (which projects into a scratch block per step, or keeps no saved buffers) gives
     the training forward's values bit for bit, either projection, on every thread count."""
     monkeypatch.setenv("RNNKIT_PROJECTION", projection)
     L, N, H_in, H = size
-    module = layer(FUSED, "LSTM", input_size=H_in, hidden_size=H, dtype=torch.float32, **kw)
+    module = layer(FUSED, mode, input_size=H_in, hidden_size=H, dtype=torch.float32, **kw)
     x = torch.randn(L, N, H_in, requires_grad=True)
     inp = (
         x
@@ -122,12 +127,18 @@ def test_inference_equals_training_forward(size, kw, lengths, projection, monkey
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
             with torch.no_grad():
-                out, (h_n, c_n) = module(inp)
-            t_out, (t_h, t_c) = module(inp)
-            out, t_out = (o.data if lengths else o for o in (out, t_out))
-            assert torch.equal(out, t_out) and torch.equal(h_n, t_h) and torch.equal(c_n, t_c)
+                inference = flat(module(inp))
+            for a, b in zip(inference, flat(module(inp)), strict=True):
+                assert torch.equal(a, b)
     finally:
         torch.set_num_threads(before)
+
+
+def flat(result):
+    """A layer's output (its data, if packed) and final states, as one list."""
+    out, hidden = result
+    out = out.data if isinstance(out, torch.nn.utils.rnn.PackedSequence) else out
+    return [out, *(hidden if isinstance(hidden, tuple) else (hidden,))]
 
 
 @pytest.mark.parametrize("threads", [2, 3])
@@ -285,12 +296,15 @@ def test_training_step_peak_memory_within_torch(mode, bidirectional):
         pytest.param("LSTM", (40, 8, 16, 24), dict(proj_size=8), id="LSTM-proj"),
         pytest.param("LSTM", (16, 4096, 1, 8), {}, id="LSTM-wide-batch"),
         pytest.param("LSTM", (300, 1, 32, 64), {}, id="LSTM-N1"),
+        pytest.param("GRU", (100, 16, 64, 64), dict(bidirectional=True), id="GRU-bidir"),
+        pytest.param("GRU", (16, 4096, 1, 8), {}, id="GRU-wide-batch"),
+        pytest.param("RNN", (100, 16, 64, 64), {}, id="RNN"),
     ],
 )
 def test_inference_peak_memory_within_torch(mode, size, kw):
-    """no_grad allocates no more than torch.nn's: the LSTM loop projects each step into a
-    block that holds one step's gates (the [R, 4H] projection is kept only at batch 1, where
-    it is L x 4H). float64, as the training-step test."""
+    """no_grad allocates no more than torch.nn's: the LSTM and GRU loops project each step
+    into a block that holds one step's gates (the [R, G*H] projection is kept only at batch 1,
+    where it is L x G*H). float64, as the training-step test."""
     from rnnkit.bench.runner import _peak_mb
 
     L, N, H_in, H = size

@@ -18,12 +18,22 @@ void gru_forward(const Plan& p, int64_t H, const GRUForward<T>& a) {
   const bool small = small_step_gemm(p.N * G * H);
   const SingleThreadBlas blas(small);
   const StepGemm<T> gemm_hh(a.w_hh, H, true, G, H, p.N, small, a.id_hh);
+  const StepGemm<T> gemm_ih(a.w_ih, a.H_in, true, G, a.H_in, a.x ? p.N : 0, small, a.id_ih);
   for (int64_t s = 0; s < p.steps(); ++s) {
     const int64_t o = p.off[s], b = p.bs[s];
     a.restart.state(p, s, 0, b, a.h, H, a.h0);
+    // this step's rows of x W_ih^T: row j at p_xw + j * ld_xw
+    const T* p_xw = a.xw + o * a.ld_xw;
+    int64_t ld_xw = a.ld_xw;
+    if (a.x) {
+      T* dst = a.ws ? a.ws + o * 4 * H : a.xs;
+      ld_xw = a.ws ? 4 * H : G;
+      gemm_ih(b, a.x + o * a.H_in, a.H_in, T(0), dst, ld_xw);
+      p_xw = dst;
+    }
     gemm_hh(b, a.h, H, T(0), a.hw, G);
     for (int64_t j = 0; j < b; ++j) {
-      const T* p_x = a.xw + (o + j) * a.ld_xw;
+      const T* p_x = p_xw + j * ld_xw;
       const T* p_hw = a.hw + j * G;
       T* p_h = a.h + j * H;
       T* p_out = a.out + (o + j) * a.ld_out;

@@ -258,7 +258,7 @@ void lstm_backward(const Plan& p, int64_t H, int64_t H_out, const LSTMBackward<T
 
 template <typename T>
 struct GRUForward {
-  const T* xw;       // [R, ld_xw] x W_ih^T in columns 0..3H
+  const T* xw;       // [R, ld_xw] x W_ih^T in columns 0..3H, or null (x below)
   int64_t ld_xw;
   const T* b_ih;     // [3H] or null
   const T* b_hh;     // [3H] or null
@@ -271,6 +271,13 @@ struct GRUForward {
   Restart<T> restart;
   const T* h0;       // [N, H]
   const WeightId* id_hh = nullptr;  // inference: for the weights cache
+  // or xw null: each step projects its rows of x [R, H_in] by w_ih [3H, H_in] into the first
+  // 3H columns of its ws rows (training) or into xs [N, 3H] (project_per_step in layer.cpp)
+  const T* x = nullptr;
+  const T* w_ih = nullptr;
+  int64_t H_in = 0;
+  const WeightId* id_ih = nullptr;
+  T* xs = nullptr;
 };
 
 template <typename T>
@@ -301,12 +308,18 @@ struct RNNForward {
   const T* bias;     // [H] b_ih + b_hh, or null
   const T* w_hh;     // [H, H]
   T* h;              // [N, H]
-  T* out;            // [R, ld_out] x W_ih^T on entry, the output on exit
+  T* out;            // [R, ld_out] x W_ih^T on entry (unless x), the output on exit
   int64_t ld_out;
   bool relu;
   Restart<T> restart;
   const T* h0;       // [N, H]
   const WeightId* id_hh = nullptr;  // inference: for the weights cache
+  // or null: out holds no projection on entry, and each step projects its rows of x [R, H_in]
+  // by w_ih [H, H_in] into them (project_per_step in layer.cpp)
+  const T* x = nullptr;
+  const T* w_ih = nullptr;
+  int64_t H_in = 0;
+  const WeightId* id_ih = nullptr;
 };
 
 template <typename T>

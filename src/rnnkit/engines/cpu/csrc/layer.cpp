@@ -233,7 +233,7 @@ std::vector<Tensor> forward_impl(int64_t mode, const LayerShape& s, const Tensor
   const bool elman = mode == RNN_TANH || mode == RNN_RELU;
   const int64_t ld_gates = elman ? D * H_out : mode == GRU && train ? 4 * H : G * H;
   std::vector<Tensor> gates(D), bias(D), cs(D), rs(D), hw(D);
-  const bool per_step = mode == LSTM && project_per_step(N);
+  const bool per_step = project_per_step(N);
   // inference: W_ih, W_hh, W_hr of each direction as the weights cache knows them
   std::vector<std::array<WeightId, 3>> ids(D);
   if (!train) {
@@ -246,6 +246,7 @@ std::vector<Tensor> forward_impl(int64_t mode, const LayerShape& s, const Tensor
     // the saved buffer when training, a scratch row block in inference); the biases join in
     // the step pass
     if (!elman && (train || !per_step)) gates[d] = at::empty({R, ld_gates}, x.options());
+    if (mode == GRU && per_step && !train) gates[d] = at::empty({N, 3 * H}, x.options());
     if (!per_step) {
       T* p_gates = elman ? ptr<T>(out) + d * H_out : ptr<T>(gates[d]);
       if (!train && own_sequence_gemm<T>(G * H, H_in, T(1))) {
@@ -287,11 +288,27 @@ std::vector<Tensor> forward_impl(int64_t mode, const LayerShape& s, const Tensor
                       ptr<T>(ws[d].w_hh), p_h, p_out, D * H_out, ptr<T>(hw[d]),
                       train ? ptr<T>(gates[d]) : nullptr, rs_d, p_h0};
       if (!train) a.id_hh = &ids[d][1];
+      if (per_step) {
+        a.xw = nullptr;
+        a.x = ptr<T>(x);
+        a.w_ih = ptr<T>(ws[d].w_ih);
+        a.H_in = H_in;
+        if (!train) {
+          a.id_ih = &ids[d][0];
+          a.xs = ptr<T>(gates[d]);
+        }
+      }
       gru_forward<T>(p, H, a);
     } else {
       RNNForward<T> a{ptr<T>(bias[d]), ptr<T>(ws[d].w_hh), p_h, p_out, D * H_out,
                       mode == RNN_RELU, rs_d, p_h0};
       if (!train) a.id_hh = &ids[d][1];
+      if (per_step) {
+        a.x = ptr<T>(x);
+        a.w_ih = ptr<T>(ws[d].w_ih);
+        a.H_in = H_in;
+        if (!train) a.id_ih = &ids[d][0];
+      }
       rnn_forward<T>(p, H, a);
     }
   });

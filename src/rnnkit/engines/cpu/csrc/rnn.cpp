@@ -5,7 +5,7 @@ namespace rnnkit {
 
 // Per step (the rows that restart there taking zeros or h0 as h_{t-1}, Restart in kernels.h):
 // a = x W_ih^T + h_{t-1} W_hh^T (one GEMM accumulating into the projection, which
-// sits in the output rows) + b, h_t = act(a) over a in place. The output is the activation
+// sits in the output rows, projected over the sequence first or by the step itself) + b, h_t = act(a) over a in place. The output is the activation
 // itself, so training saves nothing more.
 template <typename T>
 void rnn_forward(const Plan& p, int64_t H, const RNNForward<T>& a) {
@@ -13,10 +13,13 @@ void rnn_forward(const Plan& p, int64_t H, const RNNForward<T>& a) {
   const bool small = small_step_gemm(p.N * H * H);
   const SingleThreadBlas blas(small);
   const StepGemm<T> gemm_hh(a.w_hh, H, true, H, H, p.N, small, a.id_hh);
+  const StepGemm<T> gemm_ih(a.w_ih, a.H_in, true, H, a.H_in, a.x ? p.N : 0, small, a.id_ih);
   for (int64_t s = 0; s < p.steps(); ++s) {
     const int64_t o = p.off[s], b = p.bs[s];
     a.restart.state(p, s, 0, b, a.h, H, a.h0);
-    gemm_hh(b, a.h, H, T(1), a.out + o * a.ld_out, a.ld_out);
+    T* p_a = a.out + o * a.ld_out;
+    if (a.x) gemm_ih(b, a.x + o * a.H_in, a.H_in, T(0), p_a, a.ld_out);
+    gemm_hh(b, a.h, H, T(1), p_a, a.ld_out);
     for (int64_t j = 0; j < b; ++j) {
       T* p_h = a.h + j * H;
       T* p_out = a.out + (o + j) * a.ld_out;
