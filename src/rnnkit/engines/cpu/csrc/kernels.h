@@ -2,9 +2,9 @@
 // that layer.cpp launches. A time loop runs on the calling thread: BLAS threads each step's
 // GEMM, and the pointwise pass stays whole, since a fork and join per step costs more than
 // it saves at recurrent sizes (and stalls whenever a core is busy elsewhere). Where a step's
-// GEMM is too small for BLAS threads, the LSTM loops split the batch instead: the rows of a
-// batch never meet in a time loop, so each thread runs every step for its own rows, one fork
-// and join per call (for_blocks).
+// GEMM is too small for BLAS threads, the LSTM loops, the GRU loops and the Elman forward
+// split the batch instead: the rows of a batch never meet in a time loop, so each thread
+// runs every step for its own rows, one fork and join per call (for_blocks).
 //
 // Layout: every matrix is row-major, one row per (time step, batch element), in the order of
 // the padded (time-major) or packed input: the rows of time step t are o_t .. o_t + b_t - 1.

@@ -185,10 +185,12 @@ void finish_bias(const StepGrads<T>& g) {
 // (split_directions), each direction runs on its own thread with one BLAS thread (for_blocks).
 // Measured on 2 cores of an Intel Xeon, LSTM H_in = H = 128, N = 16, L = 100, bidirectional:
 // inference 6.8 -> 4.8 ms, a training step 16.8 -> 12.8 ms.
-// Whether a layer's directions run on threads of their own: as the LSTM time loops split
-// their batch (split_step_gemm), else where one step's product is too small for BLAS threads.
+// Whether a layer's directions run on threads of their own: as the LSTM and GRU time loops
+// split their batch (split_step_gemm), else (the Elman layers, whose backward does not split
+// its batch) where one step's product is too small for BLAS threads.
 inline bool split_directions(int64_t mode, int64_t macs_per_step) {
-  return mode == LSTM ? split_step_gemm(macs_per_step) : small_step_gemm(macs_per_step);
+  return mode == LSTM || mode == GRU ? split_step_gemm(macs_per_step)
+                                     : small_step_gemm(macs_per_step);
 }
 
 template <typename F>
@@ -198,14 +200,16 @@ void for_directions(int64_t D, bool small_steps, const F& run) {
   });
 }
 
-// Whether an LSTM's time loop projects each step's rows of x itself, x_t W_ih^T into the gates
-// it reads next (lstm.cpp), rather than one GEMM over the whole sequence first: those gates
-// stay in cache, and inference holds one step's gates instead of [R, 4H]. Measured on 2 cores
-// of an AMD EPYC (Zen 4), inference, per-step against whole-sequence (ms, interleaved runs):
-// L200-N16-H64 one thread 4.16 / 5.41, two 3.31 / 4.23; L100-N32-H256 38.9 / 44.2 and
-// 33.2 / 35.0; 2-layer L50-N64-H512 304 / 323 and 143 / 160; training L100-N32-H256 57.8 /
-// 63.7 on two threads. At batch 1 the whole-sequence GEMM wins (L1000-N1-H128 inference 7.8 /
-// 6.8 ms on one thread): a step's product of one row reads all of W_ih for one row of work.
+// Whether the time loops project each step's rows of x themselves, x_t W_ih^T into the gates
+// they read next (lstm.cpp, gru.cpp, rnn.cpp), rather than one GEMM over the whole sequence
+// first: those gates stay in cache, and inference holds one step's gates instead of [R, G*H].
+// Measured on 2 cores of an AMD EPYC (Zen 4), LSTM inference, per-step against whole-sequence
+// (ms, interleaved runs): L200-N16-H64 one thread 4.16 / 5.41, two 3.31 / 4.23;
+// L100-N32-H256 38.9 / 44.2 and 33.2 / 35.0; 2-layer L50-N64-H512 304 / 323 and 143 / 160;
+// training L100-N32-H256 57.8 / 63.7 on two threads; the Elman and GRU loops gain less (RNN
+// L200-N16-H64 inference 0.95 -> 0.86 ms on one thread). At batch 1 the whole-sequence GEMM
+// wins (LSTM L1000-N1-H128 inference 7.8 / 6.8 ms on one thread): a step's product of one row
+// reads all of W_ih for one row of work.
 // RNNKIT_PROJECTION=step|sequence (read at every call, so that a test runs both) overrides.
 bool project_per_step(int64_t N) {
   const char* choice = std::getenv("RNNKIT_PROJECTION");

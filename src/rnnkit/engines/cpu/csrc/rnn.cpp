@@ -1,6 +1,8 @@
 // Elman RNN time loops of one direction, tanh or ReLU.
 #include "kernels.h"
 
+#include <algorithm>
+
 namespace rnnkit {
 
 // Per step (the rows that restart there taking zeros or h0 as h_{t-1}, Restart in kernels.h):
@@ -10,29 +12,33 @@ namespace rnnkit {
 template <typename T>
 void rnn_forward(const Plan& p, int64_t H, const RNNForward<T>& a) {
   // pack with the thread count that computes, as MKL advises
-  const bool small = small_step_gemm(p.N * H * H);
+  const bool small = split_step_gemm(p.N * H * H);
   const SingleThreadBlas blas(small);
   const StepGemm<T> gemm_hh(a.w_hh, H, true, H, H, p.N, small, a.id_hh);
   const StepGemm<T> gemm_ih(a.w_ih, a.H_in, true, H, a.H_in, a.x ? p.N : 0, small, a.id_ih);
-  for (int64_t s = 0; s < p.steps(); ++s) {
-    const int64_t o = p.off[s], b = p.bs[s];
-    a.restart.state(p, s, 0, b, a.h, H, a.h0);
-    T* p_a = a.out + o * a.ld_out;
-    if (a.x) gemm_ih(b, a.x + o * a.H_in, a.H_in, T(0), p_a, a.ld_out);
-    gemm_hh(b, a.h, H, T(1), p_a, a.ld_out);
-    for (int64_t j = 0; j < b; ++j) {
-      T* p_h = a.h + j * H;
-      T* p_out = a.out + (o + j) * a.ld_out;
-      const Vec<T> zero(T(0));
-      for_vec<T>(0, H, [&](int64_t u, int64_t n) {
-        Vec<T> b_a = load(p_out + u, n);
-        if (a.bias) b_a = b_a + load(a.bias + u, n);
-        const Vec<T> b_h = a.relu ? at::vec::clamp_min(b_a, zero) : vtanh(b_a);
-        store(p_h + u, b_h, n);
-        store(p_out + u, b_h, n);
-      });
+  // the batch split over the threads, as the LSTM loops
+  for_blocks(p.N, small, [&](int64_t lo, int64_t hi) {
+    for (int64_t s = 0; s < p.steps(); ++s) {
+      const int64_t o = p.off[s], b = std::min(p.bs[s], hi);
+      if (b <= lo) continue;
+      a.restart.state(p, s, lo, b, a.h, H, a.h0);
+      T* p_a = a.out + (o + lo) * a.ld_out;
+      if (a.x) gemm_ih(b - lo, a.x + (o + lo) * a.H_in, a.H_in, T(0), p_a, a.ld_out);
+      gemm_hh(b - lo, a.h + lo * H, H, T(1), p_a, a.ld_out);
+      for (int64_t j = lo; j < b; ++j) {
+        T* p_h = a.h + j * H;
+        T* p_out = a.out + (o + j) * a.ld_out;
+        const Vec<T> zero(T(0));
+        for_vec<T>(0, H, [&](int64_t u, int64_t n) {
+          Vec<T> b_a = load(p_out + u, n);
+          if (a.bias) b_a = b_a + load(a.bias + u, n);
+          const Vec<T> b_h = a.relu ? at::vec::clamp_min(b_a, zero) : vtanh(b_a);
+          store(p_h + u, b_h, n);
+          store(p_out + u, b_h, n);
+        });
+      }
     }
-  }
+  });
 }
 
 // Backward through time over the steps [s_lo, s_hi), from the saved activations h_t alone:
