@@ -96,3 +96,41 @@ def test_export_holds_one_op_per_layer():
     out, (h, c) = exported.module()(x)
     expected, (eh, ec) = module(x)
     assert torch.equal(out, expected) and torch.equal(h, eh) and torch.equal(c, ec)
+
+
+EXPORT_MODELS = [
+    pytest.param("LSTM", {}, id="LSTM"),
+    pytest.param("GRU", {}, id="GRU"),
+    pytest.param("LSTM", dict(proj_size=3, num_layers=2, bidirectional=True), id="LSTM-proj"),
+    pytest.param("LSTM", dict(layer_norm=True), id="LSTM-layer_norm"),
+    pytest.param("RNN", dict(nonlinearity="relu", bidirectional=True), id="RNNrelu-bidir"),
+]
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("cls, kw", EXPORT_MODELS)
+def test_export_keeps_length_and_batch_symbolic(cls, kw, grad):
+    """torch.export with a dynamic sequence length and batch: the program runs at other sizes
+    and gives eager's bits (Linear(layer(x)), the fused engine)."""
+    torch.manual_seed(0)
+    rnn = getattr(rnnkit, cls)(4, 6, engine="fused", **kw).eval()
+    features = (kw.get("proj_size") or 6) * (2 if kw.get("bidirectional") else 1)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.head = rnn, torch.nn.Linear(features, 2)
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[0])
+
+    model = Model().eval()
+    L, N = torch.export.Dim("L", min=2, max=512), torch.export.Dim("N", min=2, max=64)
+    with torch.set_grad_enabled(grad):
+        program = torch.export.export(
+            model, (torch.randn(10, 3, 4),), dynamic_shapes={"x": {0: L, 1: N}}
+        )
+    with torch.no_grad():
+        for size in ((37, 3), (5, 8), (64, 2)):
+            x = torch.randn(*size, 4)
+            assert torch.equal(program.module()(x), model(x))

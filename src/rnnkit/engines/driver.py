@@ -255,14 +255,27 @@ class DirectionCall:
     ``params`` the direction's parameters with the call's masks, ``state`` its initial state."""
 
     layer: LayerCall
-    # the direction's place in the layer's output features, and its steps
+    # the direction's place in the layer's output features, and its steps (None: the layer's
+    # plan of direction d, made only when read, see `plan`)
     d: int
-    plan: StepPlan
+    given_plan: StepPlan | None
     seq: object
     params: CellParams
     state: State
     # where rows restart (rnnkit.resets), or None
     restart: Restarts | None = None
+
+    @property
+    def reverse(self) -> bool:
+        """Whether the steps run down in time."""
+        return self.given_plan.reverse if self.given_plan is not None else self.d == 1
+
+    @property
+    def plan(self) -> StepPlan:
+        """The direction's steps, one Python int per step: a kernel that takes the batch
+        sizes itself reads :attr:`reverse` alone, so that a trace (``torch.export``) of it keeps
+        the sequence length symbolic."""
+        return self.given_plan if self.given_plan is not None else self.layer.plan(self.d)
 
     def seq_rows(self) -> tuple[Tensor | None, ...]:
         """``seq`` as time-major rows, each tensor ``[R, *]`` (a view where it can be one):
@@ -289,7 +302,7 @@ def by_direction(direction: DirectionFn) -> LayerFn:
             seq, p = prepare(lc.x, lc.params[d], lc.N)
             state = lc.h0[d] if lc.c0 is None else (lc.h0[d], lc.c0[d])
             restart = None if lc.restart is None else lc.restart[d]
-            return DirectionCall(lc, d, lc.plan(d), seq, p, state, restart)
+            return DirectionCall(lc, d, None, seq, p, state, restart)
 
         # nothing here holds a direction's prepared input past its run (without a graph it is
         # freed before the next direction's is made, as in ATen's bidirectional layer)

@@ -100,7 +100,7 @@ def _full(step: Step, dc: DirectionCall, out: LayerOutput):
     (None when written into ``out``) and the final state."""
     seq, state, p, N = dc.seq, dc.state, dc.params, dc.layer.N
     L = _length(seq) if isinstance(seq, tuple) else seq.size(0)
-    order = range(L - 1, -1, -1) if dc.plan.reverse else range(L)
+    order = range(L - 1, -1, -1) if dc.reverse else range(L)
     if not out.in_place:
         outputs = []
         steps = _unbind(seq)
@@ -108,7 +108,7 @@ def _full(step: Step, dc: DirectionCall, out: LayerOutput):
             state = _restarted(state, dc.restart, t, t * N, N, dc.state)
             state = step(steps[t], state, p)
             outputs.append(_as_output(state))
-        return torch.stack(outputs[::-1] if dc.plan.reverse else outputs, 0), state
+        return torch.stack(outputs[::-1] if dc.reverse else outputs, 0), state
     for t in order:
         state = _restarted(state, dc.restart, t, t * N, N, dc.state)
         state = step(_select(seq, t), state, p)

@@ -175,7 +175,7 @@ def _direction(dc: DirectionCall, out: LayerOutput) -> State:
     restart = None if dc.restart is None else dc.restart.codes
     y, h_n, c_n = _run(
         lc.variant, lc.train, gx, h0, c0, dc.params, keep_h, keep_c, list(lc.batch_sizes),
-        dc.plan.reverse, restart,
+        dc.reverse, restart,
     )  # fmt: skip
     out.set(dc.d, lc.shaped(y))
     return h_n, c_n
