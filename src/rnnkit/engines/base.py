@@ -210,10 +210,16 @@ def call_options(call: RNNCall | CellCall) -> frozenset[str]:
 def variant_fields(variant: Variant) -> frozenset[str]:
     """The fields of ``variant`` that differ from their defaults: what the call asks of the
     step math beyond torch's (a field added to :class:`Variant` tomorrow counts too)."""
+    return _memoized(_variant_fields, variant)
+
+
+def _memoized(cached: Callable, *args):
+    """``cached(*args)`` of an ``lru_cache`` function, or its uncached function where an
+    argument does not hash (a variant field of an unhashable value)."""
     try:
-        return _variant_fields(variant)
-    except TypeError:  # a field that does not hash
-        return _variant_fields.__wrapped__(variant)
+        return cached(*args)
+    except TypeError:
+        return cached.__wrapped__(*args)
 
 
 # A Variant is frozen, so its fields are worked out once per distinct variant (a small call
@@ -281,10 +287,7 @@ def refusal(support: tuple[Support, ...], call: RNNCall | CellCall) -> str | Non
         return f"{kind} not supported"
     # what Support.misses reads of the call: the answer is worked out once per distinct key
     key = (support, call.mode, call.input.device.type, call.input.dtype, call_options(call))
-    try:
-        return _refusal(key, call.variant)
-    except TypeError:  # a variant field that does not hash
-        return _refusal.__wrapped__(key, call.variant)
+    return _memoized(_refusal, key, call.variant)
 
 
 @functools.lru_cache(maxsize=1024)

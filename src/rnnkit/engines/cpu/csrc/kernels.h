@@ -187,10 +187,11 @@ struct Restart {
 
 template <typename T>
 struct LSTMForward {
-  T* gates;          // [R, 4H] x W_ih^T -> saved activations i|f|g|o when train; or null:
-  const T* x;        //   then each step projects its rows of x [R, H_in] by w_ih [4H, H_in]
-  const T* w_ih;     //   (inference only, see project_per_step in layer.cpp)
-  int64_t H_in;
+  T* gates;          // [R, 4H] x W_ih^T -> saved activations i|f|g|o when train; or null
+                     // (inference with x: each step's gates in a scratch block)
+  const T* x;        // [R, H_in] or null: each step projects its rows of x by w_ih [4H, H_in]
+  const T* w_ih;     // into its gates (project_per_step in layer.cpp); gates then holds no
+  int64_t H_in;      // x W_ih^T on entry
   const T* bias;     // [4H] b_ih + b_hh, or null
   const T* w_hh;     // [4H, H_out]
   const T* w_hr;     // [H_out, H] or null

@@ -246,9 +246,10 @@ std::vector<Tensor> forward_impl(int64_t mode, const LayerShape& s, const Tensor
     }
   }
   for (int64_t d = 0; d < D; ++d) {
-    // [R, G*H] = x W_ih^T for all steps at once, unless the LSTM loop projects each step (into
-    // the saved buffer when training, a scratch row block in inference); the biases join in
-    // the step pass
+    // [R, G*H] = x W_ih^T for all steps at once, unless the time loop projects each step (into
+    // the saved buffer when training; in inference the LSTM loop into a scratch block of its
+    // own, the GRU loop into [N, 3H] here, the Elman loop into the output); the biases join
+    // in the step pass
     if (!elman && (train || !per_step)) gates[d] = at::empty({R, ld_gates}, x.options());
     if (mode == GRU && per_step && !train) gates[d] = at::empty({N, 3 * H}, x.options());
     if (!per_step) {

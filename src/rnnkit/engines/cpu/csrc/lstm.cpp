@@ -14,23 +14,31 @@
 
 namespace rnnkit {
 
-// Per step: the rows that restart there (Restart, kernels.h) take zeros or h0, c0 as their
-// state; with `x`, gates = x_t W_ih^T for the step's rows (one GEMM against W_ih packed once);
-// gates += h_{t-1} W_hh^T (one GEMM on the rows of the active batch), then one pass that
-// applies the activations, updates c and writes h. With proj_size the pass writes r_t =
-// o * tanh(c_t) and a second GEMM gives h_t = r_t W_hr^T. Training keeps the
-// activations in place of the pre-activations, the c_t and the r_t: all that backward needs.
-// The cell on one vector of units from its pre-activations (biases added): the activations in
-// place, and c_t, h_t.
+// The cell on the units [u, u + n) from their pre-activations b_i..b_o: the bias added (gate
+// blocks H apart in `bias`, if any), then c_t, h_t from c_prev; with `p_act` the activations
+// are stored there, H apart (what training keeps for backward).
 template <typename T>
-inline void lstm_cell(Vec<T>& b_i, Vec<T>& b_f, Vec<T>& b_g, Vec<T>& b_o, const Vec<T>& c_prev,
-                      Vec<T>& b_c, Vec<T>& b_h) {
+inline void lstm_cell(Vec<T> b_i, Vec<T> b_f, Vec<T> b_g, Vec<T> b_o, const T* bias, int64_t H,
+                      int64_t u, int64_t n, const Vec<T>& c_prev, T* p_act, Vec<T>& b_c,
+                      Vec<T>& b_h) {
+  if (bias) {
+    b_i = b_i + load(bias + u, n);
+    b_f = b_f + load(bias + H + u, n);
+    b_g = b_g + load(bias + 2 * H + u, n);
+    b_o = b_o + load(bias + 3 * H + u, n);
+  }
   b_i = vsigmoid(b_i);
   b_f = vsigmoid(b_f);
   b_g = vtanh(b_g);
   b_o = vsigmoid(b_o);
   b_c = b_f * c_prev + b_i * b_g;
   b_h = b_o * vtanh(b_c);
+  if (p_act) {
+    store(p_act + u, b_i, n);
+    store(p_act + H + u, b_f, n);
+    store(p_act + 2 * H + u, b_g, n);
+    store(p_act + 3 * H + u, b_o, n);
+  }
 }
 
 // Whether a batch-1 LSTM splits each step by hidden units over the threads (lstm_forward_units):
@@ -74,7 +82,8 @@ void lstm_forward_units(const Plan& p, int64_t H, const LSTMForward<T>& a) {
     };
     // the part of the weights cache's key: this thread's units
     const int64_t part = u0 * (H + 1) + u1;
-    const auto gemm_hh = a.id_hh ? cached_panels<T>(*a.id_hh, part, true, 4 * nu, H, pack) : pack();
+    const auto gemm_hh =
+        a.id_hh ? cached_panels<T>(*a.id_hh, part, true, 4 * nu, H, pack) : pack();
     std::vector<T> local(4 * nu);
     for (int64_t s = 0; s < p.steps(); ++s) {
       const int64_t o = p.off[s];
@@ -86,27 +95,14 @@ void lstm_forward_units(const Plan& p, int64_t H, const LSTMForward<T>& a) {
       for_vec<T>(u0, u1, [&](int64_t u, int64_t n) {
         const T* p_l = local.data() + (u - u0);
         // product + x W_ih^T, then the bias: lstm_forward's order of the sums
-        Vec<T> b_i = load(p_l, n) + load(p_g + u, n);
-        Vec<T> b_f = load(p_l + nu, n) + load(p_g + H + u, n);
-        Vec<T> b_g = load(p_l + 2 * nu, n) + load(p_g + 2 * H + u, n);
-        Vec<T> b_o = load(p_l + 3 * nu, n) + load(p_g + 3 * H + u, n);
-        if (a.bias) {
-          b_i = b_i + load(a.bias + u, n);
-          b_f = b_f + load(a.bias + H + u, n);
-          b_g = b_g + load(a.bias + 2 * H + u, n);
-          b_o = b_o + load(a.bias + 3 * H + u, n);
-        }
         Vec<T> b_c, b_h;
-        lstm_cell(b_i, b_f, b_g, b_o, load(a.c + u, n), b_c, b_h);
+        lstm_cell(load(p_l, n) + load(p_g + u, n), load(p_l + nu, n) + load(p_g + H + u, n),
+                  load(p_l + 2 * nu, n) + load(p_g + 2 * H + u, n),
+                  load(p_l + 3 * nu, n) + load(p_g + 3 * H + u, n), a.bias, H, u, n,
+                  load(a.c + u, n), a.train ? p_g : nullptr, b_c, b_h);
         store(a.c + u, b_c, n);
         if (p_cs) store(p_cs + u, b_c, n);
         store(p_out + u, b_h, n);
-        if (a.train) {
-          store(p_g + u, b_i, n);
-          store(p_g + H + u, b_f, n);
-          store(p_g + 2 * H + u, b_g, n);
-          store(p_g + 3 * H + u, b_o, n);
-        }
       });
 #pragma omp barrier
     }
@@ -114,6 +110,12 @@ void lstm_forward_units(const Plan& p, int64_t H, const LSTMForward<T>& a) {
   if (p.steps() > 0) std::memcpy(a.h, a.out + p.off[p.steps() - 1] * a.ld_out, H * sizeof(T));
 }
 
+// Per step: the rows that restart there (Restart, kernels.h) take zeros or h0, c0 as their
+// state; with `x`, gates = x_t W_ih^T for the step's rows (one GEMM against W_ih packed once);
+// gates += h_{t-1} W_hh^T (one GEMM on the rows of the active batch), then one pass that
+// applies the activations, updates c and writes h. With proj_size the pass writes r_t =
+// o * tanh(c_t) and a second GEMM gives h_t = r_t W_hr^T. Training keeps the
+// activations in place of the pre-activations, the c_t and the r_t: all that backward needs.
 template <typename T>
 void lstm_forward(const Plan& p, int64_t H, int64_t H_out, const LSTMForward<T>& a) {
   if (split_units(p, H, a)) return lstm_forward_units(p, H, a);
@@ -147,26 +149,14 @@ void lstm_forward(const Plan& p, int64_t H, int64_t H_out, const LSTMForward<T>&
         T* p_hstate = proj ? nullptr : a.h + j * H_out;
         T* p_cs = a.cs ? a.cs + (o + j) * H : nullptr;
         for_vec<T>(0, H, [&](int64_t u, int64_t n) {
-          Vec<T> b_i = load(p_g + u, n), b_f = load(p_g + H + u, n);
-          Vec<T> b_g = load(p_g + 2 * H + u, n), b_o = load(p_g + 3 * H + u, n);
-          if (a.bias) {
-            b_i = b_i + load(a.bias + u, n);
-            b_f = b_f + load(a.bias + H + u, n);
-            b_g = b_g + load(a.bias + 2 * H + u, n);
-            b_o = b_o + load(a.bias + 3 * H + u, n);
-          }
           Vec<T> b_c, b_h;
-          lstm_cell(b_i, b_f, b_g, b_o, load(p_c + u, n), b_c, b_h);
+          lstm_cell(load(p_g + u, n), load(p_g + H + u, n), load(p_g + 2 * H + u, n),
+                    load(p_g + 3 * H + u, n), a.bias, H, u, n, load(p_c + u, n),
+                    a.train ? p_g : nullptr, b_c, b_h);
           store(p_c + u, b_c, n);
           if (p_cs) store(p_cs + u, b_c, n);
           store(p_hdst + u, b_h, n);
           if (p_hstate) store(p_hstate + u, b_h, n);
-          if (a.train) {
-            store(p_g + u, b_i, n);
-            store(p_g + H + u, b_f, n);
-            store(p_g + 2 * H + u, b_g, n);
-            store(p_g + 3 * H + u, b_o, n);
-          }
         });
       }
       if (proj) {
