@@ -491,8 +491,8 @@ def test_packed_input_raises():
 def test_unsupported_options_raise():
     m = rnnkit.LSTM(4, 6, layer_norm=True).eval()
     x = torch.randn(5, 2, 4)
-    with pytest.raises(NotImplementedError, match="dynamo=True"):
-        rnnkit.onnx.export(m, (x,), None, dynamo=True)
+    with pytest.raises(TypeError, match="dynamic_shapes needs dynamo=True"):
+        rnnkit.onnx.export(m, (x,), None, dynamic_shapes=({0: torch.export.Dim("L")},))
     with pytest.raises(ValueError, match="opset_version >= 17"):
         rnnkit.onnx.export(m, (x,), None, opset_version=16)
     with pytest.raises(ValueError, match="opset_version must be"):

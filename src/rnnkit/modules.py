@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parameter import Parameter
 from torch.nn.utils.rnn import PackedSequence
+from torch.onnx._internal.exporter import _flags as _onnx_flags
 
 from rnnkit import functional as RF
 from rnnkit import streaming
@@ -207,6 +208,13 @@ class RNNBase(nn.Module):
                     "rnnkit.onnx.export(model, args, f) exports this call"
                 )
             return onnx_traced_call(self, input, hx, lengths)
+        if torch.onnx.is_in_onnx_export() or _onnx_flags._is_onnx_exporting:
+            # torch.onnx.export(dynamo=True) traces this layer: ONNX nodes or a Scan of the
+            # reference's step, whatever the engine. (Its flag is read too: under the
+            # exporter's strict capture, dynamo's, is_in_onnx_export() reads false.)
+            from rnnkit import onnx_dynamo
+
+            return onnx_dynamo.layer(self, input, hx, reset, lengths, _check_hx_dims)
         return self._eager_forward(input, hx, lengths, reset)
 
     def _eager_forward(self, input, hx, lengths, reset=None):

@@ -51,6 +51,8 @@ __all__ = ["export"]
 
 _DOMAIN = "rnnkit"
 DEFAULT_OPSET = 17
+# torch.onnx.export(dynamo=True)'s own default
+DEFAULT_DYNAMO_OPSET = 18
 # ONNX's LSTM/GRU/RNN took their current form in opset 14, LayerNormalization came in 17
 MIN_OPSET = 14
 MIN_OPSET_LAYER_NORM = 17
@@ -362,13 +364,19 @@ def export(
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
     dynamic_axes: Mapping[str, Mapping[int, str] | Sequence[int]] | None = None,
-    opset_version: int = DEFAULT_OPSET,
+    dynamic_shapes=None,
+    opset_version: int | None = None,
+    dynamo: bool = False,
     **kwargs,
 ) -> onnx.ModelProto:
     r"""Export ``model`` (rnnkit layers and cells anywhere inside) to ONNX.
 
-    Takes ``torch.onnx.export``'s arguments of its TorchScript-based exporter
-    (``dynamo=False``); the extra keywords go to it. The model is exported in eval mode.
+    A thin helper on ``torch.onnx.export``: with ``dynamo=True`` torch's dynamo-based exporter,
+    which exports rnnkit's layers by itself (:mod:`rnnkit.onnx_dynamo`); with ``dynamo=False``
+    (the default while some variant combinations fail there, see the README) its
+    TorchScript-based one, which torch deprecates, with rnnkit's graph of each layer spliced
+    in. Either way the model is exported in eval mode and the
+    result is an ``onnx.ModelProto``; the extra keywords go to ``torch.onnx.export``.
     ``forward(input, hx, lengths=...)`` of a layer exports ``lengths`` as ONNX's
     ``sequence_lens`` (or a step mask in a ``Scan``); make ``lengths`` a model input to keep it
     dynamic.
@@ -378,7 +386,11 @@ def export(
         args: the example inputs, as ``torch.onnx.export`` takes them.
         f: a path or a binary file to write the model to; ``None`` writes nothing.
         input_names, output_names, dynamic_axes, opset_version: as ``torch.onnx.export``'s;
-            ``opset_version`` from 14 (17 for ``layer_norm``).
+            ``opset_version`` from 14 (17 for ``layer_norm``); by default 18 with
+            ``dynamo=True`` (torch's default), 17 without.
+        dynamic_shapes: as ``torch.onnx.export``'s (``dynamo=True`` only; ``dynamic_axes``
+            works with both).
+        dynamo: which of torch's exporters runs.
 
     Returns:
         The ``onnx.ModelProto`` (also written to ``f``).
@@ -386,18 +398,16 @@ def export(
     Raises:
         NotImplementedError: for what ONNX export cannot express: a ``PackedSequence``
             input, ``training=torch.onnx.TrainingMode.TRAINING`` with a layer that draws
-            random numbers, ``dynamo=True``.
+            random numbers.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if kwargs.get("dynamo"):
-        raise NotImplementedError(
-            "rnnkit.onnx.export runs torch's TorchScript-based exporter; dynamo=True is not "
-            "supported"
-        )
-    kwargs.pop("dynamo", None)
+    if opset_version is None:
+        opset_version = DEFAULT_DYNAMO_OPSET if dynamo else DEFAULT_OPSET
     if not isinstance(opset_version, int) or opset_version < MIN_OPSET:
         raise ValueError(f"opset_version must be an int >= {MIN_OPSET}, got {opset_version!r}")
+    if dynamic_shapes is not None and not dynamo:
+        raise TypeError("dynamic_shapes needs dynamo=True; pass dynamic_axes to dynamo=False")
     exporter = _Exporter(model)
     if opset_version < MIN_OPSET_LAYER_NORM and any(s.variant.layer_norm for s in exporter.specs):
         raise ValueError(
@@ -425,6 +435,15 @@ def export(
             "without their dropout and with zoneout's expected mix",
             stacklevel=2,
         )
+    if dynamo:
+        from rnnkit.onnx_dynamo import export_model
+
+        names = dict(input_names=input_names, output_names=output_names)
+        shapes = dict(dynamic_axes=dynamic_axes, dynamic_shapes=dynamic_shapes)
+        proto = export_model(model, args, opset_version, keeps_training, names, shapes, kwargs)
+        if f is not None:
+            onnx.save(proto, f)
+        return proto
     buffer = io.BytesIO()
     with exporter.placeholders(), warnings.catch_warnings(), torch.no_grad():
         # the TorchScript-based exporter is rnnkit's route here, not the caller's choice

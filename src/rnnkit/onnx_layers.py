@@ -32,9 +32,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import Tensor, nn
 
-from rnnkit.cell_modules import GRUCell, LSTMCell
 from rnnkit.cells import LN_EPS
-from rnnkit.modules import RNNBase
 from rnnkit.variants import Variant
 
 __all__ = [
@@ -43,6 +41,7 @@ __all__ = [
     "OnnxGraph",
     "build_layer",
     "layer_spec",
+    "reorder_gates",
     "uses_onnx_node",
 ]
 
@@ -99,9 +98,10 @@ class LayerSpec:
 
 
 def layer_spec(module: nn.Module, name: str = "") -> LayerSpec:
-    """The :class:`LayerSpec` of an rnnkit layer or cell; ``name`` is its qualified name."""
+    """The :class:`LayerSpec` of an rnnkit layer or cell; ``name`` is its qualified name.
+    (Told apart by their attributes: the modules import this file's users, not it them.)"""
     prefix = f"{name}." if name else ""
-    if isinstance(module, RNNBase):
+    if hasattr(module, "num_layers"):
 
         def param(role: str, k: int, d: int) -> Tensor | None:
             return getattr(module, f"{role}_l{k}{'_reverse' if d else ''}", None)
@@ -114,11 +114,10 @@ def layer_spec(module: nn.Module, name: str = "") -> LayerSpec:
     def cell_param(role: str, k: int, d: int) -> Tensor | None:
         return getattr(module, role, None)
 
-    if isinstance(module, LSTMCell):
-        mode = "LSTM"
-    elif isinstance(module, GRUCell):
-        mode = "GRU"
-    else:
+    # the gate blocks of the cell's weights: 4 LSTM, 3 GRU, 1 an Elman cell
+    gates = module.weight_ih.size(0) // module.hidden_size
+    mode = {4: "LSTM", 3: "GRU"}.get(gates)
+    if mode is None:
         mode = "RNN_RELU" if module.nonlinearity == "relu" else "RNN_TANH"
     return LayerSpec(prefix, mode, module.hidden_size, 0, 1, 1, module.variant, cell_param)
 
@@ -200,7 +199,7 @@ def _param_const(
     return g.const(t if fn is None else fn(t), name=f"{spec.name}{role}_l{k}{suffix}{tag}")
 
 
-def _reorder(t: Tensor, mode: str, H: int) -> Tensor:
+def reorder_gates(t: Tensor, mode: str, H: int) -> Tensor:
     return torch.cat([t[j * H : (j + 1) * H] for j in _ONNX_GATE_ORDER[mode]])
 
 
@@ -222,7 +221,7 @@ def _node_layer(g: OnnxGraph, spec: LayerSpec, k: int, x: str, h0, c0, lengths):
         return g.const(torch.stack(parts), name=f"{spec.name}{role}_l{k}{suffix}_onnx")
 
     def gates(role: str, d: int) -> Tensor:
-        return _reorder(spec.param(role, k, d).detach(), mode, H)
+        return reorder_gates(spec.param(role, k, d).detach(), mode, H)
 
     w = stacked("weight_ih", lambda d: gates("weight_ih", d))  # [D, G*H, H_in]
     r = stacked("weight_hh", lambda d: gates("weight_hh", d))  # [D, G*H, H]

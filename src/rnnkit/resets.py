@@ -97,7 +97,8 @@ def restarts(reset: Tensor, lengths: Tensor | None, reverse: bool) -> Tensor:
     if not reverse:
         return (reset & running).to(torch.int8)
     # any reset at or before each step: the piece there is not the first
-    later = reset.to(torch.int8).cummax(0).values.bool()
+    # (a running sum, not cummax, which ONNX export has no translation for)
+    later = reset.to(torch.int32).cumsum(0, dtype=torch.int32) > 0
     # a piece's last step in forward time, where its reverse run starts: before a reset ...
     before_reset = torch.cat([reset[1:], reset.new_zeros(1, N)]) & (t < end)
     code = torch.where(before_reset, torch.where(later, ZERO, INITIAL), CARRY)

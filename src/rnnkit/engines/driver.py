@@ -46,9 +46,10 @@ __all__ = [
 def step_batches(batch_sizes: tuple[int, ...], R: int, N: int) -> tuple[int, ...]:
     """The batch of every step of ``R`` rows of widest batch ``N``: ``batch_sizes`` of packed
     input as given, and for uniform input, which gives none, ``R / N`` steps of ``N`` (an
-    empty batch, ``N = 0``: one step of no rows). The compiled CPU ops take the same encoding
-    (``step_batches`` in ``cpu/csrc/kernels.h``), so that no per-step list, which a trace or
-    an exported graph would keep as a constant, reaches them for uniform input."""
+    empty batch, ``N = 0``: one step of no rows). The compiled CPU ops take uniform input's as
+    ``[-1]`` (``cpu/ops.py``'s ``UNIFORM``; ``step_batches`` in ``cpu/csrc/kernels.h``), so
+    that no per-step list, which a trace or an exported graph would keep as a constant, reaches
+    them for uniform input."""
     if batch_sizes:
         return tuple(batch_sizes)
     return (N,) * (R // N) if N else (0,)

@@ -90,7 +90,8 @@ def _forward_rule(name: str, op):
             elif isinstance(kind, int):
                 a = _fold(a, d, B, kind)
             elif kind == _SIZES:
-                a = [b * B for b in a]
+                # (ops.UNIFORM, [-1]: uniform input, whose steps are all the folded batch)
+                a = a if list(a) == [-1] else [b * B for b in a]
             folded.append(a)
         out, h_n, c_n, *saved = op(*folded)
         at = _STATE_DIM[name]

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from rnnkit.engines.cpu.build import kernels
+from rnnkit.engines.cpu.ops import op_batch_sizes
 from rnnkit.engines.driver import LayerCall
 from rnnkit.engines.grads import (
     backward_needs_graph,
@@ -59,7 +60,15 @@ class FusedLayer(torch.autograd.Function):
     def forward(mode, batch_sizes, has_bias, x, h0, c0, restart, *weights):
         return tuple(
             kernels().layer_forward(
-                mode, x, h0, c0, list(weights), batch_sizes, has_bias, True, restart
+                mode,
+                x,
+                h0,
+                c0,
+                list(weights),
+                op_batch_sizes(batch_sizes),
+                has_bias,
+                True,
+                restart,
             )
         )
 
@@ -101,7 +110,7 @@ class FusedLayer(torch.autograd.Function):
         reuse_saved = _saved_die_here()
         dx, dh0, dc0, *dweights = kernels().layer_backward(
             ctx.mode, grad_out, grad_hn, grad_cn, x, h0, c0, list(weights), out, list(saved),
-            ctx.batch_sizes, ctx.has_bias, need[3], reuse_saved, restart,
+            op_batch_sizes(ctx.batch_sizes), ctx.has_bias, need[3], reuse_saved, restart,
         )  # fmt: skip
         dweights = [g if n else None for g, n in zip(dweights, need[7:], strict=True)]
         return (
@@ -165,6 +174,6 @@ def layer(lc: LayerCall) -> tuple[Tensor, Tensor, Tensor | None]:
         )
     else:
         out, h_n, c_n = kernels().layer_forward(
-            mode, x, h0, c0, weights, batch_sizes, has_bias, False, restart
+            mode, x, h0, c0, weights, op_batch_sizes(batch_sizes), has_bias, False, restart
         )
     return lc.shaped(out), h_n, c_n if mode == _LSTM else None

@@ -13,7 +13,7 @@ import torch
 
 from rnnkit.engines.cpu import fake, func
 
-__all__ = ["NAMES", "NAMESPACE", "SCHEMAS"]
+__all__ = ["NAMES", "NAMESPACE", "SCHEMAS", "UNIFORM", "op_batch_sizes"]
 
 NAMESPACE = "rnnkit_cpu"
 
@@ -33,6 +33,17 @@ SCHEMAS = (
     "Tensor? rec_mask, Tensor? keep_h, Tensor? keep_c, float[] rates, bool coupled, "
     "int[] batch_sizes, bool reverse, Tensor? restart=None) -> Tensor[]",
 )
+# Uniform input's ``batch_sizes`` as the ops take them: one -1 (no step's batch is negative).
+# An empty list would say the same, but AOTInductor's proxy executor, which calls the ops from
+# a compiled package, reads an empty ``int[]`` argument back as None.
+UNIFORM = (-1,)
+
+
+def op_batch_sizes(batch_sizes) -> list[int]:
+    """The driver's ``batch_sizes`` (empty for uniform input) as the ops take them."""
+    return list(batch_sizes) if batch_sizes else list(UNIFORM)
+
+
 NAMES = tuple(schema[: schema.index("(")] for schema in SCHEMAS)
 
 # The library lives as long as the process: dropping it would unregister the definitions.

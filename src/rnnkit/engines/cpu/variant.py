@@ -21,6 +21,7 @@ from torch import Tensor
 
 from rnnkit.cells import CellParams, State
 from rnnkit.engines.cpu.build import kernels
+from rnnkit.engines.cpu.ops import op_batch_sizes
 from rnnkit.engines.driver import DirectionCall, LayerOutput, by_direction
 from rnnkit.engines.grads import (
     backward_needs_graph,
@@ -72,7 +73,8 @@ class VariantLSTM(torch.autograd.Function):
         *masks, restart = masks
         return tuple(
             kernels().lstm_variant_forward(
-                gx, h0, c0, *params, *masks, rates, variant.coupled_input_forget, batch_sizes,
+                gx, h0, c0, *params, *masks, rates, variant.coupled_input_forget,
+                op_batch_sizes(batch_sizes),
                 reverse, True, restart,
             )
         )  # fmt: skip
@@ -111,7 +113,7 @@ class VariantLSTM(torch.autograd.Function):
         *masks, restart = masks
         dgx, dh0, dc0, *dparams = kernels().lstm_variant_backward(
             *grads, out, list(saved), h0, c0, *params, *masks, rates,
-            variant.coupled_input_forget, batch_sizes, reverse, restart,
+            variant.coupled_input_forget, op_batch_sizes(batch_sizes), reverse, restart,
         )  # fmt: skip
         need = ctx.needs_input_grad
         dparams = [g if n else None for g, n in zip(dparams, need[4:11], strict=True)]
@@ -160,8 +162,8 @@ def _run(variant, train, gx, h0, c0, p, keep_h, keep_c, batch_sizes, reverse, re
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return VariantLSTM.apply(static, gx, h0, c0, *params, *masks)[:3]
     out, h_n, c_n = kernels().lstm_variant_forward(
-        gx, h0, c0, *params, *masks[:3], static[1], variant.coupled_input_forget, batch_sizes,
-        reverse, False, restart,
+        gx, h0, c0, *params, *masks[:3], static[1], variant.coupled_input_forget,
+        op_batch_sizes(batch_sizes), reverse, False, restart,
     )[:3]  # fmt: skip
     return out, h_n, c_n
 

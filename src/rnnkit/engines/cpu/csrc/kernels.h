@@ -86,13 +86,14 @@ inline Plan make_plan(c10::ArrayRef<int64_t> batch_sizes, bool reverse) {
 // empty batch (N = 0, uniform) is one step of no rows.
 inline std::vector<int64_t> step_batches(c10::ArrayRef<int64_t> batch_sizes, int64_t R,
                                          int64_t N) {
-  if (batch_sizes.empty()) {
+  // uniform input: [-1] (Python's ops.UNIFORM), or empty
+  if (batch_sizes.empty() || (batch_sizes.size() == 1 && batch_sizes[0] < 0)) {
     if (N == 0) {
       TORCH_CHECK(R == 0, "rnnkit fused engine: uniform input of batch N = 0 must have 0 rows, ",
                   "got ", R);
       return {0};
     }
-    TORCH_CHECK(R > 0 && R % N == 0, "rnnkit fused engine: uniform input (empty batch_sizes) ",
+    TORCH_CHECK(R > 0 && R % N == 0, "rnnkit fused engine: uniform input (batch_sizes [-1]) ",
                 "must have a positive multiple of N = ", N, " rows (h0's batch), got ", R);
     return std::vector<int64_t>(R / N, N);
   }
