@@ -147,7 +147,7 @@ BAD_FORWARD = [
     ("growing-batch", {}, _set(batch_sizes=[3, 2, 3, 3, 1]),
      r"non-increasing, got 3 at position 2 after 2"),
     ("uniform-rows-not-a-multiple", {}, _set(x=_randn(13, 5)),
-     r"uniform input \(empty batch_sizes\) must have a positive multiple of N = 3 rows"),
+     r"uniform input \(batch_sizes \[-1\]\) must have a positive multiple of N = 3 rows"),
     ("uniform-no-rows", {}, _set(x=_randn(0, 5)), r"positive multiple of N = 3 rows .* got 0"),
     ("empty-batch-with-rows", {}, _set(h0=_randn(2, 0, 4), c0=_randn(2, 0, 6)),
      r"uniform input of batch N = 0 must have 0 rows, got 12"),
