@@ -36,7 +36,14 @@ from torch.nn.utils.rnn import PackedSequence
 
 from rnnkit.cells import make_prepare, make_step
 from rnnkit.functional import gather_params
-from rnnkit.onnx_layers import ONNX_ACTIVATIONS, layer_spec, reorder_gates, uses_onnx_node
+from rnnkit.onnx_layers import (
+    layer_spec,
+    node_attributes,
+    node_op,
+    onnx_peephole,
+    reorder_gates,
+    uses_onnx_node,
+)
 from rnnkit.resets import INITIAL, ZERO, check_reset, restarts
 
 __all__ = ["export_model", "layer"]
@@ -121,7 +128,7 @@ def layer(module: nn.Module, input, hx, reset, lengths, check_hx):
 
 def _node_layer(spec, x, h0, c0, params, lengths):
     """One layer as one ONNX LSTM/GRU/RNN node: ``[L, N, D*H]`` output, ``[D, N, H]`` states."""
-    mode, H, v = spec.mode, spec.hidden_size, spec.variant
+    mode, H = spec.mode, spec.hidden_size
     D = len(params)
 
     def stacked(fn) -> Tensor:
@@ -137,37 +144,19 @@ def _node_layer(spec, x, h0, c0, params, lengths):
         )
     peephole = None
     if params[0].peephole is not None:
-        # ONNX's P is (i, o, f); rnnkit's peephole is (i, f, o)
-        peephole = stacked(lambda p: torch.cat([p.peephole[:H], p.peephole[2 * H :],
-                                                p.peephole[H : 2 * H]]))  # fmt: skip
-    acts = [ONNX_ACTIVATIONS[a] for a in spec.activations] * D
-    attrs: dict = dict(
-        hidden_size=H,
-        direction="bidirectional" if D == 2 else "forward",
-        activations=[op for op, _ in acts],
-    )
-    # ONNX consumes activation_alpha/beta in order, by the activations that take them
-    alpha = [a["alpha"] for _, a in acts if "alpha" in a]
-    beta = [a["beta"] for _, a in acts if "beta" in a]
-    if alpha:
-        attrs["activation_alpha"] = alpha
-    if beta:
-        attrs["activation_beta"] = beta
-    if v.gate_clip is not None:
-        attrs["clip"] = float(v.gate_clip)
-    if mode == "GRU":
-        attrs["linear_before_reset"] = 1
-    if v.coupled_input_forget:
-        attrs["input_forget"] = 1
+        peephole = stacked(lambda p: onnx_peephole(p.peephole, H))
     seq_lens = None if lengths is None else lengths.to(torch.int32)
     inputs = [x, w, r, b, seq_lens, h0]
     if mode == "LSTM":
         inputs += [c0, peephole]
     L, N = x.size(0), x.size(1)
     shapes = [[L, D, N, H], [D, N, H], [D, N, H]][: 3 if mode == "LSTM" else 2]
-    op = {"LSTM": "LSTM", "GRU": "GRU"}.get(mode, "RNN")
     outs = torch.onnx.ops.symbolic_multi_out(
-        op, inputs, attrs, dtypes=[x.dtype] * len(shapes), shapes=shapes
+        node_op(mode),
+        inputs,
+        node_attributes(spec, D),
+        dtypes=[x.dtype] * len(shapes),
+        shapes=shapes,
     )
     # Y [L, D, N, H] -> [L, N, D*H]
     y = outs[0].permute(0, 2, 1, 3).reshape(L, N, D * H)

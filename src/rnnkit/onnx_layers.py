@@ -41,6 +41,9 @@ __all__ = [
     "OnnxGraph",
     "build_layer",
     "layer_spec",
+    "node_attributes",
+    "node_op",
+    "onnx_peephole",
     "reorder_gates",
     "uses_onnx_node",
 ]
@@ -203,6 +206,42 @@ def reorder_gates(t: Tensor, mode: str, H: int) -> Tensor:
     return torch.cat([t[j * H : (j + 1) * H] for j in _ONNX_GATE_ORDER[mode]])
 
 
+def onnx_peephole(t: Tensor, H: int) -> Tensor:
+    """rnnkit's peephole ``(i, f, o)`` in the order of ONNX's ``P``, ``(i, o, f)``."""
+    return torch.cat([t[:H], t[2 * H :], t[H : 2 * H]])
+
+
+def node_op(mode: str) -> str:
+    """The ONNX op of a layer of ``mode``."""
+    return {"LSTM": "LSTM", "GRU": "GRU"}.get(mode, "RNN")
+
+
+def node_attributes(spec: LayerSpec, D: int) -> dict:
+    """The attributes of the ONNX LSTM/GRU/RNN node of one layer of ``spec``, ``D``
+    directions."""
+    v = spec.variant
+    acts = [ONNX_ACTIVATIONS[a] for a in spec.activations] * D
+    attrs: dict = dict(
+        hidden_size=spec.hidden_size,
+        direction="bidirectional" if D == 2 else "forward",
+        activations=[name for name, _ in acts],
+    )
+    # ONNX consumes activation_alpha/beta in order, by the activations that take them
+    alpha = [a["alpha"] for _, a in acts if "alpha" in a]
+    beta = [a["beta"] for _, a in acts if "beta" in a]
+    if alpha:
+        attrs["activation_alpha"] = alpha
+    if beta:
+        attrs["activation_beta"] = beta
+    if v.gate_clip is not None:
+        attrs["clip"] = float(v.gate_clip)
+    if spec.mode == "GRU":
+        attrs["linear_before_reset"] = 1
+    if v.coupled_input_forget:
+        attrs["input_forget"] = 1
+    return attrs
+
+
 def _slice(g: OnnxGraph, x: str, start: int, end: int, axis: int) -> str:
     return g.op1("Slice", [x, g.ints([start]), g.ints([end]), g.ints([axis])])
 
@@ -210,7 +249,7 @@ def _slice(g: OnnxGraph, x: str, start: int, end: int, axis: int) -> str:
 def _node_layer(g: OnnxGraph, spec: LayerSpec, k: int, x: str, h0, c0, lengths):
     """Layer ``k`` as one ONNX LSTM/GRU/RNN node: ``[L, N, D*H]`` output and ``[D, N, H]``
     final states."""
-    mode, H, D, v = spec.mode, spec.hidden_size, spec.num_directions, spec.variant
+    mode, H, D = spec.mode, spec.hidden_size, spec.num_directions
 
     def stacked(role: str, fn) -> str | None:
         """``fn(d)`` for each direction, stacked: ONNX's ``[D, ...]`` weights."""
@@ -228,31 +267,7 @@ def _node_layer(g: OnnxGraph, spec: LayerSpec, k: int, x: str, h0, c0, lengths):
     # [D, 2*G*H]: the input biases, then the recurrent ones
     b = stacked("bias", lambda d: torch.cat([gates("bias_ih", d), gates("bias_hh", d)]))
 
-    def peephole(d: int) -> Tensor:
-        # ONNX's P is (i, o, f); rnnkit's peephole is (i, f, o)
-        t = spec.param("peephole", k, d).detach()
-        return torch.cat([t[:H], t[2 * H :], t[H : 2 * H]])
-
-    p = stacked("peephole", peephole)
-    acts = [ONNX_ACTIVATIONS[a] for a in spec.activations] * D
-    attrs = dict(
-        hidden_size=H,
-        direction="bidirectional" if D == 2 else "forward",
-        activations=[name for name, _ in acts],
-    )
-    # ONNX consumes activation_alpha/beta in order, by the activations that take them
-    alpha = [a["alpha"] for _, a in acts if "alpha" in a]
-    beta = [a["beta"] for _, a in acts if "beta" in a]
-    if alpha:
-        attrs["activation_alpha"] = alpha
-    if beta:
-        attrs["activation_beta"] = beta
-    if v.gate_clip is not None:
-        attrs["clip"] = v.gate_clip
-    if mode == "GRU":
-        attrs["linear_before_reset"] = 1
-    if v.coupled_input_forget:
-        attrs["input_forget"] = 1
+    p = stacked("peephole", lambda d: onnx_peephole(spec.param("peephole", k, d).detach(), H))
     h0_k = None if h0 is None else _slice(g, h0, k * D, (k + 1) * D, 0)
     inputs = [x, w, r, b or "", lengths or "", h0_k or ""]
     if mode == "LSTM":
@@ -260,8 +275,7 @@ def _node_layer(g: OnnxGraph, spec: LayerSpec, k: int, x: str, h0, c0, lengths):
         inputs += [c0_k or "", p or ""]
     while inputs[-1] == "":
         inputs.pop()
-    op = {"LSTM": "LSTM", "GRU": "GRU"}.get(mode, "RNN")
-    outs = g.op(op, inputs, 3 if mode == "LSTM" else 2, **attrs)
+    outs = g.op(node_op(mode), inputs, 3 if mode == "LSTM" else 2, **node_attributes(spec, D))
     # Y [L, D, N, H] -> [L, N, D*H]
     y = g.op1("Transpose", [outs[0]], perm=[0, 2, 1, 3])
     y = g.op1("Reshape", [y, g.ints([0, 0, -1])])
