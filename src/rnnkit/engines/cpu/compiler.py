@@ -92,7 +92,10 @@ def recipe() -> Recipe:
 def _first_error(output: str) -> str:
     """The line of a compiler's output that says what went wrong first."""
     lines = [line.strip() for line in output.splitlines() if line.strip()]
-    for pattern in (r"\berror\b", r"\bfatal\b", r"undefined reference", r"cannot find"):
+    # the driver's "collect2: error: ld returned 1" sums up the linker's own lines above it
+    lines = [line for line in lines if not line.startswith("collect2:")] or lines
+    patterns = (r"\berror\b", r"\bfatal\b", r"undefined reference", r"cannot find", r"\bld\b.*:")
+    for pattern in patterns:
         for line in lines:
             if re.search(pattern, line, re.IGNORECASE):
                 return line
@@ -113,8 +116,10 @@ def _run_all(commands: list[tuple[str, list[str]]], jobs: int, out: TextIO) -> N
                     argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
                 )
                 running.append((name, proc))
-            name, proc = running.pop(0)
+            # it stays in `running` while waited on, so that an interrupt stops it too
+            name, proc = running[0]
             text = proc.communicate()[0]
+            running.pop(0)
             out.write(text)
             if proc.returncode != 0:
                 raise CompileError(f"{name}: {_first_error(text)}")
