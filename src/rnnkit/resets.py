@@ -100,7 +100,7 @@ def restarts(reset: Tensor, lengths: Tensor | None, reverse: bool) -> Tensor:
     # (a running sum, not cummax, which ONNX export has no translation for)
     later = reset.to(torch.int32).cumsum(0, dtype=torch.int32) > 0
     # a piece's last step in forward time, where its reverse run starts: before a reset ...
-    before_reset = torch.cat([reset[1:], reset.new_zeros(1, N)]) & (t < end)
+    before_reset = torch.roll(reset, -1, 0) & (t < end)
     code = torch.where(before_reset, torch.where(later, ZERO, INITIAL), CARRY)
     # ... or the sequence's end, which starts from hx anyway unless a reset came before
     return torch.where((t == end) & later, ZERO, code).to(torch.int8)
