@@ -15,143 +15,34 @@ from torch.export import Dim
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import rnnkit
-from parity import assert_engine_close
-from rnnkit.testing import float64_copy
+from export_cases import SIZES, cells_case, check, flat, head_case, reset_case, tagger_case
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 import rnnkit.onnx  # noqa: E402
 
-SIZES = [(13, 2), (5, 4)]  # (L, N) run; the export uses (10, 3)
 P = pytest.param
 
 
-class Head(nn.Module):
-    """``Linear(layer(x, lengths=lengths))``, returning the head's output and the states."""
-
-    def __init__(self, layer: nn.Module):
-        super().__init__()
-        self.layer = layer
-        features = (layer.proj_size or layer.hidden_size) * (2 if layer.bidirectional else 1)
-        self.head = nn.Linear(features, 2, dtype=layer.weight_ih_l0.dtype)
-
-    def forward(self, x, lengths=None):
-        y, hidden = self.layer(x, lengths=lengths)
-        hidden = hidden if isinstance(hidden, tuple) else (hidden,)
-        return (self.head(y), *hidden)
-
-
-class WithResets(nn.Module):
-    def __init__(self, layer: nn.Module):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x, reset):
-        y, (h, c) = self.layer(x, reset=reset)
-        return y, h, c
-
-
-class Cells(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lstm = rnnkit.LSTMCell(4, 8)
-        self.gru = rnnkit.GRUCell(8, 8, layer_norm=True)
-
-    def forward(self, x, h, c):
-        h, c = self.lstm(x, (h, c))
-        return self.gru(h), c
-
-
-class Tagger(nn.Module):
-    """Embedding -> LSTM(proj_size, bidirectional, 2 layers) -> Linear, tokens ``[N, L]``."""
-
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(50, 16)
-        self.lstm = rnnkit.LSTM(16, 32, 2, proj_size=8, bidirectional=True, batch_first=True)
-        self.head = nn.Linear(16, 5)
-
-    def forward(self, tokens):
-        return self.head(self.lstm(self.embed(tokens))[0])
-
-
-def _lengths(L: int, N: int) -> torch.Tensor:
-    lengths = torch.randint(1, L + 1, (N,))
-    lengths[0] = L
-    return lengths
-
-
-def _head_case(layer: nn.Module):
-    dtype = layer.weight_ih_l0.dtype
-
-    def inputs(L: int, N: int):
-        shape = (N, L, 4) if layer.batch_first else (L, N, 4)
-        return torch.randn(shape, dtype=dtype), _lengths(L, N)
-
-    x_dims = {0: Dim("N"), 1: Dim("L")} if layer.batch_first else {0: Dim("L"), 1: Dim("N")}
-    return Head(layer), inputs, {"x": x_dims, "lengths": {0: Dim("N")}}
-
-
-def _reset_case():
-    def inputs(L: int, N: int):
-        return torch.randn(L, N, 4), torch.rand(L, N) < 0.3
-
-    dims = {0: Dim("L"), 1: Dim("N")}
-    return WithResets(rnnkit.LSTM(4, 8, bidirectional=True)), inputs, {"x": dims, "reset": dims}
-
-
-def _cells_case():
-    def inputs(L: int, N: int):
-        return torch.randn(N, 4), torch.randn(N, 8), torch.randn(N, 8)
-
-    return Cells(), inputs, {name: {0: Dim("N")} for name in ("x", "h", "c")}
-
-
-def _tagger_case():
-    def inputs(L: int, N: int):
-        return (torch.randint(0, 50, (N, L)),)
-
-    return Tagger(), inputs, {"tokens": {0: Dim("N"), 1: Dim("L")}}
-
-
 ONNX_CASES = [
-    P(lambda: _head_case(rnnkit.LSTM(4, 8)), "LSTM", id="LSTM"),
-    P(lambda: _head_case(rnnkit.GRU(4, 8, num_layers=2)), "GRU", id="GRU-2layers"),
-    P(lambda: _head_case(rnnkit.RNN(4, 8, nonlinearity="relu", bidirectional=True)), "RNN",
+    P(lambda: head_case(rnnkit.LSTM(4, 8)), "LSTM", id="LSTM"),
+    P(lambda: head_case(rnnkit.GRU(4, 8, num_layers=2)), "GRU", id="GRU-2layers"),
+    P(lambda: head_case(rnnkit.RNN(4, 8, nonlinearity="relu", bidirectional=True)), "RNN",
       id="RNN-relu-bidir"),
-    P(lambda: _head_case(rnnkit.LSTM(4, 8, peephole=True, bidirectional=True, batch_first=True)),
+    P(lambda: head_case(rnnkit.LSTM(4, 8, peephole=True, bidirectional=True, batch_first=True)),
       "LSTM", id="LSTM-peephole-bidir-batch_first"),
-    P(lambda: _head_case(rnnkit.LSTM(4, 8, 2, proj_size=3, bidirectional=True)), "Scan",
+    P(lambda: head_case(rnnkit.LSTM(4, 8, 2, proj_size=3, bidirectional=True)), "Scan",
       id="LSTM-proj-bidir-2layers"),
-    P(lambda: _head_case(rnnkit.LSTM(4, 8, layer_norm=True)), "Scan", id="LSTM-layer_norm"),
-    P(lambda: _head_case(rnnkit.LSTM(4, 8, bidirectional=True).double()), "Scan",
+    P(lambda: head_case(rnnkit.LSTM(4, 8, layer_norm=True)), "Scan", id="LSTM-layer_norm"),
+    P(lambda: head_case(rnnkit.LSTM(4, 8, bidirectional=True).double()), "Scan",
       id="LSTM-bidir-float64"),
-    P(lambda: _head_case(rnnkit.GRU(4, 8, num_layers=2, zoneout=0.2)), "Scan",
+    P(lambda: head_case(rnnkit.GRU(4, 8, num_layers=2, zoneout=0.2)), "Scan",
       id="GRU-zoneout-2layers"),
-    P(_reset_case, "Scan", id="LSTM-bidir-reset"),
-    P(_cells_case, "Gemm", id="cells"),
-    P(_tagger_case, "Scan", id="Embedding-LSTM-proj-bidir-2layers-Linear"),
+    P(reset_case, "Scan", id="LSTM-bidir-reset"),
+    P(cells_case, "Gemm", id="cells"),
+    P(tagger_case, "Scan", id="Embedding-LSTM-proj-bidir-2layers-Linear"),
 ]  # fmt: skip
-
-
-def _flat(out) -> list[torch.Tensor]:
-    return list(torch.utils._pytree.tree_leaves(out))
-
-
-def _check(got: list[torch.Tensor], model: nn.Module, inputs: tuple, title: str) -> None:
-    """``got`` to rounding of eager's outputs, against the float64 run as the truth."""
-    with torch.no_grad():
-        want = _flat(model(*inputs))
-        truth = _flat(float64_copy(model)(*float64_copy(inputs)))
-    names = [f"out{j}" for j in range(len(want))]
-    float32 = want[0].dtype == torch.float32
-    assert_engine_close(
-        dict(zip(names, want, strict=True)),
-        dict(zip(names, got, strict=True)),
-        dict(zip(names, truth, strict=True)) if float32 else None,
-        title,
-    )
 
 
 def _ort(proto) -> ort.InferenceSession:
@@ -179,12 +70,12 @@ def test_torch_onnx_export_dynamo(make, expect):
         args = inputs(L, N)
         feeds = {i.name: a.numpy() for i, a in zip(session.get_inputs(), args, strict=True)}
         got = [torch.from_numpy(y) for y in session.run(None, feeds)]
-        _check(got, model, args, f"onnxruntime differs from eager at L{L}-N{N}")
+        check(got, model, args, f"onnxruntime differs from eager at L{L}-N{N}")
 
 
 def test_rnnkit_onnx_export_dynamo_takes_dynamic_axes():
     torch.manual_seed(0)
-    model, inputs, _ = _head_case(rnnkit.LSTM(4, 8, 2, proj_size=3))
+    model, inputs, _ = head_case(rnnkit.LSTM(4, 8, 2, proj_size=3))
     model.train()
     axes = {"x": {0: "L", 1: "N"}, "lengths": {0: "N"}}
     proto = rnnkit.onnx.export(model, inputs(10, 3), None, dynamo=True, input_names=["x", "lengths"],
@@ -195,7 +86,7 @@ def test_rnnkit_onnx_export_dynamo_takes_dynamic_axes():
     for L, N in SIZES:
         x, lengths = inputs(L, N)
         got = session.run(None, {"x": x.numpy(), "lengths": lengths.numpy()})
-        _check([torch.from_numpy(y) for y in got], model, (x, lengths), f"L{L}-N{N}")
+        check([torch.from_numpy(y) for y in got], model, (x, lengths), f"L{L}-N{N}")
 
 
 class Packed(nn.Module):
@@ -236,9 +127,9 @@ def test_aot_inductor_package(make, tmp_path):
         pytest.skip(f"the fused engine did not build: {FUSED.fault()}")
     torch.manual_seed(0)
     if make is None:
-        model, inputs, dims = _tagger_case()
+        model, inputs, dims = tagger_case()
     else:
-        model, with_lengths, _ = _head_case(make())
+        model, with_lengths, _ = head_case(make())
         dims = {"x": {0: Dim("L"), 1: Dim("N")}}
 
         def inputs(L: int, N: int):
@@ -255,5 +146,5 @@ def test_aot_inductor_package(make, tmp_path):
     for L, N in SIZES:
         args = inputs(L, N)
         with torch.no_grad():
-            got = _flat(compiled(*args))
-        _check(got, model, args, f"the AOTInductor package differs from eager at L{L}-N{N}")
+            got = flat(compiled(*args))
+        check(got, model, args, f"the AOTInductor package differs from eager at L{L}-N{N}")

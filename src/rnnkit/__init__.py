@@ -3,7 +3,8 @@
 ``LSTM``, ``GRU``, ``RNN`` and their cells are drop-ins for ``torch.nn``'s (same constructor,
 parameters, init, ``state_dict``, shapes, errors); the recurrence runs on rnnkit's engines,
 chosen per call by ``rnnkit.functional.select_engine``. ``rnnkit.onnx.export`` exports models
-that hold them to ONNX (imported on first use, as it needs the ``onnx`` package).
+that hold them to ONNX (imported on first use, as it needs the ``onnx`` package); within
+``rnnkit.portable()`` they trace as core ATen ops, for runtimes without rnnkit's ops.
 """
 
 import importlib
@@ -12,6 +13,7 @@ from rnnkit import functional, modules
 from rnnkit.cell_modules import GRUCell, LSTMCell, RNNCell, RNNCellBase
 from rnnkit.convert import convert, revert
 from rnnkit.modules import GRU, LSTM, RNN, RNNBase
+from rnnkit.traced import portable
 
 # The compiled ops' schemas, defined now, so that a saved graph that holds them (a
 # torch.export program) loads and runs after `import rnnkit`; their kernels are built or
@@ -30,6 +32,7 @@ __all__ = [
     "convert",
     "functional",
     "onnx",
+    "portable",
     "revert",
 ]
 __version__ = "0.1.0"

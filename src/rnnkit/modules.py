@@ -25,7 +25,7 @@ from torch.nn.utils.rnn import PackedSequence
 from torch.onnx._internal.exporter import _flags as _onnx_flags
 
 from rnnkit import functional as RF
-from rnnkit import streaming
+from rnnkit import streaming, traced
 from rnnkit.lengths import run_with_lengths
 from rnnkit.modes import MODES
 from rnnkit.resets import check_reset
@@ -208,13 +208,13 @@ class RNNBase(nn.Module):
                     "rnnkit.onnx.export(model, args, f) exports this call"
                 )
             return onnx_traced_call(self, input, hx, lengths)
-        if torch.onnx.is_in_onnx_export() or _onnx_flags._is_onnx_exporting:
-            # torch.onnx.export(dynamo=True) traces this layer: ONNX nodes or a Scan of the
-            # reference's step, whatever the engine. (Its flag is read too: under the
-            # exporter's strict capture, dynamo's, is_in_onnx_export() reads false.)
-            from rnnkit import onnx_dynamo
-
-            return onnx_dynamo.layer(self, input, hx, reset, lengths, _check_hx_dims)
+        onnx = torch.onnx.is_in_onnx_export() or _onnx_flags._is_onnx_exporting
+        if onnx or traced.is_portable():
+            # torch.onnx.export(dynamo=True) traces this layer (its flag is read too: under
+            # the exporter's strict capture, dynamo's, is_in_onnx_export() reads false), or
+            # rnnkit.portable() is on: ONNX nodes or a scan of the reference's step, whatever
+            # the engine
+            return traced.layer(self, input, hx, reset, lengths, _check_hx_dims, onnx)
         return self._eager_forward(input, hx, lengths, reset)
 
     def _eager_forward(self, input, hx, lengths, reset=None):
