@@ -134,6 +134,10 @@ def layer(module: nn.Module, input, hx, reset, lengths, check_hx, onnx_nodes: bo
     params = gather_params(
         module.mode, module._flat_weights, module.bias, module.num_layers, D, module.variant
     )
+    if onnx_nodes:
+        # an ONNX graph is for inference: no gradient flows through it, and the exporter's
+        # passes fail on some scans whose autograd forward saves symbolic sizes
+        params = [type(p)(*(None if t is None else t.detach() for t in p)) for p in params]
     N = x.size(1)
     H, H_out = module.hidden_size, module.proj_size or module.hidden_size
     if hx is None:
@@ -228,8 +232,10 @@ def _scan_layer(module, x, h0, c0, params, lengths, reset):
         if reset is not None:
             codes = restarts(reset, lengths, d == 1).unsqueeze(2)  # [L, N, 1]
             xs += [codes == ZERO, codes == INITIAL]
-        h_init = h0[d]
-        c_init = c0[d] if is_lstm else None
+        # copies, not views into hx: a view's storage offset (a multiple of the batch) is one
+        # more symbol, which torch.export then unifies with the batch and specializes it
+        h_init = h0[d].clone()
+        c_init = c0[d].clone() if is_lstm else None
 
         # what a restarting row reads: apart from the carry's initial value, which scan may
         # not see aliased among its other inputs
