@@ -98,6 +98,31 @@ def test_rnnkit_onnx_export_dynamo_takes_dynamic_axes():
         check([torch.from_numpy(y) for y in got], model, (x, lengths), f"L{L}-N{N}")
 
 
+class WithState(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = rnnkit.LSTM(4, 6, proj_size=3)
+
+    def forward(self, x, hx):
+        return self.lstm(x, hx)[0]
+
+
+def test_rnnkit_onnx_export_dynamo_names_nested_inputs_in_order():
+    """``input_names`` name the tensors inside a tuple argument too, as the TorchScript-based
+    exporter names them: ``(x, (h, c))`` is ``x, h, c``."""
+    torch.manual_seed(0)
+    model = WithState().eval()
+    args = (torch.randn(5, 2, 4), (torch.zeros(1, 2, 3), torch.zeros(1, 2, 6)))
+    axes = {"x": {0: "L", 1: "N"}, "h": {1: "N"}, "c": {1: "N"}}
+    proto = rnnkit.onnx.export(model, args, None, dynamo=True, input_names=["x", "h", "c"],
+                               dynamic_axes=axes)  # fmt: skip
+    session = _ort(proto)
+    assert [i.name for i in session.get_inputs()] == ["x", "h", "c"]
+    x, hx = torch.randn(9, 3, 4), (torch.randn(1, 3, 3), torch.randn(1, 3, 6))
+    (got,) = session.run(None, {"x": x.numpy(), "h": hx[0].numpy(), "c": hx[1].numpy()})
+    check([torch.from_numpy(got)], model, (x, hx), "L9-N3")
+
+
 class Packed(nn.Module):
     def __init__(self):
         super().__init__()

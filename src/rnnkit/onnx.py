@@ -373,9 +373,9 @@ def export(
 
     A thin helper on ``torch.onnx.export``: with ``dynamo=True`` torch's dynamo-based exporter,
     which exports rnnkit's layers by itself (:mod:`rnnkit.onnx_dynamo`); with ``dynamo=False``
-    (the default while some variant combinations fail there, see the README) its
-    TorchScript-based one, which torch deprecates, with rnnkit's graph of each layer spliced
-    in. Either way the model is exported in eval mode and the
+    (still the default: the larger ONNX test grid runs it, and its graphs keep cells as
+    one-step ONNX nodes) its TorchScript-based one, which torch deprecates, with rnnkit's graph
+    of each layer spliced in. Either way the model is exported in eval mode and the
     result is an ``onnx.ModelProto``; the extra keywords go to ``torch.onnx.export``.
     ``forward(input, hx, lengths=...)`` of a layer exports ``lengths`` as ONNX's
     ``sequence_lens`` (or a step mask in a ``Scan``); make ``lengths`` a model input to keep it

@@ -63,25 +63,24 @@ def _dynamic_shapes(model: nn.Module, args: tuple, input_names, dynamic_axes) ->
             key = f"d_{key}"
         return dims.setdefault(key, torch.export.Dim(key))
 
-    names = list(input_names or [])
-    flat = []
-    for i, arg in enumerate(args):
-        axes = dynamic_axes.get(names[i]) if i < len(names) else None
-        if not isinstance(arg, Tensor) or not axes:
-            flat.append(None)
-            continue
+    # the exporters name the inputs' tensors in order, nested ones too (``(x, (h, c))`` is
+    # ``x, h, c``); torch.export reads dynamic_shapes in the structure of forward's signature
+    # (``*args`` as one tuple), each tensor's place holding its axes
+    names = iter(input_names or [])
+
+    def axes_of(leaf):
+        if not isinstance(leaf, Tensor):
+            return None
+        name = next(names, None)
+        axes = dynamic_axes.get(name) if name is not None else None
+        if not axes:
+            return None
         if not isinstance(axes, dict):
-            axes = {a: f"{names[i]}_{a}" for a in axes}
-        flat.append({a: dim(label) for a, label in axes.items()})
-    # torch.export reads dynamic_shapes in the structure of forward's signature (*args as one
-    # tuple)
+            axes = {a: f"{name}_{a}" for a in axes}
+        return {a: dim(label) for a, label in axes.items()}
+
     bound = inspect.signature(model.forward).bind(*args)
-    shapes, i = {}, 0
-    for name, value in bound.arguments.items():
-        kind = bound.signature.parameters[name].kind
-        n = len(value) if kind == inspect.Parameter.VAR_POSITIONAL else 1
-        shapes[name] = (
-            tuple(flat[i : i + n]) if kind == inspect.Parameter.VAR_POSITIONAL else flat[i]
-        )
-        i += n
-    return shapes
+    return {
+        name: torch.utils._pytree.tree_map(axes_of, value)
+        for name, value in bound.arguments.items()
+    }
