@@ -6,8 +6,10 @@ becomes ONNX ``LSTM``/``GRU``/``RNN`` nodes where ONNX's op computes it exactly,
 over the step where it cannot (``proj_size``, most variants, calls with ``reset=``);
 :mod:`rnnkit.onnx_layers` builds those graphs.
 
-How: while torch's TorchScript-based exporter traces the model, each rnnkit module's call is
-one ``rnnkit::Layer`` placeholder node (its eager result keeps the trace going); the layer's
+How: by default torch's dynamo-based exporter traces the model, each rnnkit layer running
+as torch ops it translates (:mod:`rnnkit.onnx_dynamo`, :mod:`rnnkit.traced`). With
+``dynamo=False``, while torch's TorchScript-based exporter traces the model, each rnnkit
+module's call is one ``rnnkit::Layer`` placeholder node (its eager result keeps the trace going); the layer's
 graph then replaces the placeholder. The rest of the model is torch's own export. The model is
 exported in eval mode, as ``torch.onnx.export`` does by default: dropout, zoneout's random
 masks, recurrent and weight dropout are the identity or zoneout's expected mix.
@@ -366,16 +368,15 @@ def export(
     dynamic_axes: Mapping[str, Mapping[int, str] | Sequence[int]] | None = None,
     dynamic_shapes=None,
     opset_version: int | None = None,
-    dynamo: bool = False,
+    dynamo: bool = True,
     **kwargs,
 ) -> onnx.ModelProto:
     r"""Export ``model`` (rnnkit layers and cells anywhere inside) to ONNX.
 
-    A thin helper on ``torch.onnx.export``: with ``dynamo=True`` torch's dynamo-based exporter,
-    which exports rnnkit's layers by itself (:mod:`rnnkit.onnx_dynamo`); with ``dynamo=False``
-    (still the default: the larger ONNX test grid runs it, and its graphs keep cells as
-    one-step ONNX nodes) its TorchScript-based one, which torch deprecates, with rnnkit's graph
-    of each layer spliced in. Either way the model is exported in eval mode and the
+    A thin helper on ``torch.onnx.export``: with ``dynamo=True`` (the default, as torch's)
+    torch's dynamo-based exporter, which exports rnnkit's layers by itself
+    (:mod:`rnnkit.onnx_dynamo`); with ``dynamo=False`` its TorchScript-based one, which torch
+    deprecates, with rnnkit's graph of each layer spliced in. Either way the model is exported in eval mode and the
     result is an ``onnx.ModelProto``; the extra keywords go to ``torch.onnx.export``.
     ``forward(input, hx, lengths=...)`` of a layer exports ``lengths`` as ONNX's
     ``sequence_lens`` (or a step mask in a ``Scan``); make ``lengths`` a model input to keep it
@@ -396,9 +397,10 @@ def export(
         The ``onnx.ModelProto`` (also written to ``f``).
 
     Raises:
-        NotImplementedError: for what ONNX export cannot express: a ``PackedSequence``
-            input, ``training=torch.onnx.TrainingMode.TRAINING`` with a layer that draws
-            random numbers.
+        NotImplementedError: (itself, not inside torch's export error) for what ONNX export
+            cannot express: a ``PackedSequence`` input,
+            ``training=torch.onnx.TrainingMode.TRAINING`` with a layer that draws random
+            numbers.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")

@@ -43,6 +43,14 @@ def export_model(
                 model, args, dynamo=True,
                 opset_version=opset_version, **names, **shapes, **kwargs,
             )  # fmt: skip
+    except Exception as error:
+        # what ONNX cannot express raises as itself, not inside torch's export error
+        cause = error.__cause__
+        while cause is not None and not isinstance(cause, NotImplementedError):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        raise NotImplementedError(str(cause)) from error
     finally:
         for m, training in modes:
             m.training = training
@@ -74,7 +82,8 @@ def _dynamic_shapes(model: nn.Module, args: tuple, input_names, dynamic_axes) ->
         name = next(names, None)
         axes = dynamic_axes.get(name) if name is not None else None
         if not axes:
-            return None
+            # {} (static), not None: torch.onnx reads a tuple of Nones as one tensor's axes
+            return {}
         if not isinstance(axes, dict):
             axes = {a: f"{name}_{a}" for a in axes}
         return {a: dim(label) for a, label in axes.items()}

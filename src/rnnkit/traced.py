@@ -237,10 +237,11 @@ def _scan_layer(module, x, h0, c0, params, lengths, reset):
         h_init = h0[d].clone()
         c_init = c0[d].clone() if is_lstm else None
 
-        # what a restarting row reads: apart from the carry's initial value, which scan may
-        # not see aliased among its other inputs
-        h_first = h_init.clone() if reset is not None else None
-        c_first = c_init.clone() if reset is not None and is_lstm else None
+        # what a restarting row reads: hx itself, apart from the carry's copy (scan may not
+        # see its carry aliased among its other inputs, and ExecuTorch's XNNPACK delegate
+        # refuses a copy of a copy as a pass-through)
+        h_first = h0[d] if reset is not None else None
+        c_first = c0[d] if reset is not None and is_lstm else None
 
         def combine(carry, xs_t, p=p, rest=rest, h_first=h_first, c_first=c_first):
             h, c = carry if is_lstm else (carry, None)
