@@ -24,8 +24,8 @@ from torch.nn.parameter import Parameter
 from torch.nn.utils.rnn import PackedSequence
 from torch.onnx._internal.exporter import _flags as _onnx_flags
 
+from rnnkit import fast, streaming, traced
 from rnnkit import functional as RF
-from rnnkit import streaming, traced
 from rnnkit.lengths import run_with_lengths
 from rnnkit.modes import MODES
 from rnnkit.resets import check_reset
@@ -198,6 +198,10 @@ class RNNBase(nn.Module):
         return f"{s}, {variant}" if variant else s
 
     def _forward(self, input, hx, reset, lengths):
+        if reset is None and lengths is None:
+            out = fast.call(self, input, hx)
+            if out is not None:
+                return out
         if torch.jit.is_tracing() and torch.onnx.is_in_onnx_export() and onnx_traced_call:
             # torch.onnx.export(dynamo=False) traces this layer: it exports as rnnkit.onnx's
             # graph of the layer, not as the engine's ops

@@ -1,0 +1,203 @@
+r"""The fast path of small inference calls: a layer's call straight to the fused CPU op.
+
+A batch-1 step or a short chunk costs little arithmetic (``LSTM(64, 128)``: 0.1 M
+multiply-adds a step), so what the general path does around it — validation, parameter
+gathering, engine dispatch, the driver's per-layer records — is most of such a call. Here a
+module keeps a :class:`Plan` of what its last fast call established (its weights, which are
+checked, the op, the per-layer weight lists) and later calls with nothing that needs more go
+to the op with a few checks of their own.
+
+A call takes the fast path when all of these hold, and the general path (whose results are
+the same bits: the same op on the same arguments) otherwise:
+
+- no gradient is recorded (``torch.no_grad()`` or ``torch.inference_mode()``), no torch.func
+  transform, torch.compile, torch.jit trace, ONNX export or :func:`rnnkit.portable` is on, and
+  autocast is off on CPU;
+- the layer is a plain one (no variant but ``forget_bias``) on ``engine="auto"`` or
+  ``"fused"``, whose compiled kernels load, and no inter-layer dropout applies;
+- the input is a dense CPU tensor (no subclass) of float32 or float64, of the weights' dtype and
+  the module's ``input_size``, batched or unbatched, with at least one step; no ``lengths=``
+  or ``reset=``; ``hx`` absent or of the exact shapes and dtype the module takes.
+
+A plan is the module's own (never shared, and kept beside it: pickling and copies never
+carry one) and holds its weight tensors by identity: assigning
+a parameter (``m.weight_hh_l0 = ...``) makes the next call build a new one, and in-place
+changes (``optimizer.step()``, ``load_state_dict``) reach the op, whose cache of packed
+weights keys on each tensor's version (``csrc/weight_cache.h``).
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.onnx._internal.exporter import _flags as _onnx_flags
+
+from rnnkit import traced
+from rnnkit.engines.base import transforms
+from rnnkit.modes import MODES
+from rnnkit.validation import check_layer_parameters
+
+__all__ = ["Plan", "call"]
+
+# tests turn it off to compare the two paths
+enabled = True
+
+_DTYPES = (torch.float32, torch.float64)
+
+# module -> ((engine, variant), Plan or None): beside the module, not in it, so that pickling,
+# deepcopy and state_dict never see a plan (a copy builds its own)
+_plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a module's fast call needs, established once: ``weights`` are its
+    ``_flat_weights`` as they were checked (by identity), ``layers`` their slice per layer."""
+
+    weights: tuple[Tensor, ...]
+    layers: tuple[list[Tensor], ...]
+    op: object
+    code: int
+    # uniform input's batch sizes, as the op takes them
+    uniform: list[int]
+    D: int
+    H: int
+    H_out: int
+
+
+def _eligible(module: nn.Module) -> bool:
+    if module.engine not in ("auto", "fused") or not module.variant.is_plain:
+        return False
+    from rnnkit.engines.cpu import build
+
+    return build.build_error() is None
+
+
+def _plan(module: nn.Module) -> Plan | None:
+    """The module's plan, built (and checked as the general path checks) when its weights,
+    engine or variant changed; None when the module cannot take the fast path."""
+    key = (module.engine, module.variant)
+    kept = _plans.get(module)
+    flat = module._flat_weights
+    if kept is not None and kept[0] == key:
+        plan = kept[1]
+        if plan is None:
+            return None
+        if len(flat) == len(plan.weights) and all(
+            a is b for a, b in zip(flat, plan.weights, strict=True)
+        ):
+            return plan
+    if not _eligible(module):
+        _plans[module] = (key, None)
+        return None
+    try:
+        check_layer_parameters(module, flat)
+    except (RuntimeError, ValueError, TypeError):
+        # the general path raises torch's error
+        return None
+    from rnnkit.engines.cpu.build import kernels
+    from rnnkit.engines.cpu.ops import UNIFORM
+
+    D = 2 if module.bidirectional else 1
+    per = len(flat) // module.num_layers
+    plan = Plan(
+        weights=tuple(flat),
+        layers=tuple(list(flat[k * per : (k + 1) * per]) for k in range(module.num_layers)),
+        op=kernels().layer_forward.default,
+        code=MODES[module.mode].code,
+        uniform=list(UNIFORM),
+        D=D,
+        H=module.hidden_size,
+        H_out=module.proj_size or module.hidden_size,
+    )
+    _plans[module] = (key, plan)
+    return plan
+
+
+def _off() -> bool:
+    """Whether anything around the call asks for the general path."""
+    return (
+        torch.is_grad_enabled()
+        or traced.is_portable()
+        or torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+        or torch.onnx.is_in_onnx_export()
+        or _onnx_flags._is_onnx_exporting
+        or torch.is_autocast_enabled("cpu")
+        or bool(transforms())
+    )
+
+
+def _state(t, shape: tuple[int, ...], dtype: torch.dtype) -> bool:
+    return type(t) is Tensor and t.dtype == dtype and t.device.type == "cpu" and t.shape == shape
+
+
+def call(module: nn.Module, input, hx):
+    """``module(input, hx)`` on the fast path, or None where the general path must run it."""
+    if not enabled or type(input) is not Tensor or _off():
+        return None
+    if module.training and module.dropout != 0 and module.num_layers > 1:
+        return None
+    plan = _plan(module)
+    if plan is None:
+        return None
+    dtype = plan.weights[0].dtype
+    if input.dtype != dtype or dtype not in _DTYPES or input.device.type != "cpu":
+        return None
+    if input.layout != torch.strided or input.size(-1) != module.input_size:
+        return None
+    batched = input.dim() == 3
+    if not batched and input.dim() != 2:
+        return None
+    batch_first = module.batch_first and batched
+    x = input.transpose(0, 1) if batch_first else input
+    if not batched:
+        x = x.unsqueeze(1)
+    L, N = x.size(0), x.size(1)
+    if L == 0 or N == 0:
+        return None
+    lstm = plan.code == MODES["LSTM"].code
+    layers = module.num_layers * plan.D
+    if hx is None:
+        h0 = x.new_zeros(layers, N, plan.H_out)
+        c0 = x.new_zeros(layers, N, plan.H) if lstm else None
+    else:
+        h_shape = (layers, N, plan.H_out) if batched else (layers, plan.H_out)
+        if lstm:
+            if type(hx) is not tuple or len(hx) != 2:
+                return None
+            h0, c0 = hx
+            c_shape = (layers, N, plan.H) if batched else (layers, plan.H)
+            if not (_state(h0, h_shape, dtype) and _state(c0, c_shape, dtype)):
+                return None
+        else:
+            h0, c0 = hx, None
+            if not _state(h0, h_shape, dtype):
+                return None
+        if not batched:
+            h0 = h0.unsqueeze(1)
+            c0 = None if c0 is None else c0.unsqueeze(1)
+    rows = x.reshape(L * N, x.size(2)).contiguous()
+    h_n, c_n = [], []
+    D = plan.D
+    for k, weights in enumerate(plan.layers):
+        h_k = h0[k * D : (k + 1) * D].contiguous()
+        c_k = None if c0 is None else c0[k * D : (k + 1) * D].contiguous()
+        rows, h, c = plan.op(
+            plan.code, rows, h_k, c_k, weights, plan.uniform, module.bias, False, None
+        )
+        h_n.append(h)
+        c_n.append(c)
+    output = rows.view(L, N, rows.size(1))
+    h = h_n[0] if len(h_n) == 1 else torch.cat(h_n)
+    c = None if not lstm else (c_n[0] if len(c_n) == 1 else torch.cat(c_n))
+    if batch_first:
+        output = output.transpose(0, 1)
+    if not batched:
+        output = output.squeeze(1)
+        h = h.squeeze(1)
+        c = None if c is None else c.squeeze(1)
+    return (output, (h, c)) if lstm else (output, h)
