@@ -33,10 +33,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch._C import _functorch
 from torch.onnx._internal.exporter import _flags as _onnx_flags
+from torch.onnx._internal.torchscript_exporter._globals import GLOBALS as _ts_globals
 
 from rnnkit import traced
-from rnnkit.engines.base import transforms
 from rnnkit.modes import MODES
 from rnnkit.validation import check_layer_parameters
 
@@ -61,6 +62,7 @@ class Plan:
     layers: tuple[list[Tensor], ...]
     op: object
     code: int
+    lstm: bool
     # uniform input's batch sizes, as the op takes them
     uniform: list[int]
     D: int
@@ -106,8 +108,11 @@ def _plan(module: nn.Module) -> Plan | None:
     plan = Plan(
         weights=tuple(flat),
         layers=tuple(list(flat[k * per : (k + 1) * per]) for k in range(module.num_layers)),
-        op=kernels().layer_forward.default,
+        # the overload's C++ callable: the Python frame of OpOverload.__call__ is a tenth of a
+        # small call
+        op=kernels().layer_forward.default._op,
         code=MODES[module.mode].code,
+        lstm=module.mode == "LSTM",
         uniform=list(UNIFORM),
         D=D,
         H=module.hidden_size,
@@ -118,16 +123,18 @@ def _plan(module: nn.Module) -> Plan | None:
 
 
 def _off() -> bool:
-    """Whether anything around the call asks for the general path."""
+    """Whether anything around the call asks for the general path (the flags read directly:
+    ``torch.onnx.is_in_onnx_export()`` alone costs a microsecond of imports)."""
     return (
         torch.is_grad_enabled()
         or traced.is_portable()
         or torch.compiler.is_compiling()
         or torch.jit.is_tracing()
-        or torch.onnx.is_in_onnx_export()
         or _onnx_flags._is_onnx_exporting
+        or _ts_globals.in_onnx_export
         or torch.is_autocast_enabled("cpu")
-        or bool(transforms())
+        # a torch.func transform
+        or _functorch.peek_interpreter_stack() is not None
     )
 
 
@@ -159,7 +166,7 @@ def call(module: nn.Module, input, hx):
     L, N = x.size(0), x.size(1)
     if L == 0 or N == 0:
         return None
-    lstm = plan.code == MODES["LSTM"].code
+    lstm = plan.lstm
     layers = module.num_layers * plan.D
     if hx is None:
         h0 = x.new_zeros(layers, N, plan.H_out)

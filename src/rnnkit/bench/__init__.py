@@ -3,7 +3,8 @@
 ``rnnkit bench`` (:mod:`rnnkit.cli.bench`) is the command; :mod:`rnnkit.bench.shapes` holds the
 registries of named shapes and variants, :mod:`rnnkit.bench.runner` what is measured and how,
 :mod:`rnnkit.bench.variants` the runs of ``--variants`` against the plain LSTM, and
-:mod:`rnnkit.bench.resets` the runs of ``--resets`` against the same calls without resets.
+:mod:`rnnkit.bench.resets` the runs of ``--resets`` against the same calls without resets, and
+:mod:`rnnkit.bench.deploy` the per-call latencies of ``--deploy``.
 """
 
 from rnnkit.bench.resets import run_reset_bench

@@ -20,7 +20,7 @@ import sys
 import torch
 
 from rnnkit import functional as RF
-from rnnkit.bench import resets, runner, variants
+from rnnkit.bench import deploy, resets, runner, variants
 from rnnkit.bench.runner import TORCH_NN, BenchConfig
 from rnnkit.bench.shapes import (
     GPU_SHAPES,
@@ -101,7 +101,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "step (fwd+bwd), on the shape registry. Every engine first passes a parity check "
         "against torch.nn on each shape; one that fails gets FAILED PARITY instead of timings "
         "and the command exits 1. What is timed and measured: rnnkit.bench.runner; with "
-        "--variants: rnnkit.bench.variants; with --resets: rnnkit.bench.resets. "
+        "--variants: rnnkit.bench.variants; with --resets: rnnkit.bench.resets; with "
+        "--deploy: rnnkit.bench.deploy. "
         f"Registered shapes: {', '.join(SHAPES)}; with --device cuda: {', '.join(GPU_SHAPES)};"
         f" with --quick: {', '.join(QUICK_SHAPES)}.",
     )
@@ -144,6 +145,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="time every engine that runs reset= with a seeded reset mask (each step of each "
         "sequence a reset with probability 1/EVERY) and without, and report the ratio (reset "
         "vs plain); the calls with resets are parity-checked against the reference engine",
+    )
+    p.add_argument(
+        "--deploy",
+        action="store_true",
+        help="per-call latency as deployed on CPU (batch 1, one step and 32-step chunks "
+        "carrying the state, one thread and all of them), the fused engine against torch.nn, "
+        "parity-checked first: rnnkit.bench.deploy",
     )
     p.add_argument(
         "--quick",
@@ -189,6 +197,8 @@ def run(args: argparse.Namespace) -> int:
         repeats=default_repeats if args.repeats is None else args.repeats,
         warmup=default_warmup if args.warmup is None else args.warmup,
     )
+    if args.deploy:
+        return _run_deploy(args)
     shapes = resolve_shapes(args.shapes, quick=args.quick, device=args.device)
     if args.variants is not None and args.resets is not None:
         print("rnnkit bench: --variants and --resets are separate runs", file=sys.stderr)
@@ -247,6 +257,33 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_deploy(args: argparse.Namespace) -> int:
+    if args.device != "cpu" or args.dtype != "float32" or args.shapes or args.variants:
+        print(
+            "rnnkit bench: --deploy runs its own shapes, float32 on CPU "
+            "(no --device, --dtype, --shapes or --variants)",
+            file=sys.stderr,
+        )
+        return 2
+    threads = [args.threads] if args.threads else sorted({1, torch.get_num_threads()})
+    repeats = args.repeats or (20 if args.quick else 1000)
+    warmup = args.warmup if args.warmup is not None else (5 if args.quick else 100)
+    total = len(deploy.DEPLOY_SHAPES) * len(deploy.CALLS) * len(threads)
+    with progress.progress(total, "bench", enabled=args.progress, unit="row") as bar:
+        report = deploy.run_deploy_bench(threads, repeats, warmup, advance=bar.update)
+    report["command"] = command_line(args)
+    print(machine_line(report["machine"]))
+    print(deploy.format_deploy_table(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")
+    if not report["ok"]:
+        print("rnnkit bench: FAILED (parity failure, see above)", file=sys.stderr)
+        return 1
+    return 0
+
+
 def machine_line(machine: dict) -> str:
     """What the numbers were measured on, and what the fused kernels' build cost apart."""
     cpu = machine["cpu"]
@@ -271,6 +308,8 @@ def command_line(args: argparse.Namespace) -> str:
     for name in ("engines", "shapes", "variants"):
         if getattr(args, name):
             words += [f"--{name}", ",".join(getattr(args, name))]
+    if args.deploy:
+        words.append("--deploy")
     if args.quick:
         words.append("--quick")
     for name in ("resets", "device", "dtype", "threads", "repeats", "warmup", "json", "plot"):

@@ -1,0 +1,172 @@
+"""``rnnkit bench --deploy``: per-call latency of layers as deployed on CPU, against torch.nn.
+
+A deployed LSTM runs at batch 1, one step at a time (a transducer's prediction network, an RL
+actor) or in short chunks (streaming speech, 32 steps of a 32 ms window), carrying its state
+from call to call, under ``torch.no_grad()``. Each row is one such call on one shape, the
+state fed back from the previous call, at one thread and at all of them:
+
+- ``DEPLOY_SHAPES``: ``LSTM(64, 128)`` (a voice-activity detector's width) and
+  ``LSTM(640, 640, num_layers=2)`` (an RNN-T prediction network's);
+- calls: one step (``[1, 1, H_in]``) and a 32-step chunk (``[32, 1, H_in]``);
+- implementations: ``torch.nn`` (float32; its oneDNN LSTM) and rnnkit's ``fused`` engine
+  (float32) with the same weights.
+
+Each rnnkit row first passes a parity check: three chained calls against torch.nn's, outputs
+and final states, with the tolerance rule of :mod:`rnnkit.testing` (a float64 run of the same
+calls as the truth); one that fails gets no timings and the command exits 1. Timings are the
+median and quartiles of per-call wall times in microseconds, the implementations called in
+turn (round-robin) so that both see the same machine; ``weights_mb`` is the layer's parameter
+memory. Not measured yet: int8 and bfloat16 rows, torch.ao's dynamic int8 LSTM, onnxruntime.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import rnnkit
+from rnnkit.bench.runner import BenchConfig, machine_info, ratio
+from rnnkit.testing import compare_all, float64_copy
+
+__all__ = ["CALLS", "DEPLOY_SHAPES", "DeployShape", "run_deploy_bench"]
+
+
+@dataclass(frozen=True)
+class DeployShape:
+    name: str
+    input_size: int
+    hidden_size: int
+    num_layers: int
+
+
+DEPLOY_SHAPES = (
+    DeployShape("lstm-H128", 64, 128, 1),
+    DeployShape("lstm2-H640", 640, 640, 2),
+)
+# call name -> steps per call
+CALLS = {"step": 1, "chunk32": 32}
+
+
+def _layers(shape: DeployShape) -> dict[str, nn.Module]:
+    torch.manual_seed(0)
+    ref = nn.LSTM(shape.input_size, shape.hidden_size, shape.num_layers).eval()
+    fused = rnnkit.LSTM(
+        shape.input_size, shape.hidden_size, shape.num_layers, engine="fused"
+    ).eval()
+    fused.load_state_dict(ref.state_dict())
+    return {"torch.nn": ref, "fused": fused}
+
+
+def _parity(shape: DeployShape, steps: int, layers: dict[str, nn.Module]) -> str | None:
+    """None when three chained calls of the fused layer match torch.nn's, else what failed."""
+    xs = [torch.randn(steps, 1, shape.input_size) for _ in range(3)]
+    truth_layer = float64_copy(layers["torch.nn"])
+    runs = {}
+    with torch.no_grad():
+        for name, layer in (*layers.items(), ("truth", truth_layer)):
+            hx, outs = None, {}
+            for i, x in enumerate(xs):
+                y, hx = layer(x.double() if name == "truth" else x, hx)
+                outs[f"output{i}"] = y
+            outs["h_n"], outs["c_n"] = hx
+            runs[name] = outs
+    results = compare_all(runs["fused"], runs["torch.nn"], torch.float32, truth=runs["truth"])
+    failed = [str(r) for r in results if not r.ok]
+    return "; ".join(failed) if failed else None
+
+
+def _time_calls(
+    fns: dict[str, Callable[[], None]], repeats: int, warmup: int
+) -> dict[str, list[float]]:
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            samples[name].append((time.perf_counter() - t) * 1e6)
+    return samples
+
+
+def _stats(us: list[float]) -> dict:
+    s = sorted(us)
+    n = len(s)
+    return {"median": s[n // 2], "q1": s[n // 4], "q3": s[(3 * n) // 4], "n": n}
+
+
+def _caller(layer: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    """One call of ``layer`` on ``x`` carrying the state from the previous call."""
+    state = [None]
+
+    def call() -> None:
+        _, state[0] = layer(x, state[0])
+
+    return call
+
+
+def run_deploy_bench(
+    threads: list[int], repeats: int, warmup: int, advance: Callable[[int], None] | None = None
+) -> dict:
+    """Every shape and call at each thread count: the report (rows, machine, ok)."""
+    saved = torch.get_num_threads()
+    rows, ok = [], True
+    try:
+        for shape in DEPLOY_SHAPES:
+            layers = _layers(shape)
+            weights_mb = sum(p.numel() * p.element_size() for p in layers["fused"].parameters())
+            for call, steps in CALLS.items():
+                failure = _parity(shape, steps, layers)
+                ok = ok and failure is None
+                for n in threads:
+                    torch.set_num_threads(n)
+                    base = {"shape": shape.name, "call": call, "steps": steps, "threads": n}
+                    x = torch.randn(steps, 1, shape.input_size)
+                    fns = {name: _caller(layer, x) for name, layer in layers.items()}
+                    if failure is not None:
+                        del fns["fused"]
+                    with torch.no_grad():
+                        samples = _time_calls(fns, repeats, warmup)
+                    stats = {name: _stats(us) for name, us in samples.items()}
+                    for name in layers:
+                        row = {**base, "impl": name, "dtype": "float32"}
+                        row["weights_mb"] = weights_mb / 2**20
+                        if name in stats:
+                            row["us"] = stats[name]
+                            row["vs_torch_nn"] = ratio(
+                                stats[name]["median"], stats["torch.nn"]["median"]
+                            )
+                        else:
+                            row["error"] = f"FAILED PARITY: {failure}"
+                        rows.append(row)
+                    if advance is not None:
+                        advance(1)
+    finally:
+        torch.set_num_threads(saved)
+    machine = machine_info(BenchConfig())
+    return {"deploy": True, "rows": rows, "machine": machine, "ok": ok}
+
+
+def format_deploy_table(report: dict) -> str:
+    """The report as a Markdown table: per-call µs (median ± half the interquartile range)."""
+    lines = [
+        "| shape | call | threads | impl | µs per call | vs torch.nn | weights MB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in report["rows"]:
+        if "us" in r:
+            us = r["us"]
+            cell = f"{us['median']:.1f} ± {(us['q3'] - us['q1']) / 2:.1f}"
+            vs = f"{r['vs_torch_nn']:.2f}x" if r["impl"] != "torch.nn" else ""
+        else:
+            cell, vs = r["error"][:60], ""
+        lines.append(
+            f"| {r['shape']} | {r['call']} | {r['threads']} | {r['impl']} | {cell} | {vs} "
+            f"| {r['weights_mb']:.2f} |"
+        )
+    return "\n".join(lines)

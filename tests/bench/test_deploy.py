@@ -1,0 +1,67 @@
+"""``rnnkit bench --deploy``: the rows of its report, its parity gate. No timing is asserted."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rnnkit import fast
+from rnnkit.bench import deploy
+from rnnkit.cli.main import main
+
+FAST = ["--repeats", "2", "--warmup", "0", "--no-progress"]
+
+
+def _bench(tmp_path, *args: str) -> tuple[int, dict]:
+    path = tmp_path / "deploy.json"
+    rc = main(["bench", "--deploy", *FAST, "--json", str(path), *args])
+    return rc, json.loads(path.read_text())
+
+
+def test_deploy_report(tmp_path, capsys):
+    rc, report = _bench(tmp_path, "--threads", "1")
+    assert rc == 0 and report["ok"]
+    assert report["command"].startswith("rnnkit bench --deploy")
+    assert report["machine"]["cpu"] and report["machine"]["isa"]
+    rows = report["rows"]
+    want = [
+        (s.name, call, impl)
+        for s in deploy.DEPLOY_SHAPES
+        for call in deploy.CALLS
+        for impl in ("torch.nn", "fused")
+    ]
+    assert [(r["shape"], r["call"], r["impl"]) for r in rows] == want
+    for row in rows:
+        assert row["threads"] == 1 and row["weights_mb"] > 0
+        us = row["us"]
+        assert us["n"] == 2 and 0 < us["q1"] <= us["median"] <= us["q3"]
+        if row["impl"] == "torch.nn":
+            assert row["vs_torch_nn"] == 1.0
+    assert "| lstm2-H640 | chunk32 | 1 | fused |" in capsys.readouterr().out
+
+
+@pytest.fixture
+def broken(monkeypatch):
+    """Fast calls whose outputs are off by 1e-3."""
+    call = fast.call
+
+    def off(module, input, hx):
+        out = call(module, input, hx)
+        return None if out is None else (out[0] + 1e-3, out[1])
+
+    monkeypatch.setattr(fast, "call", off)
+
+
+def test_a_broken_engine_fails_parity_and_gets_no_timings(tmp_path, capsys, broken):
+    rc, report = _bench(tmp_path, "--threads", "1")
+    assert rc == 1 and not report["ok"]
+    fused = [r for r in report["rows"] if r["impl"] == "fused"]
+    assert fused and all("us" not in r and r["error"].startswith("FAILED PARITY") for r in fused)
+    assert all("us" in r for r in report["rows"] if r["impl"] == "torch.nn")
+    assert "FAILED PARITY" in capsys.readouterr().out
+
+
+def test_deploy_refuses_other_options(capsys):
+    assert main(["bench", "--deploy", "--dtype", "float64", "--no-progress"]) == 2
+    assert "--deploy runs its own shapes" in capsys.readouterr().err
