@@ -275,3 +275,107 @@ def test_step_and_streaming_chunks_take_the_fast_path(counted):
     assert torch.allclose(torch.cat(chunks), want, atol=1e-6)
     assert out_t.shape == (1, 6)
     assert counted == [True] * 4
+
+
+CELLS = [
+    P("LSTMCell", {}, id="LSTMCell"),
+    P("GRUCell", dict(bias=False), id="GRUCell-nobias"),
+    P("RNNCell", {}, id="RNNCell-tanh"),
+    P("RNNCell", dict(nonlinearity="relu"), id="RNNCell-relu"),
+]
+
+
+def _cell_inputs(cell, N: int | None, with_hx: bool, dtype):
+    batch = () if N is None else (N,)
+    x = torch.randn(*batch, 4, dtype=dtype, requires_grad=True)
+    if not with_hx:
+        return x, None
+    h = torch.randn(*batch, 6, dtype=dtype, requires_grad=True)
+    if isinstance(cell, rnnkit.LSTMCell):
+        return x, (h, torch.randn(*batch, 6, dtype=dtype, requires_grad=True))
+    return x, h
+
+
+def _cell_run(cell, x, hx, general: bool):
+    """The cell's outputs and the gradients of a weighted sum of them."""
+    out = _general(cell, x, hx) if general else cell(x, hx)
+    outs = list(out) if isinstance(out, tuple) else [out]
+    leaves = [x, *(hx if isinstance(hx, tuple) else (hx,) if hx is not None else ()),
+              *cell.parameters()]  # fmt: skip
+    loss = sum((o * torch.linspace(-1, 1, o.numel()).view_as(o).to(o)).sum() for o in outs)
+    return outs, torch.autograd.grad(loss, leaves)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("N, with_hx", [P(1, False, id="N1"), P(3, True, id="N3-hx"),
+                                        P(None, True, id="unbatched-hx")])  # fmt: skip
+@pytest.mark.parametrize("cls, kw", CELLS)
+def test_fast_cell_calls_give_the_general_paths_bits_and_gradients(cls, kw, N, with_hx, dtype):
+    torch.manual_seed(0)
+    cell = getattr(rnnkit, cls)(4, 6, dtype=dtype, **kw)
+    x, hx = _cell_inputs(cell, N, with_hx, dtype)
+    want, want_grads = _cell_run(cell, x, hx, general=True)
+    got, grads = _cell_run(cell, x, hx, general=False)
+    for a, b in zip([*got, *grads], [*want, *want_grads], strict=True):
+        assert a.shape == b.shape and torch.equal(a, b)
+    with torch.no_grad():
+        ref = getattr(nn, cls)(4, 6, dtype=dtype, **kw)
+        ref.load_state_dict(cell.state_dict())
+        torch.testing.assert_close(cell(x, hx), ref(x, hx))
+
+
+def test_cells_that_need_the_general_path_take_it(monkeypatch):
+    taken = []
+    cell_call = fast.cell_call
+
+    def counting(cell, input, hx):
+        out = cell_call(cell, input, hx)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(fast, "cell_call", counting)
+    x = torch.randn(2, 4)
+    rnnkit.LSTMCell(4, 6)(x)
+    rnnkit.LSTMCell(4, 6, layer_norm=True)(x)
+    with pytest.raises(RuntimeError, match="mat1 and mat2 must have the same dtype"):
+        rnnkit.GRUCell(4, 6)(x.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rnnkit.GRUCell(4, 6)(x)
+    with pytest.raises(RuntimeError, match="fused: cells not supported"):
+        rnnkit.RNNCell(4, 6, engine="fused")(x)
+    assert taken == [True, False, False, False, False]
+
+
+def test_a_cells_changed_nonlinearity_and_weights_are_seen():
+    torch.manual_seed(0)
+    cell = rnnkit.RNNCell(4, 6)
+    ref = nn.RNNCell(4, 6, nonlinearity="relu")
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        cell(x)
+        cell.nonlinearity = "relu"
+        ref.load_state_dict(cell.state_dict())
+        assert torch.equal(cell(x), ref(x))
+        cell.weight_hh = nn.Parameter(torch.randn(6, 6))
+        cell.weight_ih.mul_(2)
+        assert torch.equal(cell(x), _general(cell, x, None))
+        assert not torch.equal(cell(x), ref(x))
+
+
+@pytest.mark.parametrize(
+    "cls, args, error, match",
+    [
+        P("LSTMCell", (torch.randn(2, 3),), RuntimeError, "input has inconsistent input_size",
+          id="features"),
+        P("GRUCell", (torch.randn(2, 4), torch.zeros(3, 6)), RuntimeError,
+          "Input batch size 2 doesn't match hidden0 batch size 3", id="hx-batch"),
+        P("LSTMCell", (torch.randn(2, 4), torch.zeros(2, 6)), TypeError,
+          "hx must be a tuple", id="hx-not-tuple"),
+        P("RNNCell", (torch.randn(2, 2, 4),), ValueError, "Expected input to be 1D or 2D",
+          id="rank"),
+    ],
+)  # fmt: skip
+def test_bad_cell_calls_raise_the_general_paths_errors(cls, args, error, match):
+    cell = getattr(rnnkit, cls)(4, 6)
+    with pytest.raises(error, match=match):
+        cell(*args)

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parameter import Parameter
 
+from rnnkit import fast
 from rnnkit import functional as RF
 from rnnkit.modes import MODES
 from rnnkit.validation import (
@@ -89,6 +90,9 @@ class RNNCellBase(nn.Module):
 
     def _step(self, fn, input: Tensor, hx, name: str, n_states: int):
         """torch.nn's unbatched handling and zero state around one functional step."""
+        out = fast.cell_call(self, input, hx)
+        if out is not None:
+            return out
         expect_tensor(f"{name}: input", input)
         expect_dense(f"{name}: input", input, CELL_INPUT_LAYOUTS)
         if hx is not None and n_states == 1:

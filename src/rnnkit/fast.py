@@ -1,4 +1,5 @@
-r"""The fast path of small inference calls: a layer's call straight to the fused CPU op.
+r"""The fast path of small calls: a layer's inference call straight to the fused CPU op, and a
+cell's step straight to the reference's step.
 
 A batch-1 step or a short chunk costs little arithmetic (``LSTM(64, 128)``: 0.1 M
 multiply-adds a step), so what the general path does around it — validation, parameter
@@ -19,6 +20,10 @@ the same bits: the same op on the same arguments) otherwise:
   the module's ``input_size``, batched or unbatched, with at least one step; no ``lengths=``
   or ``reset=``; ``hx`` absent or of the exact shapes and dtype the module takes.
 
+Cells (``LSTMCell``, ``GRUCell``, ``RNNCell``: one step, which ``engine="auto"`` gives to
+the reference engine) take a fast path of their own, :func:`cell_call`: the reference's prepare
+and step functions called directly, gradients allowed, the general path's ops in its order.
+
 A plan is the module's own (never shared, and kept beside it: pickling and copies never
 carry one) and holds its weight tensors by identity: assigning
 a parameter (``m.weight_hh_l0 = ...``) makes the next call build a new one, and in-place
@@ -38,10 +43,11 @@ from torch.onnx._internal.exporter import _flags as _onnx_flags
 from torch.onnx._internal.torchscript_exporter._globals import GLOBALS as _ts_globals
 
 from rnnkit import traced
+from rnnkit.cells import STEPS, CellParams, make_prepare
 from rnnkit.modes import MODES
 from rnnkit.validation import check_layer_parameters
 
-__all__ = ["Plan", "call"]
+__all__ = ["CellPlan", "Plan", "call", "cell_call"]
 
 # tests turn it off to compare the two paths
 enabled = True
@@ -208,3 +214,117 @@ def call(module: nn.Module, input, hx):
         h = h.squeeze(1)
         c = None if c is None else c.squeeze(1)
     return (output, (h, c)) if lstm else (output, h)
+
+
+# Cells. A cell's call is one step of torch ops on the reference engine (engine="auto" gives
+# cells to it: a fused loop gains nothing on one step), so the fast path of a cell calls the
+# reference's own prepare and step functions, the general path's ops in its order: gradients
+# need no other path, and the bits and the autograd graph are the general path's.
+
+_CELL_MODES = {"LSTMCell": "LSTM", "GRUCell": "GRU"}
+_RNN_CELL_MODES = {"tanh": "RNN_TANH", "relu": "RNN_RELU"}
+
+
+@dataclass(frozen=True)
+class CellPlan:
+    """A cell's checked weights (by identity) and the functions of its step."""
+
+    weights: tuple[Tensor | None, ...]
+    params: CellParams
+    prepare: object
+    step: object
+    lstm: bool
+
+
+def _cell_plan(cell: nn.Module) -> CellPlan | None:
+    name = type(cell).__name__
+    mode = (
+        _RNN_CELL_MODES.get(getattr(cell, "nonlinearity", None))
+        if name == "RNNCell"
+        else _CELL_MODES.get(name)
+    )
+    key = (cell.engine, cell.variant, mode)
+    weights = (cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
+    kept = _plans.get(cell)
+    if kept is not None and kept[0] == key:
+        plan = kept[1]
+        if plan is None or all(a is b for a, b in zip(weights, plan.weights, strict=True)):
+            return plan
+    if mode is None or cell.engine not in ("auto", "reference") or not cell.variant.is_plain:
+        _plans[cell] = (key, None)
+        return None
+    w_ih, w_hh = weights[0], weights[1]
+    G = MODES[mode].gates
+    H, H_in = cell.hidden_size, cell.input_size
+    shapes = ((G * H, H_in), (G * H, H), (G * H,), (G * H,))
+    for w, shape in zip(weights, shapes, strict=True):
+        if w is None and not cell.bias:
+            continue
+        if type(w) is not nn.Parameter and type(w) is not Tensor:
+            return None
+        if w.shape != shape or w.dtype != w_ih.dtype or w.device.type != "cpu":
+            return None
+        if w.layout != torch.strided:
+            return None
+    if w_ih.dtype not in _DTYPES or w_hh is None:
+        return None
+    plan = CellPlan(
+        weights=weights,
+        params=CellParams(*weights),
+        prepare=make_prepare(mode, cell.variant, False),
+        step=STEPS[mode],
+        lstm=mode == "LSTM",
+    )
+    _plans[cell] = (key, plan)
+    return plan
+
+
+def _cell_off() -> bool:
+    """As :func:`_off`, gradients allowed."""
+    return (
+        traced.is_portable()
+        or torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+        or _onnx_flags._is_onnx_exporting
+        or _ts_globals.in_onnx_export
+        or torch.is_autocast_enabled("cpu")
+        or _functorch.peek_interpreter_stack() is not None
+    )
+
+
+def cell_call(cell: nn.Module, input, hx):
+    """``cell(input, hx)`` on the fast path, or None where the general path must run it."""
+    if not enabled or type(input) is not Tensor or _cell_off():
+        return None
+    plan = _cell_plan(cell)
+    if plan is None:
+        return None
+    dtype = plan.weights[0].dtype
+    if input.dtype != dtype or input.device.type != "cpu" or input.layout != torch.strided:
+        return None
+    batched = input.dim() == 2
+    if (not batched and input.dim() != 1) or input.size(-1) != cell.input_size:
+        return None
+    x = input if batched else input.unsqueeze(0)
+    N = x.size(0)
+    if N == 0:
+        return None
+    shape = (N, cell.hidden_size) if batched else (cell.hidden_size,)
+    if hx is None:
+        h = x.new_zeros(N, cell.hidden_size)
+        state = (h, h) if plan.lstm else h
+    elif plan.lstm:
+        if type(hx) is not tuple or len(hx) != 2:
+            return None
+        if not (_state(hx[0], shape, dtype) and _state(hx[1], shape, dtype)):
+            return None
+        state = hx if batched else (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
+    else:
+        if not _state(hx, shape, dtype):
+            return None
+        state = hx if batched else hx.unsqueeze(0)
+    gates_x, p = plan.prepare(x, plan.params, N)
+    out = plan.step(gates_x, state, p)
+    if not batched:
+        out = tuple(t.squeeze(0) for t in out) if plan.lstm else out.squeeze(0)
+    return out
