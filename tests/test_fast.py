@@ -212,6 +212,21 @@ def test_a_changed_weight_is_seen(change):
     assert torch.equal(after, want)
 
 
+@pytest.mark.parametrize("cls", ["LSTM", "GRUCell"])
+def test_weights_moved_to_another_device_take_the_general_path(cls):
+    """``.to()`` changes the parameters in place (same objects): the plan must see it."""
+    m = getattr(rnnkit, cls)(4, 6).eval()
+    x = torch.randn(5, 2, 4) if cls == "LSTM" else torch.randn(2, 4)
+    with torch.no_grad():
+        m(x)
+        m.to("meta")
+        with pytest.raises(Exception) as general:
+            _general(m, x, None)
+        with pytest.raises(type(general.value)) as got:
+            m(x)
+    assert str(got.value) == str(general.value)
+
+
 def test_a_wrongly_shaped_assigned_parameter_raises_torchs_error():
     m = _lstm()
     with torch.no_grad():

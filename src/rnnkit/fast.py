@@ -157,8 +157,12 @@ def call(module: nn.Module, input, hx):
     plan = _plan(module)
     if plan is None:
         return None
-    dtype = plan.weights[0].dtype
+    # read each call: .to() and .double() change a parameter in place, its identity kept
+    w = plan.weights[0]
+    dtype = w.dtype
     if input.dtype != dtype or dtype not in _DTYPES or input.device.type != "cpu":
+        return None
+    if w.device.type != "cpu":
         return None
     if input.layout != torch.strided or input.size(-1) != module.input_size:
         return None
@@ -299,8 +303,11 @@ def cell_call(cell: nn.Module, input, hx):
     plan = _cell_plan(cell)
     if plan is None:
         return None
-    dtype = plan.weights[0].dtype
+    w = plan.weights[0]
+    dtype = w.dtype
     if input.dtype != dtype or input.device.type != "cpu" or input.layout != torch.strided:
+        return None
+    if w.device.type != "cpu":
         return None
     batched = input.dim() == 2
     if (not batched and input.dim() != 1) or input.size(-1) != cell.input_size:
