@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from torch import nn
 
 from rnnkit import fast
 from rnnkit.bench import deploy
@@ -25,12 +26,11 @@ def test_deploy_report(tmp_path, capsys):
     assert report["command"].startswith("rnnkit bench --deploy")
     assert report["machine"]["cpu"] and report["machine"]["isa"]
     rows = report["rows"]
-    want = [
-        (s.name, call, impl)
-        for s in deploy.DEPLOY_SHAPES
-        for call in deploy.CALLS
-        for impl in ("torch.nn", "fused")
-    ]
+    impls = ["torch.nn", "fused"]
+    if deploy._torch_ao_int8(nn.LSTM(2, 3)) is not None:
+        impls.append(deploy.TORCH_AO)
+    want = [(s.name, call, impl) for s in deploy.DEPLOY_SHAPES for call in deploy.CALLS
+            for impl in impls]  # fmt: skip
     assert [(r["shape"], r["call"], r["impl"]) for r in rows] == want
     for row in rows:
         assert row["threads"] == 1 and row["weights_mb"] > 0
@@ -38,6 +38,11 @@ def test_deploy_report(tmp_path, capsys):
         assert us["n"] == 2 and 0 < us["q1"] <= us["median"] <= us["q3"]
         if row["impl"] == "torch.nn":
             assert row["vs_torch_nn"] == 1.0
+        if row["impl"] == deploy.TORCH_AO:
+            # int8 weights: a quarter of float32's matrices; outputs near float32's
+            fp32 = next(r for r in rows if r["shape"] == row["shape"] and r["impl"] == "fused")
+            assert row["weights_mb"] < fp32["weights_mb"] / 3
+            assert 0 < row["max_abs_error_vs_float32"] < 0.1
     assert "| lstm2-H640 | chunk32 | 1 | fused |" in capsys.readouterr().out
 
 

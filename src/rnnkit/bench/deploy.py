@@ -8,20 +8,25 @@ state fed back from the previous call, at one thread and at all of them:
 - ``DEPLOY_SHAPES``: ``LSTM(64, 128)`` (a voice-activity detector's width) and
   ``LSTM(640, 640, num_layers=2)`` (an RNN-T prediction network's);
 - calls: one step (``[1, 1, H_in]``) and a 32-step chunk (``[32, 1, H_in]``);
-- implementations: ``torch.nn`` (float32; its oneDNN LSTM) and rnnkit's ``fused`` engine
-  (float32) with the same weights.
+- implementations: ``torch.nn`` (float32; its oneDNN LSTM), rnnkit's ``fused`` engine
+  (float32) and torch.ao's dynamic int8 LSTM (``quantize_dynamic``, where this torch still has
+  it), all with the same weights.
 
 Each rnnkit row first passes a parity check: three chained calls against torch.nn's, outputs
 and final states, with the tolerance rule of :mod:`rnnkit.testing` (a float64 run of the same
 calls as the truth); one that fails gets no timings and the command exits 1. Timings are the
 median and quartiles of per-call wall times in microseconds, the implementations called in
 turn (round-robin) so that both see the same machine; ``weights_mb`` is the layer's parameter
-memory. Not measured yet: int8 and bfloat16 rows, torch.ao's dynamic int8 LSTM, onnxruntime.
+memory; the int8 row reports its largest output difference from torch.nn's float32 instead of
+a parity check. Not measured yet: rnnkit int8 and bfloat16 rows (no such layers yet),
+onnxruntime.
 """
 
 from __future__ import annotations
 
+import copy
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -51,6 +56,9 @@ DEPLOY_SHAPES = (
 CALLS = {"step": 1, "chunk32": 32}
 
 
+TORCH_AO = "torch.ao int8"
+
+
 def _layers(shape: DeployShape) -> dict[str, nn.Module]:
     torch.manual_seed(0)
     ref = nn.LSTM(shape.input_size, shape.hidden_size, shape.num_layers).eval()
@@ -58,7 +66,51 @@ def _layers(shape: DeployShape) -> dict[str, nn.Module]:
         shape.input_size, shape.hidden_size, shape.num_layers, engine="fused"
     ).eval()
     fused.load_state_dict(ref.state_dict())
-    return {"torch.nn": ref, "fused": fused}
+    layers = {"torch.nn": ref, "fused": fused}
+    quantized = _torch_ao_int8(ref)
+    if quantized is not None:
+        layers[TORCH_AO] = quantized
+    return layers
+
+
+def _torch_ao_int8(ref: nn.LSTM) -> nn.Module | None:
+    """torch.ao's dynamic int8 LSTM of ``ref``'s weights (per-tensor int8 weights, activations
+    quantized per call), the baseline an int8 rnnkit layer is to beat; None where this torch
+    has none (torch deprecates it)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            wrapped = torch.ao.quantization.quantize_dynamic(
+                nn.Sequential(copy.deepcopy(ref)), {nn.LSTM}, dtype=torch.qint8
+            )
+    except (AttributeError, RuntimeError, ImportError):
+        return None
+    layer = wrapped[0]
+    return layer if type(layer) is not nn.LSTM else None
+
+
+def _weights_mb(name: str, layers: dict[str, nn.Module]) -> float:
+    """The layer's parameter memory; torch.ao's int8 layer: int8 weight matrices and float32
+    biases (what its packed weights hold, less their per-tensor scales)."""
+    params = list(layers["torch.nn"].named_parameters())
+    if name == TORCH_AO:
+        return sum(p.numel() * (1 if "weight" in n else 4) for n, p in params) / 2**20
+    return sum(p.numel() * p.element_size() for _, p in params) / 2**20
+
+
+def _max_error(shape: DeployShape, steps: int, layers: dict[str, nn.Module], name: str) -> float:
+    """The largest difference of ``name``'s outputs from torch.nn's float32 ones over three
+    chained calls (int8 is not held to float32's parity rule; its error is reported)."""
+    xs = [torch.randn(steps, 1, shape.input_size) for _ in range(3)]
+    worst = 0.0
+    with torch.no_grad():
+        states = {"torch.nn": None, name: None}
+        for x in xs:
+            outs = {}
+            for key in states:
+                outs[key], states[key] = layers[key](x, states[key])
+            worst = max(worst, (outs[name] - outs["torch.nn"]).abs().max().item())
+    return worst
 
 
 def _parity(shape: DeployShape, steps: int, layers: dict[str, nn.Module]) -> str | None:
@@ -119,10 +171,14 @@ def run_deploy_bench(
     try:
         for shape in DEPLOY_SHAPES:
             layers = _layers(shape)
-            weights_mb = sum(p.numel() * p.element_size() for p in layers["fused"].parameters())
             for call, steps in CALLS.items():
                 failure = _parity(shape, steps, layers)
                 ok = ok and failure is None
+                errors = {
+                    name: _max_error(shape, steps, layers, name)
+                    for name in layers
+                    if name == TORCH_AO
+                }
                 for n in threads:
                     torch.set_num_threads(n)
                     base = {"shape": shape.name, "call": call, "steps": steps, "threads": n}
@@ -134,8 +190,11 @@ def run_deploy_bench(
                         samples = _time_calls(fns, repeats, warmup)
                     stats = {name: _stats(us) for name, us in samples.items()}
                     for name in layers:
-                        row = {**base, "impl": name, "dtype": "float32"}
-                        row["weights_mb"] = weights_mb / 2**20
+                        dtype = "int8" if name == TORCH_AO else "float32"
+                        row = {**base, "impl": name, "dtype": dtype}
+                        row["weights_mb"] = _weights_mb(name, layers)
+                        if name in errors:
+                            row["max_abs_error_vs_float32"] = errors[name]
                         if name in stats:
                             row["us"] = stats[name]
                             row["vs_torch_nn"] = ratio(
@@ -155,8 +214,8 @@ def run_deploy_bench(
 def format_deploy_table(report: dict) -> str:
     """The report as a Markdown table: per-call µs (median ± half the interquartile range)."""
     lines = [
-        "| shape | call | threads | impl | µs per call | vs torch.nn | weights MB |",
-        "|---|---|---|---|---|---|---|",
+        "| shape | call | threads | impl | µs per call | vs torch.nn | weights MB | max error |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
         if "us" in r:
@@ -165,8 +224,9 @@ def format_deploy_table(report: dict) -> str:
             vs = f"{r['vs_torch_nn']:.2f}x" if r["impl"] != "torch.nn" else ""
         else:
             cell, vs = r["error"][:60], ""
+        error = r.get("max_abs_error_vs_float32")
         lines.append(
             f"| {r['shape']} | {r['call']} | {r['threads']} | {r['impl']} | {cell} | {vs} "
-            f"| {r['weights_mb']:.2f} |"
+            f"| {r['weights_mb']:.2f} | {'' if error is None else f'{error:.1e}'} |"
         )
     return "\n".join(lines)
