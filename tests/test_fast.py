@@ -394,3 +394,13 @@ def test_bad_cell_calls_raise_the_general_paths_errors(cls, args, error, match):
     cell = getattr(rnnkit, cls)(4, 6)
     with pytest.raises(error, match=match):
         cell(*args)
+
+
+def test_readme_deploying_example_runs():
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## Deploying on CPU", 1)[1].split("\n## ", 1)[0]
+    (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    exec(compile(code, "README.md", "exec"), {})
