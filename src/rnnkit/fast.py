@@ -145,7 +145,13 @@ def _off() -> bool:
 
 
 def _state(t, shape: tuple[int, ...], dtype: torch.dtype) -> bool:
-    return type(t) is Tensor and t.dtype == dtype and t.device.type == "cpu" and t.shape == shape
+    return (
+        type(t) is Tensor
+        and t.dtype == dtype
+        and t.device.type == "cpu"
+        and t.layout == torch.strided
+        and t.shape == shape
+    )
 
 
 def call(module: nn.Module, input, hx):
@@ -257,20 +263,24 @@ def _cell_plan(cell: nn.Module) -> CellPlan | None:
     if mode is None or cell.engine not in ("auto", "reference") or not cell.variant.is_plain:
         _plans[cell] = (key, None)
         return None
-    w_ih, w_hh = weights[0], weights[1]
+    w_ih = weights[0]
     G = MODES[mode].gates
     H, H_in = cell.hidden_size, cell.input_size
     shapes = ((G * H, H_in), (G * H, H), (G * H,), (G * H,))
-    for w, shape in zip(weights, shapes, strict=True):
-        if w is None and not cell.bias:
+    # anything unusual (a missing or misshapen weight, another dtype, device or layout) goes
+    # to the general path, which raises torch's error for it
+    if type(w_ih) not in (nn.Parameter, Tensor) or w_ih.dtype not in _DTYPES:
+        return None
+    for k, (w, shape) in enumerate(zip(weights, shapes, strict=True)):
+        if w is None and k >= 2 and not cell.bias:
             continue
-        if type(w) is not nn.Parameter and type(w) is not Tensor:
+        if type(w) not in (nn.Parameter, Tensor):
             return None
         if w.shape != shape or w.dtype != w_ih.dtype or w.device.type != "cpu":
             return None
         if w.layout != torch.strided:
             return None
-    if w_ih.dtype not in _DTYPES or w_hh is None:
+    if not cell.bias and (weights[2] is not None or weights[3] is not None):
         return None
     plan = CellPlan(
         weights=weights,
