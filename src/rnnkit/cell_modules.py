@@ -90,7 +90,7 @@ class RNNCellBase(nn.Module):
 
     def _step(self, fn, input: Tensor, hx, name: str, n_states: int):
         """torch.nn's unbatched handling and zero state around one functional step."""
-        out = fast.cell_call(self, input, hx)
+        out = self._fast(input, hx)
         if out is not None:
             return out
         expect_tensor(f"{name}: input", input)
@@ -126,17 +126,25 @@ class RNNCellBase(nn.Module):
             hx = hx.unsqueeze(0) if n_states == 1 else tuple(h.unsqueeze(0) for h in hx)
         if fn is None:
             raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
+        out = self._call(fn, input, hx, name)
+        if not is_batched:
+            out = out.squeeze(0) if n_states == 1 else tuple(h.squeeze(0) for h in out)
+        return out
+
+    def _fast(self, input: Tensor, hx):
+        """The fast path's result of this call, or None where :meth:`_step` must run it."""
+        return fast.cell_call(self, input, hx)
+
+    def _call(self, fn, input: Tensor, hx, name: str):
+        """The functional step ``fn`` on validated, batched input and state."""
         check_cell_parameters(self, name)
         # as torch's cells, a plain cell never reads self.training
         train = self.variant.draws_in_training and self.training
-        out = fn(
+        return fn(
             input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
             engine=self.engine, variant=self.variant, train=train,
             extra_weights=[getattr(self, name) for name in self._variant_names],
         )  # fmt: skip
-        if not is_batched:
-            out = out.squeeze(0) if n_states == 1 else tuple(h.squeeze(0) for h in out)
-        return out
 
 
 class RNNCell(RNNCellBase):

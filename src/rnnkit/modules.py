@@ -281,9 +281,17 @@ class RNNBase(nn.Module):
                 input = input.unsqueeze(batch_dim)
             if hx is not None:
                 hx = _check_hx_dims(name, hx, is_lstm, is_batched)
+        output, *hidden = self._call(input, hx, reset)
+        if not is_batched:
+            output = output.squeeze(batch_dim)
+            hidden = [h.squeeze(1) for h in hidden]
+        return output, tuple(hidden) if is_lstm else hidden[0]
+
+    def _call(self, input, hx, reset):
+        """The functional layer on validated, batched input: ``(output, h_n[, c_n])``."""
         weights = self._flat_weights
         check_layer_parameters(self, weights)
-        output, *hidden = _FUNCTIONS[self.mode](
+        return _FUNCTIONS[self.mode](
             input,
             weights,
             hx,
@@ -297,10 +305,6 @@ class RNNBase(nn.Module):
             variant=self.variant,
             reset=reset,
         )
-        if not is_batched:
-            output = output.squeeze(batch_dim)
-            hidden = [h.squeeze(1) for h in hidden]
-        return output, tuple(hidden) if is_lstm else hidden[0]
 
 
 def _check_hx_dims(name: str, hx, is_lstm: bool, is_batched: bool):
