@@ -13,6 +13,7 @@ from rnnkit import functional, modules
 from rnnkit.cell_modules import GRUCell, LSTMCell, RNNCell, RNNCellBase
 from rnnkit.convert import convert, revert
 from rnnkit.modules import GRU, LSTM, RNN, RNNBase
+from rnnkit.quantized import quantize_dynamic
 from rnnkit.traced import portable
 
 # The compiled ops' schemas, defined now, so that a saved graph that holds them (a
@@ -33,6 +34,7 @@ __all__ = [
     "functional",
     "onnx",
     "portable",
+    "quantize_dynamic",
     "revert",
 ]
 __version__ = "0.1.0"

@@ -25,7 +25,7 @@ from rnnkit.modes import MODES
 __all__ = ["CompileError", "Recipe", "compile_library", "recipe"]
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = ("layer.cpp", "lstm.cpp", "gru.cpp", "rnn.cpp", "lstm_variant.cpp")
+SOURCES = ("layer.cpp", "lstm.cpp", "gru.cpp", "rnn.cpp", "lstm_variant.cpp", "quantized.cpp")
 
 # Vector width of the activations: what torch itself dispatches to on this CPU, so the build
 # never uses instructions the machine lacks (``ATEN_CPU_CAPABILITY`` lowers it for both).
