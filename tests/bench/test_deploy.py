@@ -26,7 +26,7 @@ def test_deploy_report(tmp_path, capsys):
     assert report["command"].startswith("rnnkit bench --deploy")
     assert report["machine"]["cpu"] and report["machine"]["isa"]
     rows = report["rows"]
-    impls = ["torch.nn", "fused"]
+    impls = ["torch.nn", "fused", deploy.INT8]
     if deploy._torch_ao_int8(nn.LSTM(2, 3)) is not None:
         impls.append(deploy.TORCH_AO)
     want = [(s.name, call, impl) for s in deploy.DEPLOY_SHAPES for call in deploy.CALLS
@@ -38,7 +38,10 @@ def test_deploy_report(tmp_path, capsys):
         assert us["n"] == 2 and 0 < us["q1"] <= us["median"] <= us["q3"]
         if row["impl"] == "torch.nn":
             assert row["vs_torch_nn"] == 1.0
-        if row["impl"] == deploy.TORCH_AO:
+        if row["impl"] == deploy.INT8:
+            assert row["dtype"] == "int8" and row["vs_fused"] > 0
+            assert ("vs_torch_ao" in row) == (deploy.TORCH_AO in impls)
+        if row["impl"] in deploy.INT8_ROWS:
             # int8 weights: a quarter of float32's matrices; outputs near float32's
             fp32 = next(r for r in rows if r["shape"] == row["shape"] and r["impl"] == "fused")
             assert row["weights_mb"] < fp32["weights_mb"] / 3
