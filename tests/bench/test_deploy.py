@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -26,7 +27,10 @@ def test_deploy_report(tmp_path, capsys):
     assert report["command"].startswith("rnnkit bench --deploy")
     assert report["machine"]["cpu"] and report["machine"]["isa"]
     rows = report["rows"]
-    impls = ["torch.nn", "fused", deploy.INT8]
+    impls = ["torch.nn", "fused"]
+    if all(importlib.util.find_spec(m) for m in ("onnxruntime", "onnxscript")):
+        impls.append(deploy.ONNXRUNTIME)
+    impls.append(deploy.INT8)
     if deploy._torch_ao_int8(nn.LSTM(2, 3)) is not None:
         impls.append(deploy.TORCH_AO)
     want = [(s.name, call, impl) for s in deploy.DEPLOY_SHAPES for call in deploy.CALLS
@@ -38,6 +42,8 @@ def test_deploy_report(tmp_path, capsys):
         assert us["n"] == 2 and 0 < us["q1"] <= us["median"] <= us["q3"]
         if row["impl"] == "torch.nn":
             assert row["vs_torch_nn"] == 1.0
+        if row["impl"] == deploy.ONNXRUNTIME:
+            assert row["dtype"] == "float32" and row["vs_torch_nn"] > 0
         if row["impl"] == deploy.INT8:
             assert row["dtype"] == "int8" and row["vs_fused"] > 0
             assert ("vs_torch_ao" in row) == (deploy.TORCH_AO in impls)
@@ -68,6 +74,25 @@ def test_a_broken_engine_fails_parity_and_gets_no_timings(tmp_path, capsys, brok
     assert fused and all("us" not in r and r["error"].startswith("FAILED PARITY") for r in fused)
     assert all("us" in r for r in report["rows"] if r["impl"] == "torch.nn")
     assert "FAILED PARITY" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(
+    not all(importlib.util.find_spec(m) for m in ("onnxruntime", "onnxscript")),
+    reason="needs onnxruntime and onnxscript",
+)
+def test_a_wrong_onnxruntime_result_fails_parity(tmp_path, monkeypatch):
+    run = deploy._Onnxruntime.__call__
+
+    def off(self, x, state):
+        y, state = run(self, x, state)
+        return y, (state[0], state[1] + 1e-3)
+
+    monkeypatch.setattr(deploy._Onnxruntime, "__call__", off)
+    rc, report = _bench(tmp_path, "--threads", "1")
+    assert rc == 1 and not report["ok"]
+    rows = [r for r in report["rows"] if r["impl"] == deploy.ONNXRUNTIME]
+    assert rows and all(r["error"].startswith("FAILED PARITY") for r in rows)
+    assert all("us" in r for r in report["rows"] if r["impl"] == "fused")
 
 
 def test_deploy_refuses_other_options(capsys):

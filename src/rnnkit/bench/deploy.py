@@ -9,10 +9,12 @@ state fed back from the previous call, at one thread and at all of them:
   ``LSTM(640, 640, num_layers=2)`` (an RNN-T prediction network's);
 - calls: one step (``[1, 1, H_in]``) and a 32-step chunk (``[32, 1, H_in]``);
 - implementations: ``torch.nn`` (float32; its oneDNN LSTM), rnnkit's ``fused`` engine
-  (float32) and torch.ao's dynamic int8 LSTM (``quantize_dynamic``, where this torch still has
-  it), all with the same weights.
+  (float32), onnxruntime running rnnkit's ONNX export of the fused layer (float32; where
+  onnxruntime and onnxscript are installed; one session per thread count), rnnkit's
+  ``quantize_dynamic`` of the fused layer (int8) and torch.ao's dynamic int8 LSTM (where this
+  torch still has it), all with the same weights.
 
-Each rnnkit row first passes a parity check: three chained calls against torch.nn's, outputs
+Each float32 rnnkit row (fused, onnxruntime) first passes a parity check: three chained calls against torch.nn's, outputs
 and final states, with the tolerance rule of :mod:`rnnkit.testing` (a float64 run of the same
 calls as the truth); one that fails gets no timings and the command exits 1. Timings are the
 median and quartiles of per-call wall times in microseconds, the implementations called in
@@ -21,7 +23,7 @@ memory. The int8 rows (rnnkit's ``quantize_dynamic`` of the fused layer, torch.a
 their largest output difference from torch.nn's float32 instead of a parity check; rnnkit's
 gets no timings when that difference is above the documented bound
 (``rnnkit.quantized.FLOAT32_ERROR``), and its row says how its time compares with the fused
-float32 layer's and torch.ao's. Not measured yet: bfloat16 rows, onnxruntime.
+float32 layer's and torch.ao's. Not measured yet: bfloat16 rows.
 """
 
 from __future__ import annotations
@@ -61,6 +63,61 @@ CALLS = {"step": 1, "chunk32": 32}
 TORCH_AO = "torch.ao int8"
 INT8 = "rnnkit int8"
 INT8_ROWS = (TORCH_AO, INT8)
+ONNXRUNTIME = "onnxruntime"
+# the rows held to float32's parity rule against torch.nn
+PARITY_ROWS = ("fused", ONNXRUNTIME)
+
+
+class _Onnxruntime:
+    """onnxruntime running rnnkit's ONNX export of a float32 LSTM, called as the layer is:
+    ``(x, (h0, c0) or None) -> (output, (h_n, c_n))``; the length is dynamic, and each thread
+    count (``torch.get_num_threads()`` at the call) gets its own session with that many
+    intra-op threads."""
+
+    def __init__(self, layer: rnnkit.LSTM) -> None:
+        import onnxruntime
+        from torch.export import Dim
+
+        L, H = layer.num_layers, layer.hidden_size
+        x = torch.zeros(2, 1, layer.input_size)
+        state = (torch.zeros(L, 1, H), torch.zeros(L, 1, H))
+        self.shape = state[0].shape
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            proto = rnnkit.onnx.export(
+                layer, (x, state), input_names=["x", "h0", "c0"],
+                output_names=["y", "h_n", "c_n"],
+                dynamic_shapes={"input": {0: Dim("L")}, "hx": ({}, {})},
+            )  # fmt: skip
+        self.model = proto.SerializeToString()
+        self.ort = onnxruntime
+        self.sessions: dict[int, object] = {}
+
+    def session(self):
+        n = torch.get_num_threads()
+        if n not in self.sessions:
+            options = self.ort.SessionOptions()
+            options.intra_op_num_threads, options.inter_op_num_threads = n, 1
+            self.sessions[n] = self.ort.InferenceSession(
+                self.model, options, providers=["CPUExecutionProvider"]
+            )
+        return self.sessions[n]
+
+    def __call__(self, x: torch.Tensor, state):
+        if state is None:
+            state = (torch.zeros(self.shape), torch.zeros(self.shape))
+        feed = {"x": x.numpy(), "h0": state[0].numpy(), "c0": state[1].numpy()}
+        y, h, c = (torch.from_numpy(a) for a in self.session().run(None, feed))
+        return y, (h, c)
+
+
+def _onnxruntime(layer: rnnkit.LSTM) -> _Onnxruntime | None:
+    """The onnxruntime row's layer; None where onnxruntime or the exporter's onnxscript is
+    not installed."""
+    try:
+        return _Onnxruntime(layer)
+    except ImportError:
+        return None
 
 
 def _layers(shape: DeployShape) -> dict[str, nn.Module]:
@@ -70,7 +127,11 @@ def _layers(shape: DeployShape) -> dict[str, nn.Module]:
         shape.input_size, shape.hidden_size, shape.num_layers, engine="fused"
     ).eval()
     fused.load_state_dict(ref.state_dict())
-    layers = {"torch.nn": ref, "fused": fused, INT8: rnnkit.quantize_dynamic(fused)}
+    layers = {"torch.nn": ref, "fused": fused}
+    exported = _onnxruntime(fused)
+    if exported is not None:
+        layers[ONNXRUNTIME] = exported
+    layers[INT8] = rnnkit.quantize_dynamic(fused)
     quantized = _torch_ao_int8(ref)
     if quantized is not None:
         layers[TORCH_AO] = quantized
@@ -119,8 +180,9 @@ def _max_error(shape: DeployShape, steps: int, layers: dict[str, nn.Module], nam
     return worst
 
 
-def _parity(shape: DeployShape, steps: int, layers: dict[str, nn.Module]) -> str | None:
-    """None when three chained calls of the fused layer match torch.nn's, else what failed."""
+def _parity(shape: DeployShape, steps: int, layers: dict) -> dict[str, str]:
+    """What failed, for each float32 rnnkit row whose three chained calls do not match
+    torch.nn's."""
     xs = [torch.randn(steps, 1, shape.input_size) for _ in range(3)]
     truth_layer = float64_copy(layers["torch.nn"])
     runs = {}
@@ -132,9 +194,14 @@ def _parity(shape: DeployShape, steps: int, layers: dict[str, nn.Module]) -> str
                 outs[f"output{i}"] = y
             outs["h_n"], outs["c_n"] = hx
             runs[name] = outs
-    results = compare_all(runs["fused"], runs["torch.nn"], torch.float32, truth=runs["truth"])
-    failed = [str(r) for r in results if not r.ok]
-    return "; ".join(failed) if failed else None
+    failures = {}
+    for name in PARITY_ROWS:
+        if name in runs:
+            results = compare_all(runs[name], runs["torch.nn"], torch.float32, truth=runs["truth"])
+            failed = [str(r) for r in results if not r.ok]
+            if failed:
+                failures[name] = "; ".join(failed)
+    return failures
 
 
 def _time_calls(
@@ -178,8 +245,8 @@ def run_deploy_bench(
         for shape in DEPLOY_SHAPES:
             layers = _layers(shape)
             for call, steps in CALLS.items():
-                failure = _parity(shape, steps, layers)
-                ok = ok and failure is None
+                failures = _parity(shape, steps, layers)
+                ok = ok and not failures
                 errors = {
                     name: _max_error(shape, steps, layers, name)
                     for name in layers
@@ -192,8 +259,8 @@ def run_deploy_bench(
                     base = {"shape": shape.name, "call": call, "steps": steps, "threads": n}
                     x = torch.randn(steps, 1, shape.input_size)
                     fns = {name: _caller(layer, x) for name, layer in layers.items()}
-                    if failure is not None:
-                        del fns["fused"]
+                    for name in failures:
+                        del fns[name]
                     if bad_int8:
                         del fns[INT8]
                     with torch.no_grad():
@@ -219,7 +286,7 @@ def run_deploy_bench(
                                 f"{rnnkit.quantized.FLOAT32_ERROR}"
                             )
                         else:
-                            row["error"] = f"FAILED PARITY: {failure}"
+                            row["error"] = f"FAILED PARITY: {failures[name]}"
                         rows.append(row)
                     if advance is not None:
                         advance(1)
