@@ -29,6 +29,7 @@ float32 layer's and torch.ao's. Not measured yet: bfloat16 rows.
 from __future__ import annotations
 
 import copy
+import logging
 import time
 import warnings
 from collections.abc import Callable
@@ -82,13 +83,20 @@ class _Onnxruntime:
         x = torch.zeros(2, 1, layer.input_size)
         state = (torch.zeros(L, 1, H), torch.zeros(L, 1, H))
         self.shape = state[0].shape
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            proto = rnnkit.onnx.export(
-                layer, (x, state), input_names=["x", "h0", "c0"],
-                output_names=["y", "h_n", "c_n"],
-                dynamic_shapes={"input": {0: Dim("L")}, "hx": ({}, {})},
-            )  # fmt: skip
+        # the exporter logs each torchvision op it skips when torchvision is not installed
+        log = logging.getLogger("torch.onnx._internal.exporter._registration")
+        level = log.level
+        log.setLevel(logging.ERROR)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                proto = rnnkit.onnx.export(
+                    layer, (x, state), input_names=["x", "h0", "c0"],
+                    output_names=["y", "h_n", "c_n"],
+                    dynamic_shapes={"input": {0: Dim("L")}, "hx": ({}, {})},
+                )  # fmt: skip
+        finally:
+            log.setLevel(level)
         self.model = proto.SerializeToString()
         self.ort = onnxruntime
         self.sessions: dict[int, object] = {}
