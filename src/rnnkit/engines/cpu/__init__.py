@@ -2,7 +2,8 @@
 
 Runs every mode and option of :class:`~rnnkit.engines.base.RNNCall` (``proj_size``,
 bidirectional, stacked layers, packed input, inter-layer dropout) on CPU tensors of float32 or
-float64, and the LSTM variants except custom activations (``variant.py``). The C++ kernels
+float64, and the LSTM variants except custom activations (``variant.py``). A plain layer of
+bfloat16 runs too, each layer in float32 (:func:`_bfloat16_layer`). The C++ kernels
 (``csrc/``) are compiled once per environment (``build.py``: by ``python -m rnnkit build``, or on
 first use), never at import; if that fails, ``engine="auto"`` moves on to the reference engine
 after one warning, and ``engine="fused"`` raises with the compiler's reason. The ops' schemas
@@ -19,9 +20,11 @@ gives them to the reference engine.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import torch
 
+from rnnkit.cells import CellParams
 from rnnkit.engines.base import ALL_MODES, Engine, Support
 from rnnkit.engines.cpu import build, function, variant
 
@@ -41,7 +44,11 @@ SUPPORT = (
     # forget_bias changes the init only: the step math is torch's; every time loop applies
     # resets inside a sequence (reset=)
     Support(
-        ALL_MODES, frozenset({"cpu"}), _DTYPES, _OPTIONS | {"reset"}, frozenset({"forget_bias"})
+        ALL_MODES,
+        frozenset({"cpu"}),
+        _DTYPES | {torch.bfloat16},
+        _OPTIONS | {"reset"},
+        frozenset({"forget_bias"}),
     ),
     Support(
         frozenset({"LSTM"}),
@@ -72,7 +79,27 @@ def _fault() -> str | None:
 
 
 def _layer(lc):
+    if lc.x.dtype == torch.bfloat16:
+        return _bfloat16_layer(lc)
     return function.layer(lc) if lc.variant.is_plain else variant.layer(lc)
+
+
+def _float32(t):
+    return None if t is None else t.float()
+
+
+def _bfloat16_layer(lc):
+    """A bfloat16 layer in float32: its input, states and weights widened on the way in (the
+    products then sum in float32, as torch's bfloat16 kernels do, and the pointwise math runs
+    in float32 too), its output and final states rounded to bfloat16 on the way out. The casts
+    are autograd ops: gradients reach the bfloat16 tensors in bfloat16."""
+    params = tuple(CellParams(*(_float32(t) for t in p)) for p in lc.params)
+    wide = dataclasses.replace(
+        lc, x=lc.x.float(), h0=lc.h0.float(), c0=_float32(lc.c0), params=params
+    )
+    out, h_n, c_n = function.layer(wide)
+    bf16 = torch.bfloat16
+    return out.to(bf16), h_n.to(bf16), None if c_n is None else c_n.to(bf16)
 
 
 def _run_cell(call):
