@@ -206,31 +206,11 @@ def _rnn(
             f"RNN input dtype ({data.dtype}) does not match weight dtype ({w_dtype}). "
             f"Convert input: input.to({w_dtype}), or convert model: model.to({data.dtype})"
         )
-    expected_dim = 2 if batch_sizes is not None else 3
-    if data.dim() != expected_dim:
-        raise RuntimeError(f"input must have {expected_dim} dimensions, got {data.dim()}")
-    H_in = params[0].w_ih.size(1)
-    if data.size(-1) != H_in:
-        raise RuntimeError(
-            f"input.size(-1) must be equal to input_size. Expected {H_in}, got {data.size(-1)}"
-        )
-    if batch_sizes is not None:
-        N = V.check_packed(data, batch_sizes, sorted_indices, unsorted_indices)
-    else:
-        N = data.size(0 if batch_first else 1)
     H = params[0].w_hh.size(0) // MODES[mode].gates
-    H_out = params[0].w_hh.size(1)
-
-    if hx is None:
-        zeros = dict(dtype=data.dtype, device=data.device)
-        states = [torch.zeros(num_layers * D, N, H_out, **zeros)]
-        if mode == "LSTM":
-            states.append(torch.zeros(num_layers * D, N, H, **zeros))
-    else:
-        # checked before the permutation to the sorted order, which would hide a state with
-        # more batch rows than the input (torch.nn takes the first N)
-        shapes = [(num_layers * D, N, H_out), (num_layers * D, N, H)]
-        states = V.check_states(mode, hx, shapes)
+    _, states = V.check_layer_input(
+        mode, data, batch_sizes, sorted_indices, unsorted_indices, hx, batch_first,
+        num_layers * D, params[0].w_ih.size(1), H, params[0].w_hh.size(1),
+    )  # fmt: skip
     V.check_devices(data, states, [w for p in params for w in p if w is not None])
     if batch_sizes is None and data.size(1 if batch_first else 0) == 0:
         raise RuntimeError("Expected sequence length to be larger than 0 in RNN")

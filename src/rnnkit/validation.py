@@ -380,3 +380,40 @@ def check_packed(
     if not torch.equal(sorted_indices[unsorted_indices], arange):
         raise RuntimeError("unsorted_indices must be the inverse permutation of sorted_indices")
     return N
+
+
+def check_layer_input(
+    mode: str,
+    data: Tensor,
+    batch_sizes: Tensor | None,
+    sorted_indices: Tensor | None,
+    unsorted_indices: Tensor | None,
+    hx,
+    batch_first: bool,
+    LD: int,
+    H_in: int,
+    H: int,
+    H_out: int,
+) -> tuple[int, list[Tensor]]:
+    """torch.nn's checks of a layer's input after its dtype, in its order: rank, feature size,
+    the packed batch (:func:`check_packed`), the states' shapes (``LD`` = layers times
+    directions); the batch size and the states (zeros of ``data``'s dtype where ``hx`` is
+    None). The states are checked before any permutation to the sorted order, which would hide
+    a state with more batch rows than the input (torch.nn takes the first N)."""
+    expected_dim = 2 if batch_sizes is not None else 3
+    if data.dim() != expected_dim:
+        raise RuntimeError(f"input must have {expected_dim} dimensions, got {data.dim()}")
+    if data.size(-1) != H_in:
+        raise RuntimeError(
+            f"input.size(-1) must be equal to input_size. Expected {H_in}, got {data.size(-1)}"
+        )
+    if batch_sizes is not None:
+        N = check_packed(data, batch_sizes, sorted_indices, unsorted_indices)
+    else:
+        N = data.size(0 if batch_first else 1)
+    shapes = [(LD, N, H_out), (LD, N, H)]
+    if hx is None:
+        states = [data.new_zeros(s) for s in shapes[: 2 if mode == "LSTM" else 1]]
+    else:
+        states = check_states(mode, hx, shapes)
+    return N, states

@@ -304,25 +304,13 @@ class _QuantizedLayer(_Int8Weights, modules.RNNBase):
         else:
             data = input
         _float_input(name, data)
-        expected_dim = 2 if packed else 3
-        if data.dim() != expected_dim:
-            raise RuntimeError(f"input must have {expected_dim} dimensions, got {data.dim()}")
-        if data.size(-1) != self.input_size:
-            raise RuntimeError(
-                "input.size(-1) must be equal to input_size. "
-                f"Expected {self.input_size}, got {data.size(-1)}"
-            )
-        if packed:
-            N = V.check_packed(data, batch_sizes, sorted_indices, unsorted_indices)
-        else:
-            N = data.size(0 if self.batch_first else 1)
         D = 2 if self.bidirectional else 1
-        H, H_out = self.hidden_size, self.proj_size or self.hidden_size
-        shapes = [(self.num_layers * D, N, H_out), (self.num_layers * D, N, H)]
-        if hx is None:
-            states = [data.new_zeros(s) for s in shapes[: 2 if lstm else 1]]
-        else:
-            states = V.check_states(self.mode, hx, shapes)
+        _, states = V.check_layer_input(
+            self.mode, data, batch_sizes, sorted_indices, unsorted_indices, hx, self.batch_first,
+            self.num_layers * D, self.input_size, self.hidden_size,
+            self.proj_size or self.hidden_size,
+        )  # fmt: skip
+        if hx is not None:
             for label, state in zip(("hx[0]", "hx[1]") if lstm else ("hx",), states, strict=True):
                 V.expect_dtype(label, state, data.dtype, "input")
                 if state.device != data.device:
