@@ -30,7 +30,6 @@ from engines import (
 from grid import MODULE_CASES, ModuleCase, module_params
 from parity import engines_picked
 from rnnkit.engines.cpu import build
-from rnnkit.testing import compare
 
 # Sizes past the covering grid's: a step wide enough for the threaded pointwise pass (N*H >=
 # 16384), H spanning several vectors plus a partial one, a long sequence with N=1, the
@@ -345,89 +344,6 @@ def test_unsupported_dtype_falls_back_under_auto(dtype, kw, reason):
     # oneDNN's bfloat16 GEMMs can die on CPUs that list AMX without enabling it (README)
     with torch.backends.mkldnn.flags(enabled=False):
         assert torch.equal(auto(x)[0], reference(x)[0])
-
-
-BF16_LAYERS = [
-    pytest.param("LSTM", dict(proj_size=3, bidirectional=True), id="LSTM-proj-bidir"),
-    pytest.param("LSTM", dict(forget_bias=1.0, batch_first=True), id="LSTM-forget_bias-bf"),
-    pytest.param("GRU", dict(bidirectional=True), id="GRU-bidir"),
-    pytest.param("RNN", dict(nonlinearity="relu", bias=False), id="RNNrelu-nobias"),
-]
-
-
-def _bf16_run(module, x, hx, packed):
-    """Outputs, final states and every gradient of a call (of the float32 sum of them)."""
-    xs = x.clone().requires_grad_()
-    hs = [h.clone().requires_grad_() for h in hx]
-    inp = xs
-    if packed:
-        inp = pack_padded_sequence(xs, torch.tensor([5, 3, 2]), enforce_sorted=False)
-    out, state = module(inp, tuple(hs) if len(hs) == 2 else hs[0])
-    if packed:
-        out = out.data
-    state = state if isinstance(state, tuple) else (state,)
-    (out.float().sum() + sum(s.float().sum() for s in state)).backward()
-    got = {"output": out, **{f"h{i}": s for i, s in enumerate(state)}}
-    got["grad_x"] = xs.grad
-    got.update({f"grad_h{i}": h.grad for i, h in enumerate(hs)})
-    got.update({f"grad_{n}": p.grad for n, p in module.named_parameters()})
-    return {k: v.detach() for k, v in got.items()}
-
-
-@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-@pytest.mark.parametrize("mode, kw", BF16_LAYERS)
-def test_bfloat16_runs_each_layer_in_float32(mode, kw, packed):
-    """A one-layer bfloat16 call is the float32 call on the same (bfloat16) values, rounded:
-    outputs, states and every gradient, bit for bit."""
-    torch.manual_seed(0)
-    module = getattr(rnnkit, mode)(4, 6, engine="fused", **kw).bfloat16()
-    wide = copy.deepcopy(module).float()
-    D = 2 if module.bidirectional else 1
-    H_out = module.proj_size or module.hidden_size
-    bf = module.batch_first and not packed
-    x = torch.randn(3, 5, 4) if bf else torch.randn(5, 3, 4)
-    hx = [torch.randn(D, 3, H_out)] + ([torch.randn(D, 3, 6)] if mode == "LSTM" else [])
-    x, hx = x.bfloat16(), [h.bfloat16() for h in hx]
-    got = _bf16_run(module, x, hx, packed)
-    want = _bf16_run(wide, x.float(), [h.float() for h in hx], packed)
-    assert list(got) == list(want)
-    for name, t in got.items():
-        assert t.dtype == torch.bfloat16, name
-        assert torch.equal(t, want[name].bfloat16()), name
-
-
-@pytest.mark.parametrize("mode, kw", BF16_LAYERS)
-def test_bfloat16_is_as_accurate_as_torch_nn(mode, kw):
-    """Two layers in bfloat16 against torch.nn's bfloat16 layer (its ATen path: oneDNN's
-    bfloat16 GEMMs can die on CPUs that list AMX without enabling it), both against a float64
-    run: at least about as close to it, outputs, states and every gradient."""
-    torch.manual_seed(0)
-    kw = {k: v for k, v in kw.items() if k != "forget_bias"}
-    ref = getattr(torch.nn, mode)(4, 6, num_layers=2, **kw).bfloat16()
-    module = getattr(rnnkit, mode)(4, 6, num_layers=2, engine="fused", **kw).bfloat16()
-    module.load_state_dict(ref.state_dict())
-    truth_module = copy.deepcopy(ref).double()
-    D = 2 if ref.bidirectional else 1
-    H_out = ref.proj_size if mode == "LSTM" and ref.proj_size else 6
-    x = torch.randn(3, 7, 4) if ref.batch_first else torch.randn(7, 3, 4)
-    hx = [torch.randn(2 * D, 3, H_out)] + ([torch.randn(2 * D, 3, 6)] if mode == "LSTM" else [])
-    x, hx = x.bfloat16(), [h.bfloat16() for h in hx]
-    with torch.backends.mkldnn.flags(enabled=False):
-        got = _bf16_run(module, x, hx, False)
-        want = _bf16_run(ref, x, hx, False)
-    truth = _bf16_run(truth_module, x.double(), [h.double() for h in hx], False)
-    results = [compare(got[k], want[k], torch.bfloat16, k, truth=truth[k]) for k in want]
-    assert all(r.ok for r in results), [str(r) for r in results if not r.ok]
-
-
-def test_auto_picks_fused_for_plain_bfloat16(monkeypatch):
-    picked = engines_picked(monkeypatch)
-    x = torch.randn(3, 2, 4, dtype=torch.bfloat16)
-    # oneDNN's bfloat16 GEMMs can die on CPUs that list AMX without enabling it (README)
-    with torch.backends.mkldnn.flags(enabled=False):
-        rnnkit.GRU(4, 5, dtype=torch.bfloat16)(x)
-        rnnkit.LSTM(4, 5, dtype=torch.bfloat16, layer_norm=True)(x)
-    assert picked == ["fused", "reference"]
 
 
 def test_auto_picks_fused_on_cpu(monkeypatch):

@@ -160,6 +160,8 @@ BAD_FORWARD = [
      r"h0 must have dtype Double \(the op's\), got Float"),
     ("weight-dtype", {}, _weight(6, _randn(24, 4, dtype=torch.float32)),
      r"w_hh of direction 1 must have dtype Double"),
+    ("weight-bfloat16-float64-x", {}, _weight(1, _randn(24, 4, dtype=torch.bfloat16)),
+     r"w_hh of direction 0 must have dtype Double"),
     ("h0-2d", {}, _set(h0=_randn(3, 4)), r"h0 must be 3-D, got 2-D"),
     ("three-directions", {}, _set(h0=_randn(3, 3, 4), c0=_randn(3, 3, 6)), r"D = 1 or 2"),
     ("c0-missing", {}, _set(c0=None), r"an LSTM layer needs c0"),
@@ -212,6 +214,38 @@ def test_layer_backward_refuses_bad_forward_arguments(ops, kw, mutate, message):
     mutate(fwd)
     with pytest.raises(RuntimeError, match="rnnkit fused engine: .*" + message):
         ops.layer_backward(**{**args, **fwd})
+
+
+def _bfloat16_layer_args(**kw):
+    """A bfloat16 layer's forward arguments: float32 input and states, bfloat16 weights."""
+    args = layer_args(**kw)
+    args.update({k: args[k].float() for k in ("x", "h0", "c0") if args[k] is not None})
+    args["weights"] = [w.bfloat16() for w in args["weights"]]
+    return args
+
+
+def test_bfloat16_weights_take_float32_input_and_states(ops):
+    """A bfloat16 layer: the forward takes bfloat16 weights beside float32 x, h0, c0, and
+    refuses a mix of them; its backward takes the weights in float32 only."""
+    args = _bfloat16_layer_args(proj=4)
+    out, h_n, c_n, *saved = ops.layer_forward(**args)
+    assert out.dtype == h_n.dtype == c_n.dtype == torch.float32
+    mixed = dict(args, weights=[*args["weights"][:6], args["weights"][6].float(),
+                                *args["weights"][7:]])  # fmt: skip
+    with pytest.raises(RuntimeError, match=r"w_hh of direction 1 must have dtype BFloat16"):
+        ops.layer_forward(**mixed)
+    with pytest.raises(RuntimeError, match=r"float32 or float64 only, got x of dtype BFloat16"):
+        ops.layer_forward(**dict(args, x=args["x"].bfloat16()))
+    bwd = dict(
+        mode=args["mode"], grad_out=torch.randn_like(out), grad_hn=torch.randn_like(h_n),
+        grad_cn=torch.randn_like(c_n), x=args["x"], h0=args["h0"], c0=args["c0"],
+        weights=args["weights"], out=out, saved=saved, batch_sizes=[], has_bias=True,
+        need_dx=True, reuse_saved=False,
+    )  # fmt: skip
+    with pytest.raises(RuntimeError, match=r"w_hh of direction 0 must have dtype Float"):
+        ops.layer_backward(**bwd)
+    wide = [w.float() for w in args["weights"]]
+    assert len(ops.layer_backward(**dict(bwd, weights=wide))) == 3 + len(wide)
 
 
 def _saved(k, t):

@@ -89,11 +89,16 @@ def _float32(t):
 
 
 def _bfloat16_layer(lc):
-    """A bfloat16 layer in float32: its input, states and weights widened on the way in (the
-    products then sum in float32, as torch's bfloat16 kernels do, and the pointwise math runs
-    in float32 too), its output and final states rounded to bfloat16 on the way out. The casts
-    are autograd ops: gradients reach the bfloat16 tensors in bfloat16."""
-    params = tuple(CellParams(*(_float32(t) for t in p)) for p in lc.params)
+    """A bfloat16 layer: its input and states widened to float32 on the way in, its output and
+    final states rounded to bfloat16 on the way out; the states and the pointwise math stay in
+    float32 between the steps. Its products (:func:`build.bf16_kernel`): where the CPU has
+    AVX-512-BF16, bfloat16 dot products of the weights with the input and h_{t-1} rounded to
+    bfloat16, summed in float32, as torch's bfloat16 kernels (oneDNN) do; elsewhere the
+    weights widened too, and float32 products. The casts are autograd ops: gradients reach the
+    bfloat16 tensors in bfloat16 (backward runs in float32 on the widened weights)."""
+    params = lc.params
+    if build.bf16_kernel() == "float32":
+        params = tuple(CellParams(*(_float32(t) for t in p)) for p in params)
     wide = dataclasses.replace(
         lc, x=lc.x.float(), h0=lc.h0.float(), c0=_float32(lc.c0), params=params
     )

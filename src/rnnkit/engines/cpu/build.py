@@ -316,7 +316,25 @@ def summary() -> dict:
         "build_s": loaded.build_s,
         "load_s": loaded.load_s,
         "gemm": kernels().decode(),
+        "bfloat16": bf16_kernel(),
     }
+
+
+_has_bf16: bool | None = None
+
+
+def bf16_kernel() -> str:
+    """How a bfloat16 layer's products run: ``"native"`` (AVX-512-BF16's bfloat16 dot
+    products with float32 sums, where the CPU has them), ``"portable"`` (the same arithmetic in
+    plain C++: ``RNNKIT_BF16_KERNEL=portable``, for tests) or ``"float32"`` (the layer widened
+    to float32: the default on other CPUs, or ``RNNKIT_BF16_KERNEL=float32``). Read per call."""
+    global _has_bf16
+    choice = os.environ.get("RNNKIT_BF16_KERNEL")
+    if choice in ("portable", "float32"):
+        return choice
+    if _has_bf16 is None:
+        _has_bf16 = bool(ctypes.CDLL(str(prepare().path)).rnnkit_cpu_has_bf16())
+    return "native" if _has_bf16 else "float32"
 
 
 def _standin(name: str):

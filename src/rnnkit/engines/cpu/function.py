@@ -34,9 +34,17 @@ _LSTM = MODES["LSTM"].code
 _NAMES = {m.code: m.name for m in MODES.values()}
 
 
+def _wide(weights) -> list[Tensor]:
+    """A bfloat16 layer's weights (``engines/cpu/__init__.py``) in float32, as its backward
+    takes them; other weights as they are."""
+    return [w.float() if w.dtype == torch.bfloat16 else w for w in weights]
+
+
 def _reference_graph(mode: int, batch_sizes, has_bias, x, h0, c0, restart, weights):
     """The layer again on the reference engine's ops, as an autograd graph: what a double
-    backward differentiates (``restart``: the directions' codes ``[D, R]``, or None)."""
+    backward differentiates (``restart``: the directions' codes ``[D, R]``, or None; a
+    bfloat16 layer's weights widened to float32 inside the graph)."""
+    weights = _wide(weights)
     restarts = None if restart is None else tuple(restarts_of(codes) for codes in restart)
     return flat_layer_graph(_NAMES[mode], batch_sizes, has_bias, x, h0, c0, weights, restarts)
 
@@ -109,10 +117,13 @@ class FusedLayer(torch.autograd.Function):
             return (*_nones(3), *_with_restart(grads))
         reuse_saved = _saved_die_here()
         dx, dh0, dc0, *dweights = kernels().layer_backward(
-            ctx.mode, grad_out, grad_hn, grad_cn, x, h0, c0, list(weights), out, list(saved),
+            ctx.mode, grad_out, grad_hn, grad_cn, x, h0, c0, _wide(weights), out, list(saved),
             op_batch_sizes(ctx.batch_sizes), ctx.has_bias, need[3], reuse_saved, restart,
         )  # fmt: skip
-        dweights = [g if n else None for g, n in zip(dweights, need[7:], strict=True)]
+        dweights = [
+            g.to(w.dtype) if n else None
+            for g, w, n in zip(dweights, weights, need[7:], strict=True)
+        ]
         return (
             None, None, None,
             dx if need[3] else None,

@@ -179,10 +179,18 @@ class StepGemm {
   // single_thread: one thread computes each product (the caller holds SingleThreadBlas).
   // id: what W's values are (an inference call), whose panels are then looked up in the
   // weights cache (weight_cache.h); else W is packed for this call.
+  // w16: W in bfloat16 (then w is null, and T float32), whose products run on Bf16Gemm's
+  // panels on the calling thread.
   StepGemm(const T* w, int64_t ldw, bool trans_w, int64_t n, int64_t k, int64_t max_m,
-           bool single_thread, const WeightId* id = nullptr)
+           bool single_thread, const WeightId* id = nullptr,
+           const c10::BFloat16* w16 = nullptr)
       : w_(w), ldw_(ldw), trans_w_(trans_w), n_(n), k_(k) {
     if (max_m <= 0 || n <= 0 || k <= 0) return;
+    if (w16) {
+      bf16_ = id ? cached_bf16(*id, w16, ldw, trans_w, n, k)
+                 : std::make_shared<const Bf16Gemm>(w16, ldw, trans_w, n, k);
+      return;
+    }
     if (own_step_gemm(single_thread, max_m * n * k)) {
       panels_ = id ? cached_panels<T>(*id, w, ldw, trans_w, n, k)
                    : std::make_shared<const PanelGemm<T>>(w, ldw, trans_w, n, k);
@@ -210,6 +218,10 @@ class StepGemm {
       return;
     }
     if constexpr (std::is_same_v<T, float>) {
+      if (bf16_) {
+        (*bf16_)(m, a, lda, beta, c, ldc);
+        return;
+      }
       if (packed_) {
         cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, blas_int(m), blas_int(n_),
                             blas_int(k_), a, blas_int(lda),
@@ -230,6 +242,7 @@ class StepGemm {
   bool trans_w_;
   int64_t n_, k_;
   std::shared_ptr<const PanelGemm<T>> panels_;
+  std::shared_ptr<const Bf16Gemm> bf16_;
   std::unique_ptr<MappedBuffer> packed_;
 };
 

@@ -85,6 +85,7 @@ struct LayerShape {
   int64_t D, N, R, H_in, H, H_out, G;
   bool proj;
   c10::ScalarType dtype;
+  c10::ScalarType wdtype;            // the weights': dtype, or bfloat16 (a bfloat16 layer)
   std::vector<int64_t> batch_sizes;  // of every step (step_batches)
 };
 
@@ -94,10 +95,12 @@ inline std::string of_direction(const char* name, int64_t d) {
 
 // Everything a layer's forward reads: x [R, H_in], h0 [D, N, H_out], c0 [D, N, H] (LSTM
 // only), per direction w_ih [G*H, H_in], w_hh [G*H, H_out], b_ih and b_hh [G*H] (has_bias),
-// w_hr [H_out, H] (LSTM with projections), all of x's dtype on the CPU; and the batch sizes.
+// w_hr [H_out, H] (LSTM with projections), all of x's dtype on the CPU (`bf16_weights`: or
+// all bfloat16 where x is float32); and the batch sizes.
 inline LayerShape check_layer_args(int64_t mode, const Tensor& x, const Tensor& h0,
                                    const std::optional<Tensor>& c0, at::TensorList weights,
-                                   at::IntArrayRef batch_sizes, bool has_bias) {
+                                   at::IntArrayRef batch_sizes, bool has_bias,
+                                   bool bf16_weights = false) {
   TORCH_CHECK(mode == LSTM || mode == GRU || mode == RNN_TANH || mode == RNN_RELU,
               "rnnkit fused engine: mode must be one of LSTM = ", LSTM, ", GRU = ", GRU,
               ", RNN_TANH = ", RNN_TANH, ", RNN_RELU = ", RNN_RELU, ", got ", mode);
@@ -119,7 +122,10 @@ inline LayerShape check_layer_args(int64_t mode, const Tensor& x, const Tensor& 
               " weights for ", s.D, " direction(s) ", has_bias ? "with" : "without",
               " biases, got ", n);
   s.G = gate_blocks(mode);
-  check_tensor("w_hh of direction 0", weights[1], s.dtype, 2);
+  s.wdtype = bf16_weights && s.dtype == at::kFloat && weights[1].scalar_type() == at::kBFloat16
+                 ? at::kBFloat16
+                 : s.dtype;
+  check_tensor("w_hh of direction 0", weights[1], s.wdtype, 2);
   const int64_t GH = weights[1].size(0);
   TORCH_CHECK(GH > 0 && GH % s.G == 0, "rnnkit fused engine: w_hh of direction 0 must have G*H ",
               "rows (G = ", s.G, " gate blocks), got shape ", weights[1].sizes());
@@ -129,14 +135,14 @@ inline LayerShape check_layer_args(int64_t mode, const Tensor& x, const Tensor& 
   const int64_t per_dir = n / s.D;
   for (int64_t d = 0; d < s.D; ++d) {
     const at::TensorList w = weights.slice(d * per_dir, per_dir);
-    check_tensor(of_direction("w_ih", d), w[0], s.dtype, {GH, s.H_in}, "[G*H, H_in], H_in of x");
-    check_tensor(of_direction("w_hh", d), w[1], s.dtype, {GH, s.H_out}, "[G*H, H_out]");
+    check_tensor(of_direction("w_ih", d), w[0], s.wdtype, {GH, s.H_in}, "[G*H, H_in], H_in of x");
+    check_tensor(of_direction("w_hh", d), w[1], s.wdtype, {GH, s.H_out}, "[G*H, H_out]");
     if (has_bias) {
-      check_tensor(of_direction("b_ih", d), w[2], s.dtype, {GH}, "[G*H]");
-      check_tensor(of_direction("b_hh", d), w[3], s.dtype, {GH}, "[G*H]");
+      check_tensor(of_direction("b_ih", d), w[2], s.wdtype, {GH}, "[G*H]");
+      check_tensor(of_direction("b_hh", d), w[3], s.wdtype, {GH}, "[G*H]");
     }
     if (s.proj) {
-      check_tensor(of_direction("w_hr", d), w[base], s.dtype, {s.H_out, s.H}, "[H_out, H]");
+      check_tensor(of_direction("w_hr", d), w[base], s.wdtype, {s.H_out, s.H}, "[H_out, H]");
     }
   }
   if (mode == LSTM) {

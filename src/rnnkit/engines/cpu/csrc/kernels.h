@@ -210,6 +210,11 @@ struct LSTMForward {
   const WeightId* id_ih = nullptr;
   const WeightId* id_hh = nullptr;
   const WeightId* id_hr = nullptr;
+  // a bfloat16 layer (T float32): its weights, in place of w_ih, w_hh, w_hr (then null), whose
+  // products run in bfloat16 (bf16_gemm.h)
+  const c10::BFloat16* w_ih16 = nullptr;
+  const c10::BFloat16* w_hh16 = nullptr;
+  const c10::BFloat16* w_hr16 = nullptr;
 };
 
 template <typename T>
@@ -280,6 +285,9 @@ struct GRUForward {
   int64_t H_in = 0;
   const WeightId* id_ih = nullptr;
   T* xs = nullptr;
+  // a bfloat16 layer: its weights in place of w_hh, w_ih, as LSTMForward's
+  const c10::BFloat16* w_hh16 = nullptr;
+  const c10::BFloat16* w_ih16 = nullptr;
 };
 
 template <typename T>
@@ -322,6 +330,9 @@ struct RNNForward {
   const T* w_ih = nullptr;
   int64_t H_in = 0;
   const WeightId* id_ih = nullptr;
+  // a bfloat16 layer: its weights in place of w_hh, w_ih, as LSTMForward's
+  const c10::BFloat16* w_hh16 = nullptr;
+  const c10::BFloat16* w_ih16 = nullptr;
 };
 
 template <typename T>

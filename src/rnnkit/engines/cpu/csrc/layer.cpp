@@ -10,6 +10,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/sum.h>
+#include <ATen/ops/to.h>
 #include <ATen/ops/zeros.h>
 #include <c10/core/ScalarType.h>
 #include <torch/library.h>
@@ -21,6 +22,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace rnnkit {
@@ -225,8 +227,25 @@ std::vector<Tensor> forward_impl(int64_t mode, const LayerShape& s, const Tensor
                                  bool has_bias, bool train) {
   const int64_t D = s.D, N = s.N, H_out = s.H_out, R = s.R, H_in = s.H_in, G = s.G, H = s.H;
   const bool proj = s.proj;
-  const std::vector<Weights> ws = split_weights(s, weights, has_bias);
+  std::vector<Weights> ws = split_weights(s, weights, has_bias);
   const std::vector<T> zeros(std::max(H, H_out), T(0));
+  // A bfloat16 layer's products run in bfloat16 on its matrices (bf16_gemm.h); its biases are
+  // added in float32, as the pointwise math is.
+  const bool bf16 = s.wdtype == at::kBFloat16;
+  if (bf16) {
+    for (Weights& w : ws) {
+      if (has_bias) {
+        w.b_ih = w.b_ih.to(at::kFloat);
+        w.b_hh = w.b_hh.to(at::kFloat);
+      }
+    }
+  }
+  // a matrix as the time loops take it: its float32 or float64 values, or (a bfloat16 layer)
+  // its bfloat16 ones
+  const auto mat = [&](const Tensor& t) { return bf16 ? nullptr : ptr<T>(t); };
+  const auto mat16 = [&](const Tensor& t) {
+    return bf16 && t.defined() ? t.data_ptr<c10::BFloat16>() : nullptr;
+  };
 
   Tensor out = at::empty({R, D * H_out}, x.options());
   Tensor h_n = h0.clone(at::MemoryFormat::Contiguous);
@@ -254,7 +273,15 @@ std::vector<Tensor> forward_impl(int64_t mode, const LayerShape& s, const Tensor
     if (mode == GRU && per_step && !train) gates[d] = at::empty({N, 3 * H}, x.options());
     if (!per_step) {
       T* p_gates = elman ? ptr<T>(out) + d * H_out : ptr<T>(gates[d]);
-      if (!train && own_sequence_gemm<T>(G * H, H_in, T(1))) {
+      if (bf16) {
+        if constexpr (std::is_same_v<T, float>) {
+          const c10::BFloat16* w = mat16(ws[d].w_ih);
+          const auto panels =
+              train ? std::make_shared<const Bf16Gemm>(w, H_in, true, G * H, H_in, true)
+                    : cached_bf16(ids[d][0], w, H_in, true, G * H, H_in);
+          panels->run(R, ptr<T>(x), H_in, T(0), p_gates, ld_gates);
+        }
+      } else if (!train && own_sequence_gemm<T>(G * H, H_in, T(1))) {
         cached_panels<T>(ids[d][0], ptr<T>(ws[d].w_ih), H_in, true, G * H, H_in)
             ->run(false, R, ptr<T>(x), H_in, T(0), p_gates, ld_gates);
       } else {
@@ -278,8 +305,8 @@ std::vector<Tensor> forward_impl(int64_t mode, const LayerShape& s, const Tensor
     const Restart<T> rs_d = direction_restart<T>(restart, d, R, zeros);
     if (mode == LSTM) {
       T* p_c = ptr<T>(c_n) + d * N * H;
-      LSTMForward<T> a{ptr<T>(gates[d]), per_step ? ptr<T>(x) : nullptr, ptr<T>(ws[d].w_ih),
-                       H_in, ptr<T>(bias[d]), ptr<T>(ws[d].w_hh), ptr<T>(ws[d].w_hr),
+      LSTMForward<T> a{ptr<T>(gates[d]), per_step ? ptr<T>(x) : nullptr, mat(ws[d].w_ih),
+                       H_in, ptr<T>(bias[d]), mat(ws[d].w_hh), mat(ws[d].w_hr),
                        p_h, p_c, p_out, D * H_out, ptr<T>(cs[d]), ptr<T>(rs[d]), train,
                        rs_d, p_h0, ptr<T>(*c0) + d * N * H};
       if (!train) {
@@ -287,16 +314,21 @@ std::vector<Tensor> forward_impl(int64_t mode, const LayerShape& s, const Tensor
         a.id_hh = &ids[d][1];
         a.id_hr = &ids[d][2];
       }
+      a.w_ih16 = mat16(ws[d].w_ih);
+      a.w_hh16 = mat16(ws[d].w_hh);
+      a.w_hr16 = mat16(ws[d].w_hr);
       lstm_forward<T>(p, H, H_out, a);
     } else if (mode == GRU) {
       GRUForward<T> a{ptr<T>(gates[d]), ld_gates, ptr<T>(ws[d].b_ih), ptr<T>(ws[d].b_hh),
-                      ptr<T>(ws[d].w_hh), p_h, p_out, D * H_out, ptr<T>(hw[d]),
+                      mat(ws[d].w_hh), p_h, p_out, D * H_out, ptr<T>(hw[d]),
                       train ? ptr<T>(gates[d]) : nullptr, rs_d, p_h0};
       if (!train) a.id_hh = &ids[d][1];
+      a.w_hh16 = mat16(ws[d].w_hh);
       if (per_step) {
         a.xw = nullptr;
         a.x = ptr<T>(x);
-        a.w_ih = ptr<T>(ws[d].w_ih);
+        a.w_ih = mat(ws[d].w_ih);
+        a.w_ih16 = mat16(ws[d].w_ih);
         a.H_in = H_in;
         if (!train) {
           a.id_ih = &ids[d][0];
@@ -305,12 +337,14 @@ std::vector<Tensor> forward_impl(int64_t mode, const LayerShape& s, const Tensor
       }
       gru_forward<T>(p, H, a);
     } else {
-      RNNForward<T> a{ptr<T>(bias[d]), ptr<T>(ws[d].w_hh), p_h, p_out, D * H_out,
+      RNNForward<T> a{ptr<T>(bias[d]), mat(ws[d].w_hh), p_h, p_out, D * H_out,
                       mode == RNN_RELU, rs_d, p_h0};
       if (!train) a.id_hh = &ids[d][1];
+      a.w_hh16 = mat16(ws[d].w_hh);
       if (per_step) {
         a.x = ptr<T>(x);
-        a.w_ih = ptr<T>(ws[d].w_ih);
+        a.w_ih = mat(ws[d].w_ih);
+        a.w_ih16 = mat16(ws[d].w_ih);
         a.H_in = H_in;
         if (!train) a.id_ih = &ids[d][0];
       }
@@ -486,7 +520,8 @@ std::vector<Tensor> layer_forward(int64_t mode, const Tensor& x, const Tensor& h
                                   at::IntArrayRef batch_sizes, bool has_bias, bool train,
                                   const std::optional<Tensor>& restart) {
   init_threads();
-  const LayerShape s = check_layer_args(mode, x, h0, c0, weights, batch_sizes, has_bias);
+  const LayerShape s =
+      check_layer_args(mode, x, h0, c0, weights, batch_sizes, has_bias, /*bf16_weights=*/true);
   check_restart(s, restart);
   // the time loops read h0, c0 by rows where rows restart from them
   const Tensor xc = x.contiguous(), h0c = h0.contiguous();
@@ -565,3 +600,6 @@ extern "C" const char* rnnkit_gemm_kernels() {
                                         : "own";
   }
 }
+
+// Whether this CPU has the bfloat16 dot products that bfloat16 layers run (bf16_gemm.h).
+extern "C" int rnnkit_cpu_has_bf16() { return rnnkit::cpu_has_bf16() ? 1 : 0; }

@@ -10,6 +10,8 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
+#include <type_traits>
 #include <vector>
 
 namespace rnnkit {
@@ -49,7 +51,9 @@ inline void lstm_cell(Vec<T> b_i, Vec<T> b_f, Vec<T> b_g, Vec<T> b_o, const T* b
 // RNNKIT_UNIT_SPLIT=on|off (read at every call, so that a test runs both) overrides the sizes.
 template <typename T>
 bool split_units(const Plan& p, int64_t H, const LSTMForward<T>& a) {
-  if (p.N != 1 || a.w_hr || a.restart.codes || a.x || at::in_parallel_region()) return false;
+  if (p.N != 1 || a.w_hr || a.w_hr16 || a.restart.codes || a.x || at::in_parallel_region()) {
+    return false;
+  }
   if (at::get_num_threads() < 2) return false;
   const char* choice = std::getenv("RNNKIT_UNIT_SPLIT");
   if (choice && std::strcmp(choice, "off") == 0) return false;
@@ -72,23 +76,36 @@ void lstm_forward_units(const Plan& p, int64_t H, const LSTMForward<T>& a) {
     // whole vectors of units per thread
     const int64_t per = (H + V * team - 1) / (V * team) * V;
     const int64_t u0 = std::min(H, t * per), u1 = std::min(H, u0 + per), nu = u1 - u0;
-    // rows g * H + u of W_hh for this thread's units, gate by gate: [4 * nu, H], packed
-    const auto pack = [&] {
-      std::vector<T> w(4 * nu * H);
+    // rows g * H + u of W_hh (of w, a.w_hh or a.w_hh16) for this thread's units, gate by
+    // gate: [4 * nu, H], packed
+    const auto pack = [&](const auto* w) {
+      using W = std::remove_cv_t<std::remove_pointer_t<decltype(w)>>;
+      std::vector<W> rows(4 * nu * H);
       for (int64_t g = 0; g < 4; ++g) {
-        std::copy_n(a.w_hh + (g * H + u0) * H, nu * H, w.data() + g * nu * H);
+        std::copy_n(w + (g * H + u0) * H, nu * H, rows.data() + g * nu * H);
       }
-      return std::make_shared<const PanelGemm<T>>(w.data(), H, true, 4 * nu, H);
+      using Panels = std::conditional_t<std::is_same_v<W, T>, PanelGemm<T>, Bf16Gemm>;
+      return std::make_shared<const Panels>(rows.data(), H, true, 4 * nu, H);
     };
     // the part of the weights cache's key: this thread's units
     const int64_t part = u0 * (H + 1) + u1;
-    const auto gemm_hh =
-        a.id_hh ? cached_panels<T>(*a.id_hh, part, true, 4 * nu, H, pack) : pack();
+    std::shared_ptr<const PanelGemm<T>> gemm_hh;
+    std::shared_ptr<const Bf16Gemm> gemm_hh16;
+    if (a.w_hh16) {
+      const auto make = [&] { return pack(a.w_hh16); };
+      gemm_hh16 = a.id_hh ? cached<Bf16Gemm>(*a.id_hh, part, true, 4 * nu, H, make) : make();
+    } else {
+      const auto make = [&] { return pack(a.w_hh); };
+      gemm_hh = a.id_hh ? cached_panels<T>(*a.id_hh, part, true, 4 * nu, H, make) : make();
+    }
     std::vector<T> local(4 * nu);
     for (int64_t s = 0; s < p.steps(); ++s) {
       const int64_t o = p.off[s];
       const T* p_prev = s == 0 ? a.h : a.out + p.off[s - 1] * a.ld_out;
-      if (nu > 0) (*gemm_hh)(1, p_prev, H, T(0), local.data(), 4 * nu);
+      if constexpr (std::is_same_v<T, float>) {
+        if (nu > 0 && gemm_hh16) (*gemm_hh16)(1, p_prev, H, T(0), local.data(), 4 * nu);
+      }
+      if (nu > 0 && gemm_hh) (*gemm_hh)(1, p_prev, H, T(0), local.data(), 4 * nu);
       T* p_g = a.gates + o * G;
       T* p_out = a.out + o * a.ld_out;
       T* p_cs = a.cs ? a.cs + o * H : nullptr;
@@ -120,14 +137,17 @@ template <typename T>
 void lstm_forward(const Plan& p, int64_t H, int64_t H_out, const LSTMForward<T>& a) {
   if (split_units(p, H, a)) return lstm_forward_units(p, H, a);
   const int64_t G = 4 * H;
-  const bool proj = a.w_hr != nullptr;
-  const bool small = split_step_gemm(p.N * G * H_out);
+  const bool proj = a.w_hr != nullptr || a.w_hr16 != nullptr;
+  // (bfloat16 products run on the calling thread at every size)
+  const bool small = a.w_hh16 || split_step_gemm(p.N * G * H_out);
   // pack with the thread count that computes, as MKL advises
   const SingleThreadBlas blas(small);
-  const StepGemm<T> gemm_hh(a.w_hh, H_out, true, G, H_out, p.N, small, a.id_hh);
-  const StepGemm<T> gemm_hr(a.w_hr, H, true, H_out, H, proj ? p.N : 0, small, a.id_hr);
+  const StepGemm<T> gemm_hh(a.w_hh, H_out, true, G, H_out, p.N, small, a.id_hh, a.w_hh16);
+  const StepGemm<T> gemm_hr(a.w_hr, H, true, H_out, H, proj ? p.N : 0, small, a.id_hr,
+                            a.w_hr16);
   const bool per_step = a.x != nullptr;
-  const StepGemm<T> gemm_ih(a.w_ih, a.H_in, true, G, a.H_in, per_step ? p.N : 0, small, a.id_ih);
+  const StepGemm<T> gemm_ih(a.w_ih, a.H_in, true, G, a.H_in, per_step ? p.N : 0, small, a.id_ih,
+                            a.w_ih16);
   for_blocks(p.N, small, [&](int64_t lo, int64_t hi) {
     // inference projecting each step: this thread's rows of one step's gates, [hi - lo, 4H]
     const at::Tensor scratch = at::empty(

@@ -12,10 +12,12 @@ namespace rnnkit {
 template <typename T>
 void rnn_forward(const Plan& p, int64_t H, const RNNForward<T>& a) {
   // pack with the thread count that computes, as MKL advises
-  const bool small = split_step_gemm(p.N * H * H);
+  // (bfloat16 products run on the calling thread at every size)
+  const bool small = a.w_hh16 || split_step_gemm(p.N * H * H);
   const SingleThreadBlas blas(small);
-  const StepGemm<T> gemm_hh(a.w_hh, H, true, H, H, p.N, small, a.id_hh);
-  const StepGemm<T> gemm_ih(a.w_ih, a.H_in, true, H, a.H_in, a.x ? p.N : 0, small, a.id_ih);
+  const StepGemm<T> gemm_hh(a.w_hh, H, true, H, H, p.N, small, a.id_hh, a.w_hh16);
+  const StepGemm<T> gemm_ih(a.w_ih, a.H_in, true, H, a.H_in, a.x ? p.N : 0, small, a.id_ih,
+                            a.w_ih16);
   // the batch split over the threads, as the LSTM loops
   for_blocks(p.N, small, [&](int64_t lo, int64_t hi) {
     for (int64_t s = 0; s < p.steps(); ++s) {

@@ -9,6 +9,7 @@
 // turns the cache off. Training calls never use it (their weights change every step).
 #pragma once
 
+#include "bf16_gemm.h"
 #include "panel_gemm.h"
 
 #include <ATen/core/Tensor.h>
@@ -53,20 +54,21 @@ inline int64_t weight_cache_bytes() {
   return bytes;
 }
 
-// The panels that make() packs from the weight that `id` names, [k, n] of them (`part`:
-// which of several packings of that weight, e.g. a thread's rows of it): packed on a miss,
-// shared (read-only) on a hit, by any thread.
-template <typename T, typename Make>
-std::shared_ptr<const PanelGemm<T>> cached_panels(const WeightId& id, int64_t part, bool trans_w,
-                                                  int64_t n, int64_t k, const Make& make) {
-  const int64_t bytes = PanelGemm<T>::packed_bytes(n, k);
+// The panels (of type P: PanelGemm<T>, or Bf16Gemm, each type a cache of its own) that make()
+// packs from the weight that `id` names, [k, n] of them (`part`: which of several packings of
+// that weight, e.g. a thread's rows of it): packed on a miss, shared (read-only) on a hit, by
+// any thread.
+template <typename P, typename Make>
+std::shared_ptr<const P> cached(const WeightId& id, int64_t part, bool trans_w, int64_t n,
+                                int64_t k, const Make& make) {
+  const int64_t bytes = P::packed_bytes(n, k);
   if (!id.known() || bytes > weight_cache_bytes()) return make();
   struct Entry {
     c10::weak_intrusive_ptr<c10::StorageImpl> storage;
     const void* data;
     int64_t version, part, n, k, bytes;
     bool trans_w;
-    std::shared_ptr<const PanelGemm<T>> panels;
+    std::shared_ptr<const P> panels;
   };
   static std::mutex mutex;
   static std::list<Entry> entries;  // most recently used first
@@ -90,7 +92,7 @@ std::shared_ptr<const PanelGemm<T>> cached_panels(const WeightId& id, int64_t pa
       ++it;
     }
   }
-  std::shared_ptr<const PanelGemm<T>> panels = make();
+  std::shared_ptr<const P> panels = make();
   entries.push_front(Entry{*id.storage, id.data, id.version, part, n, k, bytes, trans_w, panels});
   held += bytes;
   while (held > weight_cache_bytes()) {
@@ -100,6 +102,12 @@ std::shared_ptr<const PanelGemm<T>> cached_panels(const WeightId& id, int64_t pa
   return panels;
 }
 
+template <typename T, typename Make>
+std::shared_ptr<const PanelGemm<T>> cached_panels(const WeightId& id, int64_t part, bool trans_w,
+                                                  int64_t n, int64_t k, const Make& make) {
+  return cached<PanelGemm<T>>(id, part, trans_w, n, k, make);
+}
+
 // PanelGemm(w, ldw, trans_w, n, k) of the weight that `id` names, w its values.
 template <typename T>
 std::shared_ptr<const PanelGemm<T>> cached_panels(const WeightId& id, const T* w, int64_t ldw,
@@ -107,6 +115,15 @@ std::shared_ptr<const PanelGemm<T>> cached_panels(const WeightId& id, const T* w
   // ldw is the weight's own: a part of its own
   return cached_panels<T>(id, -ldw, trans_w, n, k, [&] {
     return std::make_shared<const PanelGemm<T>>(w, ldw, trans_w, n, k);
+  });
+}
+
+// Bf16Gemm(w, ldw, trans_w, n, k) of the bfloat16 weight that `id` names, w its values.
+inline std::shared_ptr<const Bf16Gemm> cached_bf16(const WeightId& id, const c10::BFloat16* w,
+                                                   int64_t ldw, bool trans_w, int64_t n,
+                                                   int64_t k) {
+  return cached<Bf16Gemm>(id, -ldw, trans_w, n, k, [&] {
+    return std::make_shared<const Bf16Gemm>(w, ldw, trans_w, n, k);
   });
 }
 
