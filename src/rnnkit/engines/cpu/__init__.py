@@ -95,7 +95,8 @@ def _bfloat16_layer(lc):
     AVX-512-BF16, bfloat16 dot products of the weights with the input and h_{t-1} rounded to
     bfloat16, summed in float32, as torch's bfloat16 kernels (oneDNN) do; elsewhere the
     weights widened too, and float32 products. The casts are autograd ops: gradients reach the
-    bfloat16 tensors in bfloat16 (backward runs in float32 on the widened weights)."""
+    bfloat16 tensors in bfloat16; backward's per-step products and input gradient run in
+    bfloat16 too, its weight gradients (sums over the steps) in float32."""
     params = lc.params
     if build.bf16_kernel() == "float32":
         params = tuple(CellParams(*(_float32(t) for t in p)) for p in params)

@@ -35,8 +35,8 @@ _NAMES = {m.code: m.name for m in MODES.values()}
 
 
 def _wide(weights) -> list[Tensor]:
-    """A bfloat16 layer's weights (``engines/cpu/__init__.py``) in float32, as its backward
-    takes them; other weights as they are."""
+    """A bfloat16 layer's weights (``engines/cpu/__init__.py``) in float32, as the reference
+    engine's ops take them beside its float32 input; other weights as they are."""
     return [w.float() if w.dtype == torch.bfloat16 else w for w in weights]
 
 
@@ -117,7 +117,7 @@ class FusedLayer(torch.autograd.Function):
             return (*_nones(3), *_with_restart(grads))
         reuse_saved = _saved_die_here()
         dx, dh0, dc0, *dweights = kernels().layer_backward(
-            ctx.mode, grad_out, grad_hn, grad_cn, x, h0, c0, _wide(weights), out, list(saved),
+            ctx.mode, grad_out, grad_hn, grad_cn, x, h0, c0, list(weights), out, list(saved),
             op_batch_sizes(ctx.batch_sizes), ctx.has_bias, need[3], reuse_saved, restart,
         )  # fmt: skip
         dweights = [

@@ -95,9 +95,9 @@ template <typename T>
 void gru_backward(const Plan& p, int64_t H, const GRUBackward<T>& a) {
   const int64_t G = 3 * H, W = 4 * H;
   // pack with the thread count that computes, as MKL advises
-  const bool small = split_step_gemm(p.N * G * H);
+  const bool small = a.w_hh16 || split_step_gemm(p.N * G * H);
   const SingleThreadBlas blas(small);
-  const StepGemm<T> gemm_hh(a.w_hh, H, false, H, G, p.N, small);
+  const StepGemm<T> gemm_hh(a.w_hh, H, false, H, G, p.N, small, nullptr, a.w_hh16);
   for_blocks(p.N, small, [&](int64_t lo, int64_t hi) {
     for (int64_t s = p.steps() - 1; s >= 0; --s) {
       const int64_t o = p.off[s], b = std::min(p.bs[s], hi);

@@ -234,6 +234,9 @@ struct LSTMBackward {
   Restart<T> restart;
   T* dh0;            // [N, H_out] what reaches h0, c0 at rows that restart from them
   T* dc0;            // [N, H]
+  // a bfloat16 layer: w_hh, w_hr in bfloat16 too, which the per-step products then run on
+  const c10::BFloat16* w_hh16 = nullptr;
+  const c10::BFloat16* w_hr16 = nullptr;
 };
 
 // What every op calls first: ATen sets a thread's OpenMP thread count once, at its first
@@ -303,6 +306,7 @@ struct GRUBackward {
   T* dG;             // [R, 4H] r|z|n (hidden side, r * da_n)|n (input side, da_n), or `ws`
   Restart<T> restart;
   T* dh0;            // [N, H]
+  const c10::BFloat16* w_hh16 = nullptr;  // as LSTMBackward's
 };
 
 template <typename T>

@@ -122,6 +122,7 @@ struct StepGrads {
   int64_t ld_out;
   T* dx;             // [R, H_in], or null
   bool dx_add;       // another direction wrote dx first
+  const c10::BFloat16* w_ih16 = nullptr;  // a bfloat16 layer: dX's products in bfloat16
   T* dw_ih;          // [G*H, H_in]
   T* dw_hh;          // [G*H, H_out]
   Tensor db_ih, db_hh;  // [G*H] each, or undefined without bias
@@ -148,7 +149,17 @@ void add_step_grads(const Plan& p, int64_t s_lo, int64_t s_hi, const T* dG, int6
   const T* p_x = g.x + r0 * H_in;
   // GRU's input side is blocks r, z (columns 0..2H) and n (columns 3H..4H)
   const int64_t K = g.mode == GRU ? 2 * H : GH;
-  if (g.dx) {
+  if (g.dx && g.w_ih16) {
+    if constexpr (std::is_same_v<T, float>) {
+      T* p_dx = g.dx + r0 * H_in;
+      Bf16Gemm(g.w_ih16, H_in, false, H_in, K, true)
+          .run(rows, dG, ldG, g.dx_add ? T(1) : T(0), p_dx, H_in);
+      if (g.mode == GRU) {
+        Bf16Gemm(g.w_ih16 + 2 * H * H_in, H_in, false, H_in, H, true)
+            .run(rows, dG + 3 * H, ldG, T(1), p_dx, H_in);
+      }
+    }
+  } else if (g.dx) {
     T* p_dx = g.dx + r0 * H_in;
     gemm<T>(false, false, rows, H_in, K, T(1), dG, ldG, g.w_ih, H_in, g.dx_add ? T(1) : T(0),
             p_dx, H_in);
@@ -377,7 +388,21 @@ std::vector<Tensor> backward_impl(int64_t mode, const LayerShape& s, const Tenso
                                   bool need_dx, bool reuse_saved) {
   const int64_t D = s.D, N = s.N, H_out = s.H_out, R = s.R, H_in = s.H_in, G = s.G, H = s.H;
   const bool proj = s.proj;
-  const std::vector<Weights> ws = split_weights(s, weights, has_bias);
+  // A bfloat16 layer: its per-step products and dX in bfloat16 on its matrices (ws16), the
+  // rest (the weight gradients, which sum over the steps) in float32.
+  const bool bf16 = s.wdtype == at::kBFloat16;
+  const std::vector<Weights> ws16 = bf16 ? split_weights(s, weights, has_bias) : std::vector<Weights>();
+  std::vector<Weights> ws = split_weights(s, weights, has_bias);
+  if (bf16) {
+    for (Weights& w : ws) {
+      for (Tensor* t : {&w.w_ih, &w.w_hh, &w.b_ih, &w.b_hh, &w.w_hr}) {
+        if (t->defined()) *t = t->to(at::kFloat);
+      }
+    }
+  }
+  const auto mat16 = [&](int64_t d, Tensor Weights::*m) {
+    return bf16 && (ws16[d].*m).defined() ? (ws16[d].*m).data_ptr<c10::BFloat16>() : nullptr;
+  };
   const std::vector<T> zeros(std::max(H, H_out), T(0));
   // with resets: what reaches h0, c0 at the rows that restart from them, added at the end
   const bool resets = present(restart);
@@ -420,6 +445,7 @@ std::vector<Tensor> backward_impl(int64_t mode, const LayerShape& s, const Tenso
                    ptr<T>(h0) + d * N * H_out, ptr<T>(out) + d * H_out, D * H_out,
                    need_dx ? ptr<T>(dx) : nullptr, d > 0};
     g.restart = direction_restart<T>(restart, d, R, zeros);
+    g.w_ih16 = mat16(d, &Weights::w_ih);
     const Tensor dw_ih = at::empty({G * H, H_in}, x.options());
     const Tensor dw_hh = at::empty({G * H, H_out}, x.options());
     g.dw_ih = ptr<T>(dw_ih);
@@ -446,7 +472,9 @@ std::vector<Tensor> backward_impl(int64_t mode, const LayerShape& s, const Tenso
       const auto gemm_hh = [&] {
         const bool small = small_step_gemm(p.N * H * H);
         const SingleThreadBlas blas(small);
-        return std::make_unique<StepGemm<T>>(ptr<T>(ws[d].w_hh), H, false, H, H, p.N, small);
+        // (a bfloat16 product runs on one thread: only where BLAS would run one too)
+        return std::make_unique<StepGemm<T>>(ptr<T>(ws[d].w_hh), H, false, H, H, p.N, small,
+                                             nullptr, small ? mat16(d, &Weights::w_hh) : nullptr);
       }();
       RNNBackward<T> a{ptr<T>(out) + d * H_out, D * H_out, gemm_hh.get(),
                        ptr<T>(gout) + d * H_out, ld_gout, ptr<T>(dh) + d * N * H_out,
@@ -484,11 +512,14 @@ std::vector<Tensor> backward_impl(int64_t mode, const LayerShape& s, const Tenso
                         p_gout, ld_gout, p_dh, ptr<T>(dc) + d * N * H, ptr<T>(dG[d]),
                         ptr<T>(dhs[d]), ptr<T>(dr[d]), rs_d, p_dh_init,
                         resets ? ptr<T>(dc_init) + d * N * H : nullptr};
+      a.w_hh16 = mat16(d, &Weights::w_hh);
+      a.w_hr16 = mat16(d, &Weights::w_hr);
       lstm_backward<T>(p, H, H_out, a);
     } else {
       GRUBackward<T> a{ptr<T>(saved[d]), ptr<T>(out) + d * H_out, D * H_out,
                        ptr<T>(h0) + d * N * H, ptr<T>(ws[d].w_hh), p_gout, ld_gout, p_dh,
                        ptr<T>(dG[d]), rs_d, p_dh_init};
+      a.w_hh16 = mat16(d, &Weights::w_hh);
       gru_backward<T>(p, H, a);
     }
   });
@@ -540,7 +571,8 @@ std::vector<Tensor> layer_backward(int64_t mode, const Tensor& grad_out, const T
                                    bool has_bias, bool need_dx, bool reuse_saved,
                                    const std::optional<Tensor>& restart) {
   init_threads();
-  const LayerShape s = check_layer_args(mode, x, h0, c0, weights, batch_sizes, has_bias);
+  const LayerShape s =
+      check_layer_args(mode, x, h0, c0, weights, batch_sizes, has_bias, /*bf16_weights=*/true);
   check_layer_grads(mode, s, grad_out, grad_hn, grad_cn, out, saved);
   check_restart(s, restart);
   // the time loops read these by rows of their sizes (a contiguous saved buffer is the one

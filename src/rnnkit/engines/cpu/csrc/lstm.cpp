@@ -211,11 +211,12 @@ template <typename T>
 void lstm_backward(const Plan& p, int64_t H, int64_t H_out, const LSTMBackward<T>& a) {
   const int64_t G = 4 * H;
   const bool proj = a.w_hr != nullptr;
-  const bool small = split_step_gemm(p.N * G * H_out);
+  const bool small = a.w_hh16 || split_step_gemm(p.N * G * H_out);
   // pack with the thread count that computes, as MKL advises
   const SingleThreadBlas blas(small);
-  const StepGemm<T> gemm_hh(a.w_hh, H_out, false, H_out, G, p.N, small);
-  const StepGemm<T> gemm_hr(a.w_hr, H, false, H, H_out, proj ? p.N : 0, small);
+  const StepGemm<T> gemm_hh(a.w_hh, H_out, false, H_out, G, p.N, small, nullptr, a.w_hh16);
+  const StepGemm<T> gemm_hr(a.w_hr, H, false, H, H_out, proj ? p.N : 0, small, nullptr,
+                            a.w_hr16);
   for_blocks(p.N, small, [&](int64_t lo, int64_t hi) {
     for (int64_t s = p.steps() - 1; s >= 0; --s) {
       const int64_t o = p.off[s], b = std::min(p.bs[s], hi);
