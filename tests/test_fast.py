@@ -403,6 +403,6 @@ def test_readme_deploying_example_runs():
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     section = readme.split("## Deploying on CPU", 1)[1].split("\n## ", 1)[0]
     codes = re.findall(r"```python\n(.*?)```", section, re.S)
-    assert len(codes) == 2  # the fast path's and int8's
+    assert len(codes) == 3  # the fast path's, bfloat16's and int8's
     for code in codes:
         exec(compile(code, "README.md", "exec"), {})
