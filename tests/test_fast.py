@@ -83,10 +83,18 @@ def counted(monkeypatch):
     return taken
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["f32", "f64", "bf16"]
+)
 @pytest.mark.parametrize("L, N, with_hx", CALLS)
 @pytest.mark.parametrize("cls, kw", LAYERS)
-def test_fast_calls_give_the_general_paths_bits(cls, kw, L, N, with_hx, dtype, counted):
+def test_fast_calls_give_the_general_paths_bits(
+    cls, kw, L, N, with_hx, dtype, counted, monkeypatch
+):
+    """bfloat16 too, where its products run in bfloat16 (the portable kernel on a CPU
+    without AVX-512-BF16)."""
+    if dtype == torch.bfloat16 and build.bf16_kernel() == "float32":
+        monkeypatch.setenv("RNNKIT_BF16_KERNEL", "portable")
     torch.manual_seed(0)
     m = getattr(rnnkit, cls)(4, 6, dtype=dtype, **kw).eval()
     x, hx = _inputs(m, L, N, with_hx, dtype)
@@ -109,7 +117,7 @@ def _lstm():
     "case",
     [
         P(lambda m, x: (m, x, torch.enable_grad()), id="grad-enabled"),
-        P(lambda m, x: (m, x.to(torch.bfloat16), torch.no_grad()), id="bfloat16"),
+        P(lambda m, x: (m, x.to(torch.bfloat16), torch.no_grad()), id="bfloat16-float32"),
         P(lambda m, x: (m.train().requires_grad_(False), x, torch.no_grad()), id="train"),
         P(lambda m, x: (rnnkit.LSTM(4, 6, engine="reference").eval(), x, torch.no_grad()),
           id="reference-engine"),
@@ -119,10 +127,12 @@ def _lstm():
         P(lambda m, x: (m, x, rnnkit.portable()), id="portable"),
     ],
 )  # fmt: skip
-def test_calls_that_need_the_general_path_take_it(case, counted):
+def test_calls_that_need_the_general_path_take_it(case, counted, monkeypatch):
     m = rnnkit.LSTM(4, 6, num_layers=2, dropout=0.5).eval()
     m, x, context = case(m, torch.randn(5, 2, 4))
     if x.dtype == torch.bfloat16:
+        # bfloat16 widened to float32, as on a CPU without AVX-512-BF16
+        monkeypatch.setenv("RNNKIT_BF16_KERNEL", "float32")
         m = m.to(torch.bfloat16)
     with context:
         m(x)

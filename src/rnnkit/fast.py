@@ -16,8 +16,9 @@ the same bits: the same op on the same arguments) otherwise:
   autocast is off on CPU;
 - the layer is a plain one (no variant but ``forget_bias``) on ``engine="auto"`` or
   ``"fused"``, whose compiled kernels load, and no inter-layer dropout applies;
-- the input is a dense CPU tensor (no subclass) of float32 or float64, of the weights' dtype and
-  the module's ``input_size``, batched or unbatched, with at least one step; no ``lengths=``
+- the input is a dense CPU tensor (no subclass) of float32 or float64 (or bfloat16, where its
+  products run in bfloat16: ``build.bf16_kernel()``), of the weights' dtype and the module's
+  ``input_size``, batched or unbatched, with at least one step; no ``lengths=``
   or ``reset=``; ``hx`` absent or of the exact shapes and dtype the module takes.
 
 Cells (``LSTMCell``, ``GRUCell``, ``RNNCell``: one step, which ``engine="auto"`` gives to
@@ -128,6 +129,12 @@ def _plan(module: nn.Module) -> Plan | None:
     return plan
 
 
+def _bf16_products() -> bool:
+    from rnnkit.engines.cpu import build
+
+    return build.bf16_kernel() != "float32"
+
+
 def _off() -> bool:
     """Whether anything around the call asks for the general path (the flags read directly:
     ``torch.onnx.is_in_onnx_export()`` alone costs a microsecond of imports)."""
@@ -166,7 +173,9 @@ def call(module: nn.Module, input, hx):
     # read each call: .to() and .double() change a parameter in place, its identity kept
     w = plan.weights[0]
     dtype = w.dtype
-    if input.dtype != dtype or dtype not in _DTYPES or input.device.type != "cpu":
+    # bfloat16: where its products run in bfloat16 (the op takes its weights as they are)
+    bf16 = dtype == torch.bfloat16 and _bf16_products()
+    if input.dtype != dtype or not (dtype in _DTYPES or bf16) or input.device.type != "cpu":
         return None
     if w.device.type != "cpu":
         return None
@@ -204,6 +213,12 @@ def call(module: nn.Module, input, hx):
             h0 = h0.unsqueeze(1)
             c0 = None if c0 is None else c0.unsqueeze(1)
     rows = x.reshape(L * N, x.size(2)).contiguous()
+    if bf16:
+        # as the general path widens each layer's input and states (engines/cpu/__init__.py);
+        # a layer's float32 output goes on to the next one unrounded, which its products round
+        # to bfloat16 (nearest even) as the general path's rounding of it would: the same bits
+        rows, h0 = rows.float(), h0.float()
+        c0 = None if c0 is None else c0.float()
     h_n, c_n = [], []
     D = plan.D
     for k, weights in enumerate(plan.layers):
@@ -217,6 +232,9 @@ def call(module: nn.Module, input, hx):
     output = rows.view(L, N, rows.size(1))
     h = h_n[0] if len(h_n) == 1 else torch.cat(h_n)
     c = None if not lstm else (c_n[0] if len(c_n) == 1 else torch.cat(c_n))
+    if bf16:
+        output, h = output.to(dtype), h.to(dtype)
+        c = None if c is None else c.to(dtype)
     if batch_first:
         output = output.transpose(0, 1)
     if not batched:

@@ -33,6 +33,11 @@ def test_deploy_report(tmp_path, capsys):
     impls.append(deploy.INT8)
     if deploy._torch_ao_int8(nn.LSTM(2, 3)) is not None:
         impls.append(deploy.TORCH_AO)
+    impls.append(deploy.BF16)
+    skip = deploy.torch_bf16_skip()
+    if skip is None:
+        impls.append(deploy.TORCH_BF16)
+    assert report.get("skipped", {}) == ({} if skip is None else {deploy.TORCH_BF16: skip})
     want = [(s.name, call, impl) for s in deploy.DEPLOY_SHAPES for call in deploy.CALLS
             for impl in impls]  # fmt: skip
     assert [(r["shape"], r["call"], r["impl"]) for r in rows] == want
@@ -52,6 +57,15 @@ def test_deploy_report(tmp_path, capsys):
             fp32 = next(r for r in rows if r["shape"] == row["shape"] and r["impl"] == "fused")
             assert row["weights_mb"] < fp32["weights_mb"] / 3
             assert 0 < row["max_abs_error_vs_float32"] < 0.1
+        if row["impl"] in deploy.BF16_ROWS:
+            # bfloat16 weights: half of float32's; outputs near float32's
+            fp32 = next(r for r in rows if r["shape"] == row["shape"] and r["impl"] == "fused")
+            assert row["dtype"] == "bfloat16"
+            assert row["weights_mb"] == pytest.approx(fp32["weights_mb"] / 2)
+            assert 0 < row["max_abs_error_vs_float32"] < deploy.BF16_ERROR
+        if row["impl"] == deploy.BF16:
+            assert row["vs_fused"] > 0
+            assert ("vs_torch_nn_bf16" in row) == (deploy.TORCH_BF16 in impls)
     assert "| lstm2-H640 | chunk32 | 1 | fused |" in capsys.readouterr().out
 
 

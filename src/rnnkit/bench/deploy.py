@@ -23,13 +23,20 @@ memory. The int8 rows (rnnkit's ``quantize_dynamic`` of the fused layer, torch.a
 their largest output difference from torch.nn's float32 instead of a parity check; rnnkit's
 gets no timings when that difference is above the documented bound
 (``rnnkit.quantized.FLOAT32_ERROR``), and its row says how its time compares with the fused
-float32 layer's and torch.ao's. Not measured yet: bfloat16 rows.
+float32 layer's and torch.ao's. The bfloat16 rows: rnnkit's fused layer in bfloat16 (its
+products in bfloat16 where the CPU has AVX-512-BF16) and torch.nn's bfloat16 LSTM (oneDNN's
+bfloat16 kernels), fed the same input rounded to bfloat16; they too report their largest
+difference from torch.nn's float32 output, rnnkit's gated at :data:`BF16_ERROR`. torch.nn's
+bfloat16 row is timed only where oneDNN can run it safely (:func:`torch_bf16_skip`): on a CPU
+without bfloat16 instructions it has no kernel, and on one that lists AMX it can die where the
+system does not enable AMX, unless ``ONEDNN_MAX_CPU_ISA`` caps oneDNN's choice.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -67,6 +74,38 @@ INT8_ROWS = (TORCH_AO, INT8)
 ONNXRUNTIME = "onnxruntime"
 # the rows held to float32's parity rule against torch.nn
 PARITY_ROWS = ("fused", ONNXRUNTIME)
+BF16 = "rnnkit bf16"
+TORCH_BF16 = "torch.nn bf16"
+BF16_ROWS = (BF16, TORCH_BF16)
+# rows that report their largest difference from torch.nn's float32 output
+ERROR_ROWS = (*INT8_ROWS, *BF16_ROWS)
+# The bound on a bfloat16 layer's largest output difference from float32 over three chained
+# calls: a few units of bfloat16's precision (2^-8) at the outputs' scale (|y| < 1).
+BF16_ERROR = 5e-2
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def torch_bf16_skip() -> str | None:
+    """Why torch.nn's bfloat16 row is not timed on this machine, or None when it is."""
+    flags = _cpu_flags()
+    if "avx512_bf16" not in flags and "amx_bf16" not in flags:
+        return "no bfloat16 instructions: oneDNN has no bfloat16 LSTM kernel here"
+    if "amx_bf16" in flags and not os.environ.get("ONEDNN_MAX_CPU_ISA"):
+        return (
+            "this CPU lists AMX, which oneDNN's bfloat16 kernels use and which dies where the "
+            "system does not enable it; ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 times it"
+        )
+    return None
 
 
 class _Onnxruntime:
@@ -143,7 +182,15 @@ def _layers(shape: DeployShape) -> dict[str, nn.Module]:
     quantized = _torch_ao_int8(ref)
     if quantized is not None:
         layers[TORCH_AO] = quantized
+    layers[BF16] = copy.deepcopy(fused).bfloat16()
+    if torch_bf16_skip() is None:
+        layers[TORCH_BF16] = copy.deepcopy(ref).bfloat16()
     return layers
+
+
+def _input(name: str, x: torch.Tensor) -> torch.Tensor:
+    """A call's input as ``name``'s layer takes it: bfloat16 for the bfloat16 rows."""
+    return x.bfloat16() if name in BF16_ROWS else x
 
 
 def _torch_ao_int8(ref: nn.LSTM) -> nn.Module | None:
@@ -170,12 +217,15 @@ def _weights_mb(name: str, layers: dict[str, nn.Module]) -> float:
         return layers[INT8].weight_nbytes() / 2**20
     if name == TORCH_AO:
         return sum(p.numel() * (1 if "weight" in n else 4) for n, p in params) / 2**20
+    if name in BF16_ROWS:
+        return sum(p.numel() * 2 for _, p in params) / 2**20
     return sum(p.numel() * p.element_size() for _, p in params) / 2**20
 
 
 def _max_error(shape: DeployShape, steps: int, layers: dict[str, nn.Module], name: str) -> float:
     """The largest difference of ``name``'s outputs from torch.nn's float32 ones over three
-    chained calls (int8 is not held to float32's parity rule; its error is reported)."""
+    chained calls (int8 and bfloat16 are not held to float32's parity rule; their error is
+    reported)."""
     xs = [torch.randn(steps, 1, shape.input_size) for _ in range(3)]
     worst = 0.0
     with torch.no_grad():
@@ -183,8 +233,8 @@ def _max_error(shape: DeployShape, steps: int, layers: dict[str, nn.Module], nam
         for x in xs:
             outs = {}
             for key in states:
-                outs[key], states[key] = layers[key](x, states[key])
-            worst = max(worst, (outs[name] - outs["torch.nn"]).abs().max().item())
+                outs[key], states[key] = layers[key](_input(key, x), states[key])
+            worst = max(worst, (outs[name].float() - outs["torch.nn"]).abs().max().item())
     return worst
 
 
@@ -194,8 +244,9 @@ def _parity(shape: DeployShape, steps: int, layers: dict) -> dict[str, str]:
     xs = [torch.randn(steps, 1, shape.input_size) for _ in range(3)]
     truth_layer = float64_copy(layers["torch.nn"])
     runs = {}
+    float_layers = {k: v for k, v in layers.items() if k not in BF16_ROWS}
     with torch.no_grad():
-        for name, layer in (*layers.items(), ("truth", truth_layer)):
+        for name, layer in (*float_layers.items(), ("truth", truth_layer)):
             hx, outs = None, {}
             for i, x in enumerate(xs):
                 y, hx = layer(x.double() if name == "truth" else x, hx)
@@ -243,6 +294,13 @@ def _caller(layer: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     return call
 
 
+# what else a row's time is compared with: (row, key of the ratio)
+_COMPARED = {
+    INT8: (("fused", "vs_fused"), (TORCH_AO, "vs_torch_ao")),
+    BF16: (("fused", "vs_fused"), (TORCH_BF16, "vs_torch_nn_bf16")),
+}
+
+
 def run_deploy_bench(
     threads: list[int], repeats: int, warmup: int, advance: Callable[[int], None] | None = None
 ) -> dict:
@@ -258,24 +316,32 @@ def run_deploy_bench(
                 errors = {
                     name: _max_error(shape, steps, layers, name)
                     for name in layers
-                    if name in INT8_ROWS
+                    if name in ERROR_ROWS
                 }
-                bad_int8 = errors.get(INT8, 0.0) > rnnkit.quantized.FLOAT32_ERROR
-                ok = ok and not bad_int8
+                bad = {
+                    name
+                    for name, bound in ((INT8, rnnkit.quantized.FLOAT32_ERROR), (BF16, BF16_ERROR))
+                    if not errors.get(name, 0.0) <= bound
+                }
+                ok = ok and not bad
                 for n in threads:
                     torch.set_num_threads(n)
                     base = {"shape": shape.name, "call": call, "steps": steps, "threads": n}
                     x = torch.randn(steps, 1, shape.input_size)
-                    fns = {name: _caller(layer, x) for name, layer in layers.items()}
-                    for name in failures:
+                    fns = {name: _caller(layer, _input(name, x)) for name, layer in layers.items()}
+                    for name in (*failures, *bad):
                         del fns[name]
-                    if bad_int8:
-                        del fns[INT8]
                     with torch.no_grad():
                         samples = _time_calls(fns, repeats, warmup)
                     stats = {name: _stats(us) for name, us in samples.items()}
                     for name in layers:
-                        dtype = "int8" if name in INT8_ROWS else "float32"
+                        dtype = (
+                            "int8"
+                            if name in INT8_ROWS
+                            else "bfloat16"
+                            if name in BF16_ROWS
+                            else "float32"
+                        )
                         row = {**base, "impl": name, "dtype": dtype}
                         row["weights_mb"] = _weights_mb(name, layers)
                         if name in errors:
@@ -285,13 +351,13 @@ def run_deploy_bench(
                             row["vs_torch_nn"] = ratio(
                                 stats[name]["median"], stats["torch.nn"]["median"]
                             )
-                            for other, key in (("fused", "vs_fused"), (TORCH_AO, "vs_torch_ao")):
-                                if name == INT8 and other in stats:
+                            for other, key in _COMPARED.get(name, ()):
+                                if other in stats:
                                     row[key] = ratio(stats[name]["median"], stats[other]["median"])
-                        elif name == INT8:
+                        elif name in bad:
+                            bound = BF16_ERROR if name == BF16 else rnnkit.quantized.FLOAT32_ERROR
                             row["error"] = (
-                                f"FAILED ACCURACY: {errors[INT8]:.1e} from float32 > "
-                                f"{rnnkit.quantized.FLOAT32_ERROR}"
+                                f"FAILED ACCURACY: {errors[name]:.1e} from float32 > {bound}"
                             )
                         else:
                             row["error"] = f"FAILED PARITY: {failures[name]}"
@@ -301,14 +367,18 @@ def run_deploy_bench(
     finally:
         torch.set_num_threads(saved)
     machine = machine_info(BenchConfig())
-    return {"deploy": True, "rows": rows, "machine": machine, "ok": ok}
+    report = {"deploy": True, "rows": rows, "machine": machine, "ok": ok}
+    skip = torch_bf16_skip()
+    if skip is not None:
+        report["skipped"] = {TORCH_BF16: skip}
+    return report
 
 
 def format_deploy_table(report: dict) -> str:
     """The report as a Markdown table: per-call µs (median ± half the interquartile range)."""
     lines = [
-        "| shape | call | threads | impl | µs per call | vs torch.nn | vs fused / torch.ao "
-        "| weights MB | max error |",
+        "| shape | call | threads | impl | µs per call | vs torch.nn "
+        "| vs fused / torch.ao or torch.nn bf16 | weights MB | max error |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
@@ -319,9 +389,12 @@ def format_deploy_table(report: dict) -> str:
         else:
             cell, vs = r["error"][:60], ""
         error = r.get("max_abs_error_vs_float32")
-        others = " / ".join(f"{r[k]:.2f}x" for k in ("vs_fused", "vs_torch_ao") if k in r)
+        keys = ("vs_fused", "vs_torch_ao", "vs_torch_nn_bf16")
+        others = " / ".join(f"{r[k]:.2f}x" for k in keys if k in r)
         lines.append(
             f"| {r['shape']} | {r['call']} | {r['threads']} | {r['impl']} | {cell} | {vs} "
             f"| {others} | {r['weights_mb']:.2f} | {'' if error is None else f'{error:.1e}'} |"
         )
+    for name, why in report.get("skipped", {}).items():
+        lines.append(f"\n{name}: not timed ({why})")
     return "\n".join(lines)
