@@ -51,7 +51,7 @@ class Engine:
     designs: int = 2
 
 
-# bfloat16: plain layers only, each in float32 (the variants run the reference)
+# bfloat16: plain layers only, with bfloat16 products (the variants run the reference)
 FUSED = Engine("fused", dtypes=(torch.float32, torch.float64, torch.bfloat16))
 # Without a GPU the kernels run in Triton's interpreter, where each step of a kernel is Python
 # and the time grows with the steps: the light stand-ins, and the variant grid at L <= 17 from
