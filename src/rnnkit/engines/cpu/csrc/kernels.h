@@ -234,7 +234,8 @@ struct LSTMBackward {
   Restart<T> restart;
   T* dh0;            // [N, H_out] what reaches h0, c0 at rows that restart from them
   T* dc0;            // [N, H]
-  // a bfloat16 layer: w_hh, w_hr in bfloat16 too, which the per-step products then run on
+  // a bfloat16 layer: w_hh, w_hr in bfloat16, in place of those above (then null), which the
+  // per-step products run on
   const c10::BFloat16* w_hh16 = nullptr;
   const c10::BFloat16* w_hr16 = nullptr;
 };

@@ -56,6 +56,17 @@ T* ptr(const Tensor& t) {
   return t.defined() ? t.data_ptr<T>() : nullptr;
 }
 
+// A weight matrix as the time loops take it: its float32 or float64 values (mat), or a
+// bfloat16 layer's bfloat16 ones (mat16); null where it is of the other kind or absent.
+template <typename T>
+const T* mat(const Tensor& t) {
+  return t.defined() && t.scalar_type() != at::kBFloat16 ? t.data_ptr<T>() : nullptr;
+}
+
+const c10::BFloat16* mat16(const Tensor& t) {
+  return t.defined() && t.scalar_type() == at::kBFloat16 ? t.data_ptr<c10::BFloat16>() : nullptr;
+}
+
 Tensor none_like(const Tensor& x) { return at::empty({0}, x.options()); }
 
 // Rows of gate gradients that the Elman backward holds at a time, and of previous states that
@@ -251,12 +262,6 @@ std::vector<Tensor> forward_impl(int64_t mode, const LayerShape& s, const Tensor
       }
     }
   }
-  // a matrix as the time loops take it: its float32 or float64 values, or (a bfloat16 layer)
-  // its bfloat16 ones
-  const auto mat = [&](const Tensor& t) { return bf16 ? nullptr : ptr<T>(t); };
-  const auto mat16 = [&](const Tensor& t) {
-    return bf16 && t.defined() ? t.data_ptr<c10::BFloat16>() : nullptr;
-  };
 
   Tensor out = at::empty({R, D * H_out}, x.options());
   Tensor h_n = h0.clone(at::MemoryFormat::Contiguous);
@@ -316,8 +321,8 @@ std::vector<Tensor> forward_impl(int64_t mode, const LayerShape& s, const Tensor
     const Restart<T> rs_d = direction_restart<T>(restart, d, R, zeros);
     if (mode == LSTM) {
       T* p_c = ptr<T>(c_n) + d * N * H;
-      LSTMForward<T> a{ptr<T>(gates[d]), per_step ? ptr<T>(x) : nullptr, mat(ws[d].w_ih),
-                       H_in, ptr<T>(bias[d]), mat(ws[d].w_hh), mat(ws[d].w_hr),
+      LSTMForward<T> a{ptr<T>(gates[d]), per_step ? ptr<T>(x) : nullptr, mat<T>(ws[d].w_ih),
+                       H_in, ptr<T>(bias[d]), mat<T>(ws[d].w_hh), mat<T>(ws[d].w_hr),
                        p_h, p_c, p_out, D * H_out, ptr<T>(cs[d]), ptr<T>(rs[d]), train,
                        rs_d, p_h0, ptr<T>(*c0) + d * N * H};
       if (!train) {
@@ -331,14 +336,14 @@ std::vector<Tensor> forward_impl(int64_t mode, const LayerShape& s, const Tensor
       lstm_forward<T>(p, H, H_out, a);
     } else if (mode == GRU) {
       GRUForward<T> a{ptr<T>(gates[d]), ld_gates, ptr<T>(ws[d].b_ih), ptr<T>(ws[d].b_hh),
-                      mat(ws[d].w_hh), p_h, p_out, D * H_out, ptr<T>(hw[d]),
+                      mat<T>(ws[d].w_hh), p_h, p_out, D * H_out, ptr<T>(hw[d]),
                       train ? ptr<T>(gates[d]) : nullptr, rs_d, p_h0};
       if (!train) a.id_hh = &ids[d][1];
       a.w_hh16 = mat16(ws[d].w_hh);
       if (per_step) {
         a.xw = nullptr;
         a.x = ptr<T>(x);
-        a.w_ih = mat(ws[d].w_ih);
+        a.w_ih = mat<T>(ws[d].w_ih);
         a.w_ih16 = mat16(ws[d].w_ih);
         a.H_in = H_in;
         if (!train) {
@@ -348,13 +353,13 @@ std::vector<Tensor> forward_impl(int64_t mode, const LayerShape& s, const Tensor
       }
       gru_forward<T>(p, H, a);
     } else {
-      RNNForward<T> a{ptr<T>(bias[d]), mat(ws[d].w_hh), p_h, p_out, D * H_out,
+      RNNForward<T> a{ptr<T>(bias[d]), mat<T>(ws[d].w_hh), p_h, p_out, D * H_out,
                       mode == RNN_RELU, rs_d, p_h0};
       if (!train) a.id_hh = &ids[d][1];
       a.w_hh16 = mat16(ws[d].w_hh);
       if (per_step) {
         a.x = ptr<T>(x);
-        a.w_ih = mat(ws[d].w_ih);
+        a.w_ih = mat<T>(ws[d].w_ih);
         a.w_ih16 = mat16(ws[d].w_ih);
         a.H_in = H_in;
         if (!train) a.id_ih = &ids[d][0];
@@ -388,21 +393,9 @@ std::vector<Tensor> backward_impl(int64_t mode, const LayerShape& s, const Tenso
                                   bool need_dx, bool reuse_saved) {
   const int64_t D = s.D, N = s.N, H_out = s.H_out, R = s.R, H_in = s.H_in, G = s.G, H = s.H;
   const bool proj = s.proj;
-  // A bfloat16 layer: its per-step products and dX in bfloat16 on its matrices (ws16), the
-  // rest (the weight gradients, which sum over the steps) in float32.
-  const bool bf16 = s.wdtype == at::kBFloat16;
-  const std::vector<Weights> ws16 = bf16 ? split_weights(s, weights, has_bias) : std::vector<Weights>();
-  std::vector<Weights> ws = split_weights(s, weights, has_bias);
-  if (bf16) {
-    for (Weights& w : ws) {
-      for (Tensor* t : {&w.w_ih, &w.w_hh, &w.b_ih, &w.b_hh, &w.w_hr}) {
-        if (t->defined()) *t = t->to(at::kFloat);
-      }
-    }
-  }
-  const auto mat16 = [&](int64_t d, Tensor Weights::*m) {
-    return bf16 && (ws16[d].*m).defined() ? (ws16[d].*m).data_ptr<c10::BFloat16>() : nullptr;
-  };
+  // A bfloat16 layer: its per-step products and dX run in bfloat16 on its matrices (mat16),
+  // the weight gradients (sums over the steps) in float32; its biases are not read here.
+  const std::vector<Weights> ws = split_weights(s, weights, has_bias);
   const std::vector<T> zeros(std::max(H, H_out), T(0));
   // with resets: what reaches h0, c0 at the rows that restart from them, added at the end
   const bool resets = present(restart);
@@ -441,11 +434,11 @@ std::vector<Tensor> backward_impl(int64_t mode, const LayerShape& s, const Tenso
   // The gradient tensors of direction d, appended to `result` in the order of `weights`
   // (but for W_hr, which comes last and which the LSTM branch appends itself).
   auto step_grads = [&](int64_t d) {
-    StepGrads<T> g{mode, H, H_in, H_out, ptr<T>(x), ptr<T>(ws[d].w_ih),
+    StepGrads<T> g{mode, H, H_in, H_out, ptr<T>(x), mat<T>(ws[d].w_ih),
                    ptr<T>(h0) + d * N * H_out, ptr<T>(out) + d * H_out, D * H_out,
                    need_dx ? ptr<T>(dx) : nullptr, d > 0};
     g.restart = direction_restart<T>(restart, d, R, zeros);
-    g.w_ih16 = mat16(d, &Weights::w_ih);
+    g.w_ih16 = mat16(ws[d].w_ih);
     const Tensor dw_ih = at::empty({G * H, H_in}, x.options());
     const Tensor dw_hh = at::empty({G * H, H_out}, x.options());
     g.dw_ih = ptr<T>(dw_ih);
@@ -469,12 +462,14 @@ std::vector<Tensor> backward_impl(int64_t mode, const LayerShape& s, const Tenso
       const StepGrads<T> g = step_grads(d);
       // packed once for all blocks, with the thread count of rnn_backward's loop, as MKL
       // advises (the blocks' gradient GEMMs between them keep every thread)
+      // a bfloat16 product runs on one thread: only where BLAS would run one too, elsewhere
+      // BLAS's threads on the matrix in float32
+      const bool small = small_step_gemm(p.N * H * H);
+      const Tensor w_hh = small ? ws[d].w_hh : ws[d].w_hh.to(x.scalar_type());
       const auto gemm_hh = [&] {
-        const bool small = small_step_gemm(p.N * H * H);
         const SingleThreadBlas blas(small);
-        // (a bfloat16 product runs on one thread: only where BLAS would run one too)
-        return std::make_unique<StepGemm<T>>(ptr<T>(ws[d].w_hh), H, false, H, H, p.N, small,
-                                             nullptr, small ? mat16(d, &Weights::w_hh) : nullptr);
+        return std::make_unique<StepGemm<T>>(mat<T>(w_hh), H, false, H, H, p.N, small, nullptr,
+                                             mat16(w_hh));
       }();
       RNNBackward<T> a{ptr<T>(out) + d * H_out, D * H_out, gemm_hh.get(),
                        ptr<T>(gout) + d * H_out, ld_gout, ptr<T>(dh) + d * N * H_out,
@@ -508,18 +503,18 @@ std::vector<Tensor> backward_impl(int64_t mode, const LayerShape& s, const Tenso
     T* p_dh_init = resets ? ptr<T>(dh_init) + d * N * H_out : nullptr;
     if (mode == LSTM) {
       LSTMBackward<T> a{ptr<T>(saved[3 * d]), ptr<T>(saved[3 * d + 1]),
-                        ptr<T>(*c0) + d * N * H, ptr<T>(ws[d].w_hh), ptr<T>(ws[d].w_hr),
+                        ptr<T>(*c0) + d * N * H, mat<T>(ws[d].w_hh), mat<T>(ws[d].w_hr),
                         p_gout, ld_gout, p_dh, ptr<T>(dc) + d * N * H, ptr<T>(dG[d]),
                         ptr<T>(dhs[d]), ptr<T>(dr[d]), rs_d, p_dh_init,
                         resets ? ptr<T>(dc_init) + d * N * H : nullptr};
-      a.w_hh16 = mat16(d, &Weights::w_hh);
-      a.w_hr16 = mat16(d, &Weights::w_hr);
+      a.w_hh16 = mat16(ws[d].w_hh);
+      a.w_hr16 = mat16(ws[d].w_hr);
       lstm_backward<T>(p, H, H_out, a);
     } else {
       GRUBackward<T> a{ptr<T>(saved[d]), ptr<T>(out) + d * H_out, D * H_out,
-                       ptr<T>(h0) + d * N * H, ptr<T>(ws[d].w_hh), p_gout, ld_gout, p_dh,
+                       ptr<T>(h0) + d * N * H, mat<T>(ws[d].w_hh), p_gout, ld_gout, p_dh,
                        ptr<T>(dG[d]), rs_d, p_dh_init};
-      a.w_hh16 = mat16(d, &Weights::w_hh);
+      a.w_hh16 = mat16(ws[d].w_hh);
       gru_backward<T>(p, H, a);
     }
   });

@@ -210,7 +210,7 @@ void lstm_forward(const Plan& p, int64_t H, int64_t H_out, const LSTMForward<T>&
 template <typename T>
 void lstm_backward(const Plan& p, int64_t H, int64_t H_out, const LSTMBackward<T>& a) {
   const int64_t G = 4 * H;
-  const bool proj = a.w_hr != nullptr;
+  const bool proj = a.w_hr != nullptr || a.w_hr16 != nullptr;
   const bool small = a.w_hh16 || split_step_gemm(p.N * G * H_out);
   // pack with the thread count that computes, as MKL advises
   const SingleThreadBlas blas(small);
